@@ -1,0 +1,207 @@
+"""Load, merge, validate and save run configurations.
+
+``load_config("configs/tiny.yaml", ["train.steps=50"])`` returns a typed ``Config``. Every
+problem raises ``ConfigError`` whose message is one line naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .schema import (
+    ATTENTION_TYPES,
+    FFN_TYPES,
+    SCORE_FUNCS,
+    AttentionConfig,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    TrainConfig,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+__all__ = [
+    "AttentionConfig",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "load_config",
+    "resolve_config_path",
+    "save_config",
+    "to_yaml",
+    "validate",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one actionable line."""
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """Accept a file path or the name of a bundled config ("tiny", "tiny.yaml")."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if cand.is_file():
+            return cand
+    bundled = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file '{path}' not found (bundled configs: {bundled})")
+
+
+def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    if "not in" in msg:
+        return ConfigError(f"unknown config key '{key}' in {source}: check the spelling against docs/config.md")
+    return ConfigError(f"bad value for '{key}' in {source}: {msg}")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Merge defaults <- YAML file <- dot-list overrides, then validate."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        file = resolve_config_path(path)
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(file))
+        except OmegaConfBaseException as exc:
+            raise _omegaconf_error(exc, str(file)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=50)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _omegaconf_error(exc, f"override '{item}'") from None
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _check_choice(field: str, value: str, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    _require(value in allowed, f"{field}='{value}' is not allowed (choose one of: {', '.join(allowed)})")
+
+
+def _check_positive(prefix: str, obj: object, names: Iterable[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{prefix}.{name}={value} must be > 0")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Cross-field checks that types alone cannot express. ``world_size`` adds topology checks."""
+    m, a, e, d, t, p = cfg.model, cfg.model.attention, cfg.model.moe, cfg.data, cfg.train, cfg.parallel
+    _check_positive("model", m, ["vocab_size", "hidden_size", "num_layers", "dense_intermediate_size", "hc_mult"])
+    _check_positive("model.attention", a, ["num_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
+                                           "window", "csa_ratio", "hca_ratio", "index_heads", "index_head_dim",
+                                           "index_topk", "query_chunk"])
+    _check_positive("model.moe", e, ["num_experts", "top_k", "intermediate_size"])
+    _check_positive("data", d, ["seq_len"])
+    _check_positive("train", t, ["steps", "micro_batch_size", "global_batch_size", "lr", "log_every",
+                                 "eval_every", "eval_batches"])
+    _check_positive("parallel", p, ["ep", "sp"])
+
+    for field, types, allowed in (("model.layer_types", m.layer_types, ATTENTION_TYPES),
+                                  ("model.ffn_types", m.ffn_types, FFN_TYPES)):
+        _require(not types or len(types) == m.num_layers,
+                 f"{field} has {len(types)} entries but model.num_layers={m.num_layers} (give one per layer or none)")
+        for i, kind in enumerate(types):
+            _check_choice(f"{field}[{i}]", kind, allowed)
+
+    _require(a.rope_head_dim % 2 == 0 and 0 < a.rope_head_dim <= a.head_dim,
+             f"model.attention.rope_head_dim={a.rope_head_dim} must be even and in (0, head_dim={a.head_dim}]")
+    _require(a.index_head_dim >= a.rope_head_dim,
+             f"model.attention.index_head_dim={a.index_head_dim} must be >= rope_head_dim={a.rope_head_dim}")
+    _require(a.num_heads % a.o_groups == 0,
+             f"model.attention.o_groups={a.o_groups} must divide model.attention.num_heads={a.num_heads}")
+    _require(a.yarn_factor >= 1.0, f"model.attention.yarn_factor={a.yarn_factor} must be >= 1 (1 disables YaRN)")
+    _require(a.indexer_loss_coef >= 0, f"model.attention.indexer_loss_coef={a.indexer_loss_coef} must be >= 0")
+    _require(a.csa_ratio > 1 and a.hca_ratio > 1,
+             f"model.attention.csa_ratio={a.csa_ratio} and hca_ratio={a.hca_ratio} must be > 1")
+    kinds = set(m.layer_types)
+    if "csa" in kinds:
+        _require(d.seq_len % a.csa_ratio == 0,
+                 f"data.seq_len={d.seq_len} must be divisible by model.attention.csa_ratio={a.csa_ratio} (CSA layers)")
+        _require(a.index_topk <= d.seq_len // a.csa_ratio,
+                 f"model.attention.index_topk={a.index_topk} exceeds the {d.seq_len // a.csa_ratio} compressed "
+                 f"entries of a data.seq_len={d.seq_len} sequence (must be <= seq_len / csa_ratio)")
+    if "hca" in kinds:
+        _require(d.seq_len % a.hca_ratio == 0,
+                 f"data.seq_len={d.seq_len} must be divisible by model.attention.hca_ratio={a.hca_ratio} (HCA layers)")
+
+    _require(e.top_k <= e.num_experts,
+             f"model.moe.top_k={e.top_k} must be <= model.moe.num_experts={e.num_experts}")
+    _check_choice("model.moe.score_func", e.score_func, SCORE_FUNCS)
+    _require(e.num_shared_experts >= 0, f"model.moe.num_shared_experts={e.num_shared_experts} must be >= 0")
+    _require(e.swiglu_limit >= 0, f"model.moe.swiglu_limit={e.swiglu_limit} must be >= 0 (0 disables)")
+    _require(e.bias_update_rate >= 0, f"model.moe.bias_update_rate={e.bias_update_rate} must be >= 0")
+    _require(e.seq_aux_loss_coef >= 0, f"model.moe.seq_aux_loss_coef={e.seq_aux_loss_coef} must be >= 0")
+    _require(0 <= e.num_hash_layers <= m.num_layers,
+             f"model.moe.num_hash_layers={e.num_hash_layers} must be in [0, model.num_layers={m.num_layers}]")
+    _require(e.num_hash_layers == 0, "model.moe.num_hash_layers > 0 (hash routing) is not implemented yet; set it to 0")
+    _require(m.hc_mult == 1, f"model.hc_mult={m.hc_mult}: mHC residual streams are not implemented yet; set it to 1")
+    _require(m.mtp_layers == 0, f"model.mtp_layers={m.mtp_layers}: MTP is not implemented yet; set it to 0")
+    _require(m.init_from is None, "model.init_from: importing HF checkpoints is not implemented yet; leave it null")
+
+    _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    _require(d.max_train_tokens >= 0, f"data.max_train_tokens={d.max_train_tokens} must be >= 0")
+    _check_choice("train.schedule", t.schedule, ("cosine", "wsd", "constant"))
+    _check_choice("train.dtype", t.dtype, ("fp32", "bf16"))
+    _check_choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _require(t.zero_stage in (0, 1, 2),
+             f"train.zero_stage={t.zero_stage} is not allowed (choose 0, 1 or 2; DeepSpeed refuses MoE with ZeRO-3)")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _require(0.0 < t.wsd_decay_fraction <= 1.0, f"train.wsd_decay_fraction={t.wsd_decay_fraction} must be in (0, 1]")
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables)")
+    _require(t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} must be >= 0")
+    _require(t.global_batch_size % t.micro_batch_size == 0,
+             f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+             f"train.micro_batch_size={t.micro_batch_size}")
+
+    c = cfg.checkpoint
+    _require(c.every > 0, f"checkpoint.every={c.every} must be > 0")
+    _require(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
+    _check_choice("logging.wandb", cfg.logging.wandb, ("auto", "online", "offline", "disabled"))
+
+    _require(p.sp == 1, f"parallel.sp={p.sp}: sequence parallelism is not implemented yet; set it to 1")
+    _require(p.ep == 1, f"parallel.ep={p.ep}: expert parallelism is not implemented yet; set it to 1")
+    _require(e.num_experts % p.ep == 0,
+             f"model.moe.num_experts={e.num_experts} must be divisible by parallel.ep={p.ep}")
+    if world_size is not None:
+        _require(world_size % (p.ep * p.sp) == 0 and world_size % p.sp == 0,
+                 f"parallel.ep={p.ep} and parallel.sp={p.sp} must divide the world size {world_size}")
+        dp = world_size // p.sp
+        _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                 f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size="
+                 f"{t.micro_batch_size} x data-parallel size {dp}")

