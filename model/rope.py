@@ -1,0 +1,60 @@
+"""Interleaved partial rotary embeddings with optional YaRN, as DeepSeek-V4 applies them.
+
+V4 rotates only the trailing ``rope_dim`` channels of each head, pairing channels (2i, 2i+1) as
+one complex number. SWA-only layers use base ``rope_theta``; CSA/HCA layers use
+``compress_rope_theta`` with YaRN frequency interpolation (no mscale on cos/sin, MODEL_SPEC §2.3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, base: float, factor: float, original_max_position: int,
+                  beta_fast: float, beta_slow: float) -> torch.Tensor:
+    """Blend interpolated (inv_freq / factor) and original frequencies per dimension (YaRN)."""
+    dim = 2 * inv_freq.numel()
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 where the original (extrapolated) frequency is kept
+    return inv_freq / factor * (1 - keep) + inv_freq * keep
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces cos/sin tables [..., rope_dim/2] for integer positions."""
+
+    def __init__(self, rope_dim: int, theta: float, yarn_factor: float = 1.0,
+                 original_max_position: int = 65536, beta_fast: float = 32.0, beta_slow: float = 1.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+        if yarn_factor > 1.0:
+            inv_freq = yarn_inv_freq(inv_freq, theta, yarn_factor, original_max_position, beta_fast, beta_slow)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [..., rope_dim/2]
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` [..., rope_dim] by the angles behind cos/sin.
+
+    cos/sin must broadcast against [..., rope_dim/2]. ``inverse`` applies the conjugate rotation,
+    which V4 uses to de-rotate attention outputs by the query position.
+    """
+    if inverse:
+        sin = -sin
+    pairs = x.float().unflatten(-1, (-1, 2))  # [..., rope_dim/2, 2]
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
