@@ -140,8 +140,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     _require(a.rope_head_dim % 2 == 0 and 0 < a.rope_head_dim <= a.head_dim,
              f"model.attention.rope_head_dim={a.rope_head_dim} must be even and in (0, head_dim={a.head_dim}]")
-    _require(a.index_head_dim >= a.rope_head_dim,
-             f"model.attention.index_head_dim={a.index_head_dim} must be >= rope_head_dim={a.rope_head_dim}")
     _require(a.num_heads % a.o_groups == 0,
              f"model.attention.o_groups={a.o_groups} must divide model.attention.num_heads={a.num_heads}")
     _require(a.yarn_factor >= 1.0, f"model.attention.yarn_factor={a.yarn_factor} must be >= 1 (1 disables YaRN)")
@@ -150,6 +148,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"model.attention.csa_ratio={a.csa_ratio} and hca_ratio={a.hca_ratio} must be > 1")
     kinds = set(m.layer_types)
     if "csa" in kinds:
+        _require(a.index_head_dim >= a.rope_head_dim,
+                 f"model.attention.index_head_dim={a.index_head_dim} must be >= rope_head_dim={a.rope_head_dim}")
         _require(d.seq_len % a.csa_ratio == 0,
                  f"data.seq_len={d.seq_len} must be divisible by model.attention.csa_ratio={a.csa_ratio} (CSA layers)")
         _require(a.index_topk <= d.seq_len // a.csa_ratio,

@@ -1,0 +1,53 @@
+"""The ``moesaic`` command line.
+
+    moesaic train CONFIG [key=value ...]     train (or resume) in this process; under torchrun, per rank
+    moesaic config CONFIG [key=value ...]    print the resolved, validated config
+
+CONFIG is a YAML path or the name of a bundled config (``tiny``, ``small_gpu``). Overrides use
+omegaconf dot-lists, e.g. ``train.steps=50 model.moe.top_k=2``. Problems with the config, the data
+or a checkpoint end the command with one ``moesaic: error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from ..configs import ConfigError, load_config, to_yaml
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config path or bundled config name (tiny, small_gpu)")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.steps=50 model.moe.top_k=2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moesaic", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_config_args(sub.add_parser("train", help="train or resume a model (checkpoint.resume=auto)"))
+    _add_config_args(sub.add_parser("config", help="print the resolved and validated config"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..trainer.checkpoint import CheckpointError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(to_yaml(cfg), end="")
+            return 0
+        from ..trainer.loop import train
+
+        train(cfg)
+        return 0
+    except (ConfigError, CheckpointError) as exc:
+        print(f"moesaic: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Where metrics go: a JSONL file, wandb (offline when there are no credentials) and the console.
+
+Only the main rank constructs a ``MetricSinks``. Every row carries ``step`` = the optimizer step,
+and wandb is always given ``step=`` explicitly, because offline resume restarts wandb's own counter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from ..configs import Config, to_yaml
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(setting: str) -> str:
+    """Resolve ``logging.wandb``; an explicit WANDB_MODE in the environment wins over "auto"."""
+    if setting != "auto":
+        return setting
+    return os.environ.get("WANDB_MODE") or ("online" if _has_wandb_credentials() else "offline")
+
+
+class MetricSinks:
+    def __init__(self, cfg: Config, run_dir: Path, resume_step: int | None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # Rows past the checkpoint were produced by the interrupted run and will be redone.
+            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        self.file = self.path.open("a")
+        self.run = None
+        self.mode = wandb_mode(cfg.logging.wandb)
+        if self.mode != "disabled":
+            self.run = self._init_wandb(cfg, run_dir)
+
+    def _init_wandb(self, cfg: Config, run_dir: Path):
+        import wandb
+        from omegaconf import OmegaConf
+
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(
+            project=cfg.logging.project, name=cfg.logging.run_name or run_dir.name, group=cfg.logging.group,
+            tags=list(cfg.logging.tags), id=run_id, resume="allow", dir=str(run_dir), mode=self.mode,
+            config=OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))),
+        )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def close(self) -> str | None:
+        """Finish wandb and return the ``wandb sync`` command for offline runs."""
+        self.file.close()
+        if self.run is None:
+            return None
+        import wandb
+
+        run_dir = self.run.dir and Path(self.run.dir).parent
+        self.run.finish()
+        wandb.teardown()  # finish() alone sometimes returns before the offline file is flushed
+        return f"wandb sync {run_dir}" if self.mode == "offline" else None
