@@ -44,6 +44,7 @@ __all__ = [
     "resolve_config_path",
     "save_config",
     "to_yaml",
+    "check_trainable",
     "validate",
 ]
 
@@ -118,6 +119,18 @@ def _check_positive(prefix: str, obj: object, names: Iterable[str]) -> None:
         _require(value > 0, f"{prefix}.{name}={value} must be > 0")
 
 
+def check_trainable(cfg: Config) -> None:
+    """Reject valid configs that use features this version of moesaic cannot train yet."""
+    m, p = cfg.model, cfg.parallel
+    _require(m.moe.num_hash_layers == 0,
+             "model.moe.num_hash_layers > 0 (hash routing) is not implemented yet; set it to 0")
+    _require(m.hc_mult == 1, f"model.hc_mult={m.hc_mult}: mHC residual streams are not implemented yet; set it to 1")
+    _require(m.mtp_layers == 0, f"model.mtp_layers={m.mtp_layers}: MTP is not implemented yet; set it to 0")
+    _require(m.init_from is None, "model.init_from: importing HF checkpoints is not implemented yet; leave it null")
+    _require(p.sp == 1, f"parallel.sp={p.sp}: sequence parallelism is not implemented yet; set it to 1")
+    _require(p.ep == 1, f"parallel.ep={p.ep}: expert parallelism is not implemented yet; set it to 1")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Cross-field checks that types alone cannot express. ``world_size`` adds topology checks."""
     m, a, e, d, t, p = cfg.model, cfg.model.attention, cfg.model.moe, cfg.data, cfg.train, cfg.parallel
@@ -168,10 +181,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(e.seq_aux_loss_coef >= 0, f"model.moe.seq_aux_loss_coef={e.seq_aux_loss_coef} must be >= 0")
     _require(0 <= e.num_hash_layers <= m.num_layers,
              f"model.moe.num_hash_layers={e.num_hash_layers} must be in [0, model.num_layers={m.num_layers}]")
-    _require(e.num_hash_layers == 0, "model.moe.num_hash_layers > 0 (hash routing) is not implemented yet; set it to 0")
-    _require(m.hc_mult == 1, f"model.hc_mult={m.hc_mult}: mHC residual streams are not implemented yet; set it to 1")
-    _require(m.mtp_layers == 0, f"model.mtp_layers={m.mtp_layers}: MTP is not implemented yet; set it to 0")
-    _require(m.init_from is None, "model.init_from: importing HF checkpoints is not implemented yet; leave it null")
 
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     _require(d.max_train_tokens >= 0, f"data.max_train_tokens={d.max_train_tokens} must be >= 0")
@@ -180,6 +189,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _require(t.zero_stage in (0, 1, 2),
              f"train.zero_stage={t.zero_stage} is not allowed (choose 0, 1 or 2; DeepSpeed refuses MoE with ZeRO-3)")
+    _require(0 <= t.stop_at <= t.steps, f"train.stop_at={t.stop_at} must be in [0, train.steps={t.steps}]")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _require(0.0 < t.wsd_decay_fraction <= 1.0, f"train.wsd_decay_fraction={t.wsd_decay_fraction} must be in (0, 1]")
@@ -194,8 +204,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
     _check_choice("logging.wandb", cfg.logging.wandb, ("auto", "online", "offline", "disabled"))
 
-    _require(p.sp == 1, f"parallel.sp={p.sp}: sequence parallelism is not implemented yet; set it to 1")
-    _require(p.ep == 1, f"parallel.ep={p.ep}: expert parallelism is not implemented yet; set it to 1")
     _require(e.num_experts % p.ep == 0,
              f"model.moe.num_experts={e.num_experts} must be divisible by parallel.ep={p.ep}")
     if world_size is not None:

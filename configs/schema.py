@@ -105,7 +105,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 300  # length of the whole run; the LR schedule spans these steps
+    stop_at: int = 0  # end this invocation early at this step, checkpointed (job time slots); 0 = steps
     micro_batch_size: int = 8  # sequences per rank per micro step
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     lr: float = 3e-3

@@ -2,6 +2,8 @@
 
     moesaic train CONFIG [key=value ...]     train (or resume) in this process; under torchrun, per rank
     moesaic config CONFIG [key=value ...]    print the resolved, validated config
+    moesaic kv-report CONFIG [--context N] [--dtype bf16] [--index-dtype fp4]
+                                             per-layer KV-cache bytes at a context length
 
 CONFIG is a YAML path or the name of a bundled config (``tiny``, ``small_gpu``). Overrides use
 omegaconf dot-lists, e.g. ``train.steps=50 model.moe.top_k=2``. Problems with the config, the data
@@ -15,6 +17,18 @@ import sys
 from typing import Sequence
 
 from ..configs import ConfigError, load_config, to_yaml
+from ..model.kv_accounting import INDEX_FORMATS, MAIN_FORMATS, format_report
+
+_SUFFIXES = {"k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def context_length(text: str) -> int:
+    """Parse 131072, 128k or 1M (binary multiples, as context lengths are quoted)."""
+    t = text.strip().lower()
+    try:
+        return int(t[:-1]) * _SUFFIXES[t[-1]] if t[-1] in _SUFFIXES else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--context '{text}' must be an integer or like 128k / 1M") from None
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -28,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config_args(sub.add_parser("train", help="train or resume a model (checkpoint.resume=auto)"))
     _add_config_args(sub.add_parser("config", help="print the resolved and validated config"))
+    kv = sub.add_parser("kv-report", help="per-layer and total KV-cache bytes for a config at a context length")
+    _add_config_args(kv)
+    kv.add_argument("--context", type=context_length, default=2**20, help="tokens per sequence (default 1M)")
+    kv.add_argument("--dtype", choices=MAIN_FORMATS, default="bf16", help="main KV entry format")
+    kv.add_argument("--index-dtype", choices=INDEX_FORMATS, default=None,
+                    help="indexer key format (default: as --dtype; the V4 paper format is --dtype fp8 --index-dtype fp4)")
     return parser
 
 
@@ -39,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(to_yaml(cfg), end="")
+            return 0
+        if args.command == "kv-report":
+            print(format_report(cfg.model, args.context, args.dtype, args.index_dtype or args.dtype))
             return 0
         from ..trainer.loop import train
 

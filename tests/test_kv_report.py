@@ -1,0 +1,52 @@
+"""KV accounting reproduces DeepSeek's published V4 figures (MODEL_SPEC §8)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from moesaic.configs import load_config
+from moesaic.model.kv_accounting import index_entry_bytes, layer_kv_bytes, main_entry_bytes
+
+
+def _report(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "moesaic.launch.cli", "kv-report", *args],
+                          capture_output=True, text=True, check=True)
+    return proc.stdout
+
+
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in:\n{text}"
+    return float(match.group(1))
+
+
+def test_entry_formats() -> None:
+    assert main_entry_bytes(512, 64, "fp8") == 584  # FlashMLA "MODEL1"
+    assert main_entry_bytes(512, 64, "bf16") == 1024
+    assert index_entry_bytes(128, "fp4") == 68 and index_entry_bytes(128, "fp8") == 132
+
+
+@pytest.mark.parametrize("preset, bf16_gib, paper_ratio, layers", [
+    ("deepseek_v4_pro", 9.625, 9.55, "0 SWA, 30 CSA, 31 HCA"),
+    ("deepseek_v4_flash", 6.72, 13.67, "2 SWA, 21 CSA, 20 HCA"),
+])
+def test_kv_report_reproduces_published_numbers(preset: str, bf16_gib: float, paper_ratio: float, layers: str) -> None:
+    bf16 = _report(preset, "--context", "1M")
+    assert f"layers: {layers}" in bf16
+    assert _number(r"total: ([\d.]+) GiB", bf16) == pytest.approx(bf16_gib, abs=0.005)
+    assert _number(r"V3.2 in bf16 \(([\d.]+) GiB", bf16) == pytest.approx(83.875, abs=1e-3)
+    paper = _report(preset, "--context", "1M", "--dtype", "fp8", "--index-dtype", "fp4")
+    assert _number(r"V3.2 in fp8 \([\d.]+ GiB\): ([\d.]+)x", paper) == pytest.approx(paper_ratio, abs=0.005)
+
+
+def test_layer_formula_small_context() -> None:
+    cfg = load_config("deepseek_v4_flash").model
+    layers = layer_kv_bytes(cfg, 1000, "bf16")
+    assert layers[0].kind == "swa" and layers[0].total == 128 * 1024
+    assert layers[2].kind == "csa" and layers[2].compressed_bytes == 250 * (1024 + 256)
+    assert layers[3].kind == "hca" and layers[3].compressed_bytes == 7 * 1024
+    assert layer_kv_bytes(cfg, 100, "bf16")[0].window_bytes == 100 * 1024  # window capped by the context
