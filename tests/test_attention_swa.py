@@ -1,0 +1,222 @@
+"""V4 sliding-window attention: the chunked kernel against a naive full-softmax reference, window
+semantics, causality, position-shift invariance, the decode cache and linear memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moesaic.configs.schema import AttentionConfig, ModelConfig
+from moesaic.model.attention import CompressedKV, SWACache, build_attention, window_attention
+
+
+def tiny_cfg(window: int = 8, query_chunk: int = 5, **attn) -> ModelConfig:
+    a = AttentionConfig(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
+                        window=window, query_chunk=query_chunk, **attn)
+    return ModelConfig(vocab_size=64, hidden_size=48, num_layers=1, ffn_types=["dense"], attention=a)
+
+
+def naive_attention(q, kv, sink, window, scale, extra_kv=None, extra_visible=None):
+    """Full [S, T] scores with a window mask, a sink column appended then dropped (MODEL_SPEC §2.4).
+
+    q [B,S,H,c] are the last S positions of kv [B,T,c]; extra_kv [B,N,c] with extra_visible [B,S,N].
+    """
+    B, S, H, c = q.shape
+    T = kv.shape[1]
+    q_row = torch.arange(T - S, T).unsqueeze(1)
+    k_row = torch.arange(T).unsqueeze(0)
+    visible = (k_row <= q_row) & (k_row > q_row - window)  # [S,T]
+    scores = torch.einsum("bshc,btc->bhst", q, kv) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    values = kv
+    if extra_kv is not None:
+        ex = torch.einsum("bshc,bnc->bhsn", q, extra_kv) * scale
+        scores = torch.cat([scores, ex.masked_fill(~extra_visible[:, None], float("-inf"))], dim=-1)
+        values = torch.cat([kv, extra_kv], dim=1)
+    scores = torch.cat([scores, sink.view(1, H, 1, 1).expand(B, H, S, 1)], dim=-1)
+    probs = scores.softmax(dim=-1)[..., :-1]  # drop the sink column
+    return torch.einsum("bhsk,bkc->bshc", probs, values)
+
+
+def _inputs(B, S, T, H, c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, H, c, generator=g).requires_grad_()
+    kv = torch.randn(B, T, c, generator=g).requires_grad_()
+    sink = torch.randn(H, generator=g).requires_grad_()
+    return q, kv, sink
+
+
+def _assert_same_with_grads(out, ref, tensors, tol=1e-6):
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    cot = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, tensors, cot)
+    ref_grads = torch.autograd.grad(ref, tensors, cot)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("S,past,window,chunk", [
+    (1, 0, 4, 3),
+    (17, 0, 5, 4),  # chunk does not divide S
+    (33, 0, 8, 8),
+    (40, 0, 64, 7),  # window longer than the sequence
+    (20, 0, 1, 6),  # each query sees only itself
+    (13, 6, 4, 5),  # past keys before the queries, as with a decode cache
+    (1, 8, 8, 1024),  # one decode step over a full window
+])
+def test_window_kernel_matches_naive(S, past, window, chunk):
+    B, H, c = 2, 3, 16
+    q, kv, sink = _inputs(B, S, past + S, H, c)
+    scale = c ** -0.5
+    out = window_attention(q, kv, sink, window, scale, chunk)
+    ref = naive_attention(q, kv, sink, window, scale)
+    _assert_same_with_grads(out, ref, (q, kv, sink))
+
+
+@pytest.mark.parametrize("mode", ["idx", "mask"])
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_compressed_entries_join_the_same_softmax(mode, chunk):
+    B, S, H, c, N, window, k = 2, 19, 2, 16, 6, 4, 3
+    q, kv, sink = _inputs(B, S, S, H, c, seed=1)
+    g = torch.Generator().manual_seed(2)
+    extra_kv = torch.randn(B, N, c, generator=g).requires_grad_()
+    # Distinct entries per query, about a third of the slots unused (-1).
+    idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B * S)]).view(B, S, k)
+    idx = idx.masked_fill(torch.rand(B, S, k, generator=g) < 0.35, -1)
+    visible = torch.zeros(B, S, N, dtype=torch.bool)
+    for b in range(B):
+        for s in range(S):
+            visible[b, s, idx[b, s][idx[b, s] >= 0]] = True
+    extra = CompressedKV(extra_kv, idx=idx) if mode == "idx" else CompressedKV(extra_kv, mask=visible)
+    scale = c ** -0.5
+    out = window_attention(q, kv, sink, window, scale, chunk, extra)
+    ref = naive_attention(q, kv, sink, window, scale, extra_kv, visible)
+    _assert_same_with_grads(out, ref, (q, kv, sink, extra_kv))
+    # The extra entries must matter, or the comparison above proves nothing about them.
+    assert (out - window_attention(q, kv, sink, window, scale, chunk)).abs().max() > 1e-2
+
+
+def test_compressed_kv_needs_exactly_one_selector():
+    with pytest.raises(ValueError):
+        CompressedKV(torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError):
+        CompressedKV(torch.zeros(1, 2, 4), idx=torch.zeros(1, 1, 1, dtype=torch.long),
+                     mask=torch.ones(1, 1, 2, dtype=torch.bool))
+
+
+class _MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def test_kernel_memory_is_linear_in_sequence_length():
+    B, S, H, c, window, chunk = 1, 512, 1, 4, 16, 32
+    q, kv, sink = _inputs(B, S, S, H, c)
+    with _MaxNumel() as mode:
+        window_attention(q.detach(), kv.detach(), sink.detach(), window, 0.5, chunk)
+    # A full score matrix has S*S = 262K elements; the chunked kernel's largest tensors are q, kv and
+    # the output (S*H*c = 2K elements).
+    assert mode.max_numel <= 4 * S * H * c
+
+
+def test_window_semantics_and_causality():
+    """Query t depends on inputs t-window+1..t only."""
+    torch.manual_seed(0)
+    window = 6
+    attn = build_attention(tiny_cfg(window=window, query_chunk=4), 0)
+    x = torch.randn(2, 30, 48)
+    j = 10
+    x2 = x.clone()
+    x2[:, j] += torch.randn(2, 48)
+    y, aux = attn(x)
+    y2, _ = attn(x2)
+    changed = (y - y2).abs().amax(dim=(0, 2)) > 1e-6  # [S]
+    expected = torch.zeros(30, dtype=torch.bool)
+    expected[j:j + window] = True
+    assert torch.equal(changed, expected), changed.nonzero().flatten().tolist()
+    assert aux.item() == 0.0
+
+
+def test_outputs_invariant_to_a_global_position_shift():
+    """RoPE on q and k plus de-rotating the output by -position(query) leaves only relative offsets."""
+    torch.manual_seed(0)
+    attn = build_attention(tiny_cfg(window=8, query_chunk=16), 0)
+    with torch.no_grad():
+        attn.attn_sink.normal_()
+    x = torch.randn(2, 20, 48)
+    y0, _ = attn(x)
+    cache = SWACache(2, 8, 32, start_pos=300)
+    y1, _ = attn(x, cache)
+    torch.testing.assert_close(y1, y0, atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_then_decode_equals_full_forward():
+    torch.manual_seed(0)
+    window, S = 8, 29
+    attn = build_attention(tiny_cfg(window=window, query_chunk=5), 0)
+    x = torch.randn(2, S, 48)
+    with torch.no_grad():
+        full, _ = attn(x)
+        cache = attn.make_cache(2)
+        parts = [attn(x[:, :11], cache)[0], attn(x[:, 11:20], cache)[0]]  # prefill, then a multi-token step
+        parts += [attn(x[:, t:t + 1], cache)[0] for t in range(20, S)]  # single-token decode
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.pos == S
+
+
+def test_cache_holds_exactly_the_window():
+    window, head_dim = 8, 32
+    attn = build_attention(tiny_cfg(window=window), 0)
+    cache = attn.make_cache(1)
+    with torch.no_grad():
+        for t in range(3 * window):
+            kv_before = cache.kv
+            attn(torch.randn(1, 1, 48), cache)
+            assert cache.nbytes() == window * head_dim * 4
+        # The buffer holds the last `window` positions: its oldest row is the newest of `window` steps ago.
+        assert torch.equal(cache.kv[:, :-1], kv_before[:, 1:])
+    assert cache.length == window
+
+
+def test_grouped_output_projection_is_block_diagonal():
+    """Output group i reads only heads i*H/g..(i+1)*H/g-1 (MODEL_SPEC §2.6)."""
+    torch.manual_seed(0)
+    attn = build_attention(tiny_cfg(), 0)
+    g, d_g = attn.o_groups, attn.o_lora_rank
+    assert attn.wo_a.weight.shape == (g * d_g, attn.num_heads * attn.head_dim // g)
+    x = torch.randn(1, 6, 48)
+    with torch.no_grad():
+        y0, _ = attn(x)
+        attn.wo_a.weight.view(g, d_g, -1)[1].zero_()  # silence group 1
+        y1, _ = attn(x)
+        attn.wo_b.weight[:, d_g:].zero_()  # and drop its columns of wo_b: group 0 alone gives y1
+        y2, _ = attn(x)
+    assert (y0 - y1).abs().max() > 1e-3
+    torch.testing.assert_close(y2, y1)
+
+
+def test_official_parameter_names():
+    attn = build_attention(tiny_cfg(), 0)
+    names = {n for n, _ in attn.named_parameters()}
+    assert names == {"wq_a.weight", "q_norm.weight", "wq_b.weight", "wkv.weight", "kv_norm.weight",
+                     "wo_a.weight", "wo_b.weight", "attn_sink"}
+    assert attn.attn_sink.dtype == torch.float32 and not attn.attn_sink.any()
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_compressed_types_not_registered_yet(kind):
+    cfg = tiny_cfg()
+    cfg.layer_types = [kind]
+    with pytest.raises(NotImplementedError):
+        build_attention(cfg, 0)
