@@ -1,0 +1,153 @@
+"""The single-device Transformer: loss at init, gradients, causality, KV-cache decoding, generate,
+initialisation and parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
+from moesaic.model import ModelOutput, Transformer
+
+WINDOW = 8
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    a = AttentionConfig(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
+                        window=WINDOW, query_chunk=6)
+    fields = dict(vocab_size=256, hidden_size=48, num_layers=3, ffn_types=["dense"] * 3, dense_intermediate_size=64,
+                  attention=a)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(tiny_cfg(**overrides))
+
+
+def test_loss_at_init_is_log_vocab_and_backward_reaches_every_parameter():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (4, 40), generator=torch.Generator().manual_seed(1))
+    out = model(ids, labels=ids)
+    assert isinstance(out, ModelOutput) and out.logits.shape == (4, 40, 256)
+    # Logits have std ~ init_std * sqrt(D) = 0.14 at init, so the loss is log(V) + ~0.01.
+    assert abs(out.lm_loss.item() - math.log(256)) < 0.05
+    assert out.aux_loss.item() == 0.0 and torch.equal(out.loss, out.lm_loss + out.aux_loss)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_lm_loss_ignores_masked_labels():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 12))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    out = model(ids, labels=labels)
+    keep = labels != -100
+    expected = torch.nn.functional.cross_entropy(out.logits[keep], labels[keep])
+    torch.testing.assert_close(out.lm_loss, expected)
+    assert model(ids).loss is None
+    assert model(ids, labels=torch.full_like(ids, -100)).lm_loss.item() == 0.0  # no NaN from 0 / 0
+
+
+def test_causality():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 30))
+    t = 17
+    ids2 = ids.clone()
+    ids2[:, t + 1:] = torch.randint(0, 256, (2, 30 - t - 1))
+    with torch.no_grad():
+        a, b = model(ids).logits, model(ids2).logits
+    torch.testing.assert_close(b[:, :t + 1], a[:, :t + 1], atol=1e-6, rtol=0)
+    assert (b[:, t + 1:] - a[:, t + 1:]).abs().amax(dim=(0, 2)).min() > 1e-4  # every later position changed
+
+
+@pytest.mark.parametrize("k", [1, 7, 20])
+def test_prefill_plus_decode_equals_full_prefill(k):
+    model = tiny_model()
+    S = 3 * WINDOW + 5
+    ids = torch.randint(0, 256, (2, S))
+    with torch.no_grad():
+        full = model(ids).logits
+        caches = model.make_caches(2)
+        steps = [model(ids[:, :S - k], caches=caches).logits]
+        steps += [model(ids[:, t:t + 1], caches=caches).logits for t in range(S - k, S)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_bytes_per_layer():
+    model = tiny_model()
+    caches = model.make_caches(1)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 2 * WINDOW + 3)), caches=caches)
+        model(torch.randint(0, 256, (1, 1)), caches=caches)
+    assert len(caches) == 3
+    assert [c.nbytes() for c in caches] == [WINDOW * 32 * 4] * 3
+
+
+def test_greedy_generate_matches_uncached_decoding():
+    model = tiny_model()
+    prompt = torch.randint(0, 256, (2, 5))
+    out = model.generate(prompt, max_new_tokens=2 * WINDOW)
+    assert out.shape == (2, 5 + 2 * WINDOW) and torch.equal(out[:, :5], prompt)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(2 * WINDOW):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_sampling():
+    model = tiny_model()
+    prompt = torch.randint(0, 256, (2, 4))
+
+    def sample(seed, **kw):
+        return model.generate(prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert torch.equal(sample(3), sample(3))
+    assert not torch.equal(sample(3), sample(4))
+    assert torch.equal(sample(3, top_k=1), model.generate(prompt, 10))  # top-1 sampling is greedy
+
+
+def test_init_is_deterministic_and_uses_init_std():
+    a, b, c = tiny_model(seed=5), tiny_model(seed=5), tiny_model(seed=6)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.embed.weight, c.embed.weight)
+    for w in (a.embed.weight, a.head.weight, a.layers[0].attn.wq_b.weight, a.layers[1].ffn.w2.weight):
+        assert abs(w.std().item() - 0.02) < 0.002
+
+
+def test_tied_embeddings_and_param_counts():
+    untied, tied = tiny_model(), tiny_model(tie_embeddings=True)
+    assert tied.head.weight is tied.embed.weight
+    total = sum(p.numel() for p in untied.parameters())
+    assert untied.num_params() == total
+    assert untied.num_params(active_only=True) == total  # dense FFNs only: everything is active
+    assert tied.num_params() == total - 256 * 48
+    assert untied.routers() == []
+
+
+def _moe_available() -> bool:
+    try:
+        from moesaic.model.moe import MoE  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _moe_available(), reason="moesaic.model.moe.MoE is not written yet")
+def test_moe_layers_plug_in():
+    moe = MoEConfig(num_experts=4, top_k=2, intermediate_size=32)
+    model = tiny_model(ffn_types=["dense", "moe", "moe"], moe=moe)
+    ids = torch.randint(0, 256, (2, 12))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert len(model.routers()) == 2
+    routed = sum(p.numel() for layer in model.layers[1:] for p in layer.ffn.experts.parameters())
+    assert model.num_params(active_only=True) == model.num_params() - routed // 2
