@@ -1,0 +1,134 @@
+"""Token-choice top-k router with DeepSeek's aux-loss-free balancing (MODEL_SPEC §6).
+
+Selection uses ``scores + expert_bias``; the gates use the unbiased scores, so the bias steers load
+without entering the gradient or the output scale. The bias moves only when the trainer calls
+``update_bias`` once per optimizer step with all-reduced counts, so every rank holds the same bias
+whatever the gradient accumulation. The forward is sync-free: no ``.item()``, no branching on
+tensor values.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moesaic.configs.schema import ModelConfig
+
+# Buffers kept in fp32 whatever the module dtype: a bf16 bias cannot absorb steps of 1e-3, and
+# bf16 counts stop being exact past 256.
+_FP32_BUFFERS = ("expert_bias", "load_counts")
+
+
+class RouterOutput(NamedTuple):
+    topk_idx: torch.Tensor  # [T, k] long, selected experts per token (T = B*S)
+    gates: torch.Tensor  # [T, k] fp32, weights of the selected experts' outputs
+    aux_loss: torch.Tensor  # scalar fp32, sequence-wise balance loss (already times alpha)
+
+
+class Router(nn.Module):
+    """Scores tokens against the experts, selects k per token and weights them.
+
+    Parameter and buffer names follow the official checkpoint (``ffn.gate.weight``); the official
+    ``ffn.gate.bias`` is ``expert_bias`` here.
+
+    Hash routing (the first ``num_hash_layers`` layers) belongs in ``_select``: there the experts
+    come from a frozen ``tid2eid[input_ids]`` table instead of the biased top-k, while the gates
+    still come from the learned scores.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        moe = cfg.moe
+        self.layer_idx = layer_idx
+        self.num_experts = moe.num_experts
+        self.top_k = moe.top_k
+        self.score_func = moe.score_func
+        self.norm_topk_prob = moe.norm_topk_prob
+        self.routed_scaling_factor = moe.routed_scaling_factor
+        self.bias_update_rate = moe.bias_update_rate
+        self.seq_aux_loss_coef = moe.seq_aux_loss_coef
+        self.weight = nn.Parameter(torch.empty(moe.num_experts, cfg.hidden_size))
+        nn.init.normal_(self.weight, std=cfg.init_std)
+        self.register_buffer("expert_bias", torch.zeros(moe.num_experts), persistent=True)
+        # Tokens routed to each expert since the last reset_load_counts(); trainer-owned lifecycle.
+        self.register_buffer("load_counts", torch.zeros(moe.num_experts), persistent=False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        """Follow device moves but never dtype casts for the fp32 buffers (model.bfloat16())."""
+        originals = {name: self._buffers[name] for name in _FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in originals.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Affinities [..., E] in fp32 (routing decisions are precision sensitive)."""
+        logits = F.linear(x.float(), self.weight.float())
+        if self.score_func == "sqrtsoftplus":
+            return F.softplus(logits).sqrt()
+        if self.score_func == "sigmoid":
+            return logits.sigmoid()
+        return logits.softmax(dim=-1)
+
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k experts of scores + bias [T, E] -> [T, k]; ties go to the lower expert index."""
+        biased = scores + self.expert_bias
+        # A stable descending sort keeps equal values in index order; topk gives no such promise.
+        return biased.sort(dim=-1, descending=True, stable=True).indices[:, : self.top_k]
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route x [B, S, D]; counts the selections into load_counts while training."""
+        batch, seq, _ = x.shape
+        scores = self.scores(x).view(batch * seq, self.num_experts)  # [T, E]
+        topk_idx = self._select(scores)  # [T, k]
+        gates = scores.gather(-1, topk_idx)  # [T, k], unbiased
+        if self.norm_topk_prob:
+            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+        gates = gates * self.routed_scaling_factor
+        if self.training:
+            self._count(topk_idx)
+        aux_loss = self._seq_aux_loss(scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1))
+        return RouterOutput(topk_idx, gates, aux_loss)
+
+    @torch.no_grad()
+    def _count(self, topk_idx: torch.Tensor) -> None:
+        """Accumulate on device (index_add_, not bincount, which syncs on CUDA)."""
+        flat = topk_idx.reshape(-1)
+        self.load_counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.load_counts.dtype))
+
+    def _seq_aux_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences.
+
+        scores [B, S, E], topk_idx [B, S, k]. f_i = E/(k*S) * (tokens of the sequence choosing i)
+        carries no gradient; P_i = mean over the sequence of s_i / sum_j s_j does.
+        """
+        if self.seq_aux_loss_coef == 0:
+            return scores.new_zeros(())
+        batch, seq, _ = scores.shape
+        chosen = scores.new_zeros(batch, self.num_experts)
+        chosen.scatter_add_(1, topk_idx.reshape(batch, -1), scores.new_ones(batch, seq * self.top_k))
+        f = chosen * (self.num_experts / (self.top_k * seq))  # [B, E]
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, E]
+        return self.seq_aux_loss_coef * (f * p).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, global_counts: torch.Tensor) -> None:
+        """V3 rule bias += rate * sign(mean - count): starve overloaded experts, feed idle ones.
+
+        Called by the trainer once per optimizer step with counts summed over all ranks and
+        micro-batches, so the result is identical on every rank.
+        """
+        if self.bias_update_rate == 0:
+            return
+        counts = global_counts.to(device=self.expert_bias.device, dtype=torch.float32)
+        self.expert_bias += self.bias_update_rate * torch.sign(counts.mean() - counts)
+
+    @torch.no_grad()
+    def reset_load_counts(self) -> None:
+        """Start a new accumulation window (after the trainer has consumed the counts)."""
+        self.load_counts.zero_()
