@@ -1,0 +1,56 @@
+"""The MoE FFN: router -> dispatcher -> routed experts -> combine, plus the shared expert(s).
+
+Dropless: every token reaches all k of its experts. Submodule names follow the official
+checkpoint (``ffn.gate``, ``ffn.experts``, ``ffn.shared_experts``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moesaic.configs.schema import ModelConfig
+from moesaic.model.ffn import SwiGLU
+
+from .dispatcher import LocalDispatcher
+from .experts import GroupedExperts
+from .router import Router
+
+
+def expert_seed(layer_idx: int, num_experts: int) -> int:
+    """Base seed of a layer's expert init: the run seed (torch.initial_seed(), set identically on
+    every rank before the model is built) plus a per-layer block of num_experts ids, offset by
+    one block so that no expert draws the same stream as the global generator."""
+    return torch.initial_seed() + (layer_idx + 1) * num_experts
+
+
+class MoE(nn.Module):
+    """y = sum_j g_j * Expert_j(x) + Shared(x), over each token's k routed experts."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        moe = cfg.moe
+        self.gate = Router(cfg, layer_idx)
+        self.dispatcher = LocalDispatcher(moe.num_experts)
+        self.experts = GroupedExperts(
+            moe.num_experts, cfg.hidden_size, moe.intermediate_size, moe.swiglu_limit,
+            init_std=cfg.init_std, seed=expert_seed(layer_idx, moe.num_experts))
+        self.shared_experts = (
+            SwiGLU(cfg.hidden_size, moe.intermediate_size * moe.num_shared_experts, moe.swiglu_limit)
+            if moe.num_shared_experts > 0 else None)
+
+    def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, D] -> (y [B, S, D], aux_loss scalar).
+
+        input_ids [B, S] is the contract's hook for hash-routed layers; learned routing ignores it.
+        """
+        batch, seq, dim = x.shape
+        route = self.gate(x)
+        tokens = x.reshape(batch * seq, dim)  # [T, D]
+        expert_x, counts, state = self.dispatcher.dispatch(tokens, route.topk_idx)
+        y = self.dispatcher.combine(self.experts(expert_x, counts), route.gates, state)  # [T, D]
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(tokens)
+        return y.view(batch, seq, dim), route.aux_loss
