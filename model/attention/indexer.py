@@ -1,0 +1,127 @@
+"""DeepSeek-V4 lightning indexer: picks the top-k CSA entries each query attends to (MODEL_SPEC §3.2).
+
+Index keys come from the indexer's own overlapping compressor (width c_I); index queries from the
+query latent q_lat. The relevance of entry s to query t is
+
+    I[t, s] = sum_h (w[t, h] * n_I^-1/2) * ReLU(q[t, h] . K[s]) * c_I^-1/2,   w = weights_proj(x),
+
+masked to the causally complete entries w < floor((t+1)/m) (§3.4). ReLU makes exact ties (score 0)
+common, so the top-k breaks ties toward the lower entry index (§13.4): a query's selection then
+never depends on the sequence length, the query chunking or a prefill/decode split.
+
+Training signal (the V3.2 DSA recipe, chosen here and UNCONFIRMED for V4, §3.4): the indexer sees
+detached inputs, so it gets no gradient from the LM loss and gives none to the backbone; it is
+trained by ``indexer_kl_loss``, a KL from the (detached) main attention to the indexer's softmax,
+restricted to the selected entries (V3.2's sparse stage; its dense warm-up is not implemented).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...configs.schema import ModelConfig
+from ..rope import RotaryEmbedding
+from .compressor import Compressor, CompressorState, rope_tail
+
+
+class Indexer(nn.Module):
+    """Lightning indexer of one CSA layer; parameter names follow the official checkpoints."""
+
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        a = cfg.attention
+        self.n_heads, self.head_dim, self.rope_dim = a.index_heads, a.index_head_dim, a.rope_head_dim
+        self.topk, self.ratio, self.query_chunk = a.index_topk, a.csa_ratio, a.query_chunk
+        self.wq_b = nn.Linear(a.q_lora_rank, a.index_heads * a.index_head_dim, bias=False)
+        self.weights_proj = nn.Linear(cfg.hidden_size, a.index_heads, bias=False)
+        self.compressor = Compressor(cfg.hidden_size, a.index_head_dim, a.csa_ratio, True, rope, a.rope_head_dim,
+                                     cfg.rms_norm_eps)
+        self.rope = rope
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Index keys [B, S//m, c_I] of x [B, S, D] (input detached: see the module docstring)."""
+        return self.compressor(x.detach()).float()
+
+    def queries(self, q_lat: torch.Tensor, x: torch.Tensor,
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 index queries q [B, S, H, c_I], rotated at ``positions`` [S], and head weights w [B, S, H].
+
+        w already carries the n_I^-1/2 * c_I^-1/2 scale. Inputs are detached (module docstring).
+        """
+        q = self.wq_b(q_lat.detach()).float().unflatten(-1, (self.n_heads, self.head_dim))  # [B, S, H, c_I]
+        cos, sin = self.rope(positions)  # [S, rope_dim/2]
+        q = rope_tail(q, cos[:, None], sin[:, None], self.rope_dim)  # [B, S, H, c_I]
+        w = self.weights_proj(x.detach()).float() * (self.n_heads * self.head_dim) ** -0.5  # [B, S, H]
+        return q, w
+
+    @staticmethod
+    def scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Unmasked index scores I [B, S, N] from ``queries`` output and keys [B, N, c_I]."""
+        dots = torch.einsum("bshc,bnc->bshn", q, keys.float()).relu()  # [B, S, H, N]
+        return (dots * w.unsqueeze(-1)).sum(dim=2)  # [B, S, N]
+
+    def select(self, q_lat: torch.Tensor, x: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+               ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k causally visible entries per query.
+
+        q_lat [B, S, q_lora_rank], x [B, S, D], keys [B, N, c_I], positions [S] long (absolute).
+        Returns (topk_idx [B, S, k] long, -1 where fewer than k entries are visible;
+        topk_scores [B, S, k], -inf at those -1 picks), k = min(index_topk, N). The [S, N] score
+        matrix is built ``query_chunk`` queries at a time, so memory is O(chunk * H * N); the
+        projections are computed once for all queries so that chunking cannot change any score.
+        """
+        k = min(self.topk, keys.shape[1])
+        q, w = self.queries(q_lat, x, positions)  # [B, S, H, c_I], [B, S, H]
+        entry = torch.arange(keys.shape[1], device=keys.device)  # [N]
+        idx_chunks, score_chunks = [], []
+        for lo in range(0, q.shape[1], self.query_chunk):
+            hi = lo + self.query_chunk
+            visible = (positions[lo:hi] + 1) // ratio  # [s] entries a query may use
+            score = self.scores(q[:, lo:hi], w[:, lo:hi], keys)  # [B, s, N]
+            score = score.masked_fill(entry >= visible[:, None], float("-inf"))  # [B, s, N]
+            # A stable descending sort keeps equal scores in entry order: ties go to lower indices.
+            top, idx = score.sort(dim=-1, descending=True, stable=True)  # [B, s, N]
+            top, idx = top[..., :k], idx[..., :k]  # [B, s, k]
+            idx_chunks.append(idx.masked_fill(idx >= visible[:, None], -1))
+            score_chunks.append(top)
+        return torch.cat(idx_chunks, dim=1), torch.cat(score_chunks, dim=1)
+
+    def forward(self, q_lat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training / stateless prefill over positions 0..S-1: (topk_idx, topk_scores, keys)."""
+        keys = self.keys(x)  # [B, S//m, c_I]
+        positions = torch.arange(x.shape[1], device=x.device)  # [S]
+        return (*self.select(q_lat, x, keys, positions, self.ratio), keys)
+
+    @torch.no_grad()
+    def step(self, state: CompressorState, keys: torch.Tensor, q_lat_t: torch.Tensor, x_t: torch.Tensor,
+             pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode the token at ``pos``: advance the compressor, append a key if a window closed, select.
+
+        state/keys [B, N, c_I] are the indexer's decode cache (from ``compressor.prefill`` or
+        ``compressor.new_state`` and an empty [B, 0, c_I]). Returns (topk_idx [B, 1, k],
+        topk_scores [B, 1, k], keys) where keys includes the entry this token closed, if any.
+        """
+        new_key = self.compressor.step(state, x_t, pos)  # [B, 1, c_I] or None
+        if new_key is not None:
+            keys = torch.cat([keys, new_key.to(keys.dtype)], dim=1)  # [B, N+1, c_I]
+        positions = torch.tensor([pos], device=x_t.device)  # [1]
+        return (*self.select(q_lat_t, x_t, keys, positions, self.ratio), keys)
+
+
+def indexer_kl_loss(index_scores: torch.Tensor, main_probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """KL(p_main || softmax(index_scores)) over the selected entries, averaged over queries.
+
+    index_scores [B, S, k] (``select``'s topk_scores), main_probs [B, S, k]: the main attention's
+    probability mass on each selected entry, summed over heads; it is detached and renormalised over
+    the valid selected entries (V3.2's L1-normalised head sum). valid [B, S, k] bool. Queries with
+    no valid entry are skipped; the mean runs over the others. Gradient reaches index_scores only.
+    """
+    has_any = valid.any(dim=-1)  # [B, S]
+    logits = index_scores.float().masked_fill(~valid, float("-inf"))  # [B, S, k]
+    logits = logits.masked_fill(~has_any.unsqueeze(-1), 0.0)  # all-invalid rows: finite, unused
+    log_q = logits.log_softmax(dim=-1).masked_fill(~valid, 0.0)  # [B, S, k]
+    p = main_probs.detach().float().masked_fill(~valid, 0.0)  # [B, S, k]
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1)  # [B, S]; 0 on skipped rows
+    return kl.sum() / has_any.sum().clamp_min(1)
