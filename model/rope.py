@@ -58,3 +58,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
+
+
+def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int,
+              inverse: bool = False) -> torch.Tensor:
+    """Rotate only the trailing ``rope_dim`` channels of x [..., C]; V4 puts RoPE last (MODEL_SPEC §2.3)."""
+    return torch.cat([x[..., :-rope_dim], apply_rope(x[..., -rope_dim:], cos, sin, inverse)], dim=-1)

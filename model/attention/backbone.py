@@ -23,16 +23,10 @@ from torch import nn
 
 from moesaic.configs.schema import ModelConfig
 from moesaic.model.norm import RMSNorm, rms_normalize
-from moesaic.model.rope import RotaryEmbedding, apply_rope
+from moesaic.model.rope import RotaryEmbedding, rope_tail
 
 from .cache import SWACache
 from .kernels import CompressedKV, window_attention
-
-
-def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int,
-              inverse: bool = False) -> torch.Tensor:
-    """Rotate only the trailing ``rope_dim`` channels of x; V4 puts RoPE last (MODEL_SPEC §2.3)."""
-    return torch.cat([x[..., :-rope_dim], apply_rope(x[..., -rope_dim:], cos, sin, inverse)], dim=-1)
 
 
 class SlidingWindowAttention(nn.Module):

@@ -20,12 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..norm import RMSNorm
-from ..rope import RotaryEmbedding, apply_rope
-
-
-def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """V4 partial RoPE: rotate only the trailing ``rope_dim`` channels of ``x`` [..., C]."""
-    return torch.cat([x[..., :-rope_dim], apply_rope(x[..., -rope_dim:], cos, sin)], dim=-1)
+from ..rope import RotaryEmbedding, rope_tail
 
 
 @dataclass
