@@ -1,0 +1,69 @@
+"""End-to-end training on CPU: learning, exact resume (1 and 2 processes), SIGKILL recovery, errors."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from trainrun import FAST, assert_identical, command, env, final_params, latest, losses, train
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"data.cache_dir={tmp_path_factory.mktemp('data_cache')}"
+
+
+def test_straight_equals_stop_and_resume_single_process(tmp_path: Path, cache: str) -> None:
+    common = FAST + [cache, "train.steps=8", "checkpoint.every=100"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(common + [f"run_dir={straight}"])
+    train(common + [f"run_dir={split}", "train.stop_at=4"])
+    assert latest(split).name == "step_00000004"
+    out = train(common + [f"run_dir={split}", "checkpoint.resume=auto"])
+    assert "resumed from" in out.stdout and "at step 4" in out.stdout
+    assert losses(straight) == losses(split)  # bit-identical floats, every step
+    assert len(losses(straight)) == 8
+    assert_identical(final_params(latest(straight)), final_params(latest(split)))
+
+
+@pytest.mark.multiproc
+def test_straight_equals_stop_and_resume_two_processes(tmp_path: Path, cache: str) -> None:
+    common = FAST + [cache, "train.steps=6", "checkpoint.every=100", "train.zero_stage=2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(common + [f"run_dir={straight}"], nproc=2)
+    train(common + [f"run_dir={split}", "train.stop_at=3"], nproc=2)
+    train(common + [f"run_dir={split}", "checkpoint.resume=auto"], nproc=2)
+    assert losses(straight) == losses(split)
+    assert_identical(final_params(latest(straight)), final_params(latest(split)))
+
+
+def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path: Path, cache: str) -> None:
+    common = FAST + [cache, "train.steps=40", "checkpoint.every=4", "checkpoint.keep_last=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train(common + [f"run_dir={straight}"])
+    proc = subprocess.Popen(command(common + [f"run_dir={killed}"]), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "checkpoints" / "step_00000008" / "manifest.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (killed / "checkpoints" / "step_00000040").exists()
+    out = train(common + [f"run_dir={killed}", "checkpoint.resume=auto"])
+    assert "resumed from" in out.stdout
+    assert_identical(final_params(latest(straight)), final_params(latest(killed)))
+    assert losses(straight) == losses(killed)
+
+
+def test_missing_data_is_one_clear_line(tmp_path: Path, cache: str) -> None:
+    proc = subprocess.run(command(FAST + [cache, f"run_dir={tmp_path}", f"data.dataset={tmp_path}/none/*.txt"]),
+                          capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("moesaic: error: data.dataset=") and "matched no files" in lines[-1], proc.stderr
