@@ -10,6 +10,7 @@ import json
 import math
 import netrc
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ class MetricSinks:
         from omegaconf import OmegaConf
 
         id_file = run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         return wandb.init(
             project=cfg.logging.project, name=cfg.logging.run_name or run_dir.name, group=cfg.logging.group,
