@@ -19,7 +19,7 @@ from moesaic.configs.schema import ModelConfig
 
 # Buffers kept in fp32 whatever the module dtype: a bf16 bias cannot absorb steps of 1e-3, and
 # bf16 counts stop being exact past 256.
-_FP32_BUFFERS = ("expert_bias", "load_counts")
+_FP32_BUFFERS = ("expert_bias", "load_counts", "stat_counts", "stat_sums")
 
 
 class RouterOutput(NamedTuple):
@@ -55,6 +55,12 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(moe.num_experts), persistent=True)
         # Tokens routed to each expert since the last reset_load_counts(); trainer-owned lifecycle.
         self.register_buffer("load_counts", torch.zeros(moe.num_experts), persistent=False)
+        # Metrics accumulators over the trainer's log window, separate from load_counts (which the
+        # bias update clears every optimizer step): tokens per expert, and sums over tokens of the
+        # score entropy (nats) and of the sequence aux loss. Reset by reset_stats() at log steps.
+        self.register_buffer("stat_counts", torch.zeros(moe.num_experts), persistent=False)
+        self.register_buffer("stat_sums", torch.zeros(2), persistent=False)
+        self.track_stats = True  # the metrics panel's switch; off skips the accumulation entirely
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         """Follow device moves but never dtype casts for the fp32 buffers (model.bfloat16())."""
@@ -90,9 +96,11 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         gates = gates * self.routed_scaling_factor
+        aux_loss = self._seq_aux_loss(scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1))
         if self.training:
             self._count(topk_idx)
-        aux_loss = self._seq_aux_loss(scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1))
+            if self.track_stats:
+                self._accumulate_stats(scores, topk_idx, aux_loss)
         return RouterOutput(topk_idx, gates, aux_loss)
 
     @torch.no_grad()
@@ -100,6 +108,21 @@ class Router(nn.Module):
         """Accumulate on device (index_add_, not bincount, which syncs on CUDA)."""
         flat = topk_idx.reshape(-1)
         self.load_counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.load_counts.dtype))
+
+    @torch.no_grad()
+    def _accumulate_stats(self, scores: torch.Tensor, topk_idx: torch.Tensor, aux_loss: torch.Tensor) -> None:
+        """Add this batch to the metrics window: O(T*E) elementwise work, no host sync."""
+        flat = topk_idx.reshape(-1)
+        self.stat_counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.stat_counts.dtype))
+        probs = scores / scores.sum(dim=-1, keepdim=True)  # [T, E]
+        entropy = torch.special.entr(probs).sum()  # summed over tokens
+        self.stat_sums += torch.stack([entropy, aux_loss.detach().float() * scores.shape[0]])
+
+    @torch.no_grad()
+    def reset_stats(self) -> None:
+        """Start a new metrics window (after the trainer has read the stats at a log step)."""
+        self.stat_counts.zero_()
+        self.stat_sums.zero_()
 
     def _seq_aux_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences.
