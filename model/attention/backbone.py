@@ -11,6 +11,10 @@ Compressed layers (CSA/HCA) subclass ``SlidingWindowAttention``: they set ``comp
 (which selects ``compress_rope_theta`` + YaRN), override ``compressed_entries`` to return a
 ``CompressedKV`` for the kernel (see ``kernels.py`` for the interface) plus their aux loss, and
 override ``make_cache`` if they keep more decode state than the window.
+
+Statistics: while the trainer sets ``stats`` to an ``AttentionStats`` (log steps only), the kernel
+adds its softmax masses and max logit to it; compressed layers add their own fields to the same
+object in ``compressed_entries`` (it is None otherwise, and then nothing extra is computed).
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ from moesaic.model.norm import RMSNorm, rms_normalize
 from moesaic.model.rope import RotaryEmbedding, rope_tail
 
 from .cache import SWACache
-from .kernels import CompressedKV, window_attention
+from .kernels import AttentionStats, CompressedKV, window_attention
 
 
 class SlidingWindowAttention(nn.Module):
     """V4 attention over the last ``window`` keys; forward(x [B,S,D], cache) -> (out [B,S,D], aux_loss)."""
 
     compressed = False  # CSA/HCA subclasses set True: compress_rope_theta with YaRN instead of rope_theta
+    stats: Optional[AttentionStats] = None  # set by the trainer for the forwards it wants statistics of
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -87,7 +92,8 @@ class SlidingWindowAttention(nn.Module):
 
         extra, aux_loss = self.compressed_entries(x, qr, q, positions, cache)
         keys = cache.extend(kv) if cache is not None else kv  # [B, past + S, c]
-        o = window_attention(q, keys, self.attn_sink, self.window, self.softmax_scale, self.query_chunk, extra)
+        o = window_attention(q, keys, self.attn_sink, self.window, self.softmax_scale, self.query_chunk, extra,
+                             self.stats)
         o = rope_tail(o, cos[:, None], sin[:, None], self.rope_dim, inverse=True)  # [B,S,H,c]
 
         o = o.reshape(B, S, self.o_groups, -1)  # [B,S,g,H*c/g]

@@ -24,6 +24,10 @@ sum(p_j * v_j) over window keys and extra entries (the sink has no value).
 
 Memory is linear in S: queries are processed in chunks of ``query_chunk``; a chunk of C queries
 scores only its C + window - 1 candidate keys and its own extra entries, never S x S.
+
+Statistics (opt-in, for the trainer's log steps): given ``stats``, an ``AttentionStats``, the kernel
+adds the mean softmax mass on the window keys, the compressed entries and the sink, and the max
+logit, from the probabilities it computes anyway; without it the kernel does no extra work.
 """
 
 from __future__ import annotations
@@ -32,6 +36,37 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+
+class AttentionStats:
+    """Named statistics of one attention layer, accumulated on the device while attached.
+
+    ``means[name] = (sum, count)`` averages over whatever the count counts (query-heads for the
+    kernel's masses); ``maxima[name]`` is a running max. Layers add their own names (CSA: the
+    indexer's selection); the trainer reduces them over ranks at log steps, without a sync here.
+    """
+
+    def __init__(self) -> None:
+        self.means: dict[str, tuple[torch.Tensor, int]] = {}
+        self.maxima: dict[str, torch.Tensor] = {}
+
+    def add_mean(self, name: str, total: torch.Tensor, count: int) -> None:
+        old_total, old_count = self.means.get(name, (0.0, 0))
+        self.means[name] = (total.detach().float() + old_total, old_count + count)
+
+    def add_max(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.maxima[name] = value if name not in self.maxima else torch.maximum(self.maxima[name], value)
+
+
+def _record(stats: AttentionStats, logits: torch.Tensor, probs: torch.Tensor, n_win: int, has_extra: bool) -> None:
+    """Masses and max logit of one chunk; logits/probs [B,C,H,window keys + extra + sink]."""
+    query_heads = probs[..., 0].numel()
+    stats.add_mean("mass_window", probs[..., :n_win].sum(), query_heads)
+    if has_extra:
+        stats.add_mean("mass_compressed", probs[..., n_win:-1].sum(), query_heads)
+    stats.add_mean("mass_sink", probs[..., -1].sum(), query_heads)
+    stats.add_max("max_logit", logits[..., :-1].amax())
 
 
 @dataclass
@@ -66,7 +101,8 @@ def _extra_scores(q: torch.Tensor, extra: CompressedKV, s: int,
 
 
 def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, window: int, scale: float,
-                     query_chunk: int, extra: Optional[CompressedKV] = None) -> torch.Tensor:
+                     query_chunk: int, extra: Optional[CompressedKV] = None,
+                     stats: Optional[AttentionStats] = None) -> torch.Tensor:
     """Sliding-window MQA with an attention sink and optional compressed entries; q [B,S,H,c] -> [B,S,H,c]."""
     B, S, H, _ = q.shape
     T = kv.shape[1]
@@ -88,8 +124,12 @@ def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, wind
             ex_scores, ex_visible, ex_values = _extra_scores(qc, extra, s, e)
             parts.append(ex_scores.float().masked_fill(~ex_visible, float("-inf")))
         parts.append(sink.float().view(1, 1, H, 1).expand(B, e - s, H, 1))
-        probs = torch.cat(parts, dim=-1).softmax(dim=-1).to(kv.dtype)
+        logits = torch.cat(parts, dim=-1)
+        probs = logits.softmax(dim=-1)
         n_win = keys.shape[1]
+        if stats is not None:
+            _record(stats, logits, probs, n_win, extra is not None)
+        probs = probs.to(kv.dtype)
         out = torch.einsum("bqhk,bkc->bqhc", probs[..., :n_win], keys)
         if extra is not None:
             ex_probs = probs[..., n_win:-1]
