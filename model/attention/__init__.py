@@ -7,12 +7,15 @@ from torch import nn
 from moesaic.configs.schema import ModelConfig
 
 from .backbone import SlidingWindowAttention
-from .cache import SWACache
+from .cache import CompressedCache, SWACache
+from .compressed import CompressedSparseAttention, HeavilyCompressedAttention
 from .kernels import CompressedKV, window_attention
 
-# Layer type -> class taking (cfg, layer_idx); registering CSA/HCA is one line each.
+# Layer type -> class taking (cfg, layer_idx).
 ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
     "swa": SlidingWindowAttention,
+    "csa": CompressedSparseAttention,
+    "hca": HeavilyCompressedAttention,
 }
 
 
@@ -24,5 +27,5 @@ def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     return ATTENTION_CLASSES[kind](cfg, layer_idx)
 
 
-__all__ = ["ATTENTION_CLASSES", "CompressedKV", "SWACache", "SlidingWindowAttention", "build_attention",
-           "window_attention"]
+__all__ = ["ATTENTION_CLASSES", "CompressedCache", "CompressedKV", "CompressedSparseAttention",
+           "HeavilyCompressedAttention", "SWACache", "SlidingWindowAttention", "build_attention", "window_attention"]

@@ -1,0 +1,170 @@
+"""CSA and HCA: the V4 backbone with compressed KV entries in the same softmax (MODEL_SPEC §3, §4).
+
+Both layer types add entries of a ``Compressor`` (one shared K = V head, like the window keys) to
+each query's sliding window; entry w reads tokens up to (w+1)m-1, so query t may use it iff
+w < floor((t+1)/m) (§3.4). Entries are computed once per sequence and masked per query; queries
+t < m-1 see none and rely on the window and the sink.
+
+* HCA (m' large, no overlap): every visible entry joins the softmax, passed to the kernel as a
+  [1, S, N] visibility mask. N = S/m' is small (S/128), so the mask and the kernel's per-chunk
+  [chunk, N] logits stay near-linear in S; an index list of all visible entries would cost
+  S x N x c gathered values instead.
+* CSA (m small, overlapping windows): the lightning indexer picks the top-k visible entries per
+  query, passed as indices, so the kernel gathers k entries per query: O(S k) memory.
+
+Indexer training signal (V3.2's sparse-stage KL, UNCONFIRMED for V4; see ``indexer.py``): the
+target is the main attention's probability on each selected entry, summed over heads. Those
+probabilities are recomputed for the k selected entries only, without autograd, by re-forming
+the query's window and selected-entry logits and normalising with their log-sum-exp together with
+the sink, i.e. the main softmax's own normaliser: O(chunk x (window + k) x H) memory, nothing kept
+for backward. Recomputing is needed because the hook runs before the kernel (and the kernel
+exposes no normaliser); it costs about one forward pass of the window logits. The indexer's own
+scores are recomputed with autograd for the selected entries only (selection itself runs without
+autograd, so no [S, N] block is kept for backward). With a decode cache the layer is in inference
+and returns no aux loss.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from moesaic.configs.schema import ModelConfig
+from moesaic.model.rope import rope_tail
+
+from .backbone import SlidingWindowAttention
+from .cache import CompressedCache, CompressedStream, SWACache
+from .compressor import Compressor
+from .indexer import Indexer, indexer_kl_loss
+from .kernels import CompressedKV
+
+
+def visible_entries(positions: torch.Tensor, num_entries: int, ratio: int) -> torch.Tensor:
+    """[1, S, N] bool: entry w is visible to the query at position t iff w < (t + 1) // ratio."""
+    entry = torch.arange(num_entries, device=positions.device)
+    return (entry < ((positions + 1) // ratio).unsqueeze(-1)).unsqueeze(0)
+
+
+def gather_entries(entries: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """entries [B, N, c] picked by idx [B, S, k] (-1 reads row 0, to be masked) -> [B, S, k, c]."""
+    batch = torch.arange(idx.shape[0], device=idx.device).view(-1, 1, 1)
+    return entries[batch, idx.clamp(min=0)]
+
+
+@torch.no_grad()
+def selected_attention_mass(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: torch.Tensor,
+                            idx: torch.Tensor, window: int, scale: float, query_chunk: int) -> torch.Tensor:
+    """Head-summed main-attention probability of each selected entry, [B, S, k] fp32 (0 at -1 picks).
+
+    q [B,S,H,c] and kv [B,S,c] (positions 0..S-1), sink [H], entries [B,N,c], idx [B,S,k]: the
+    same inputs as the kernel's. Query t's window keys are read through a strided view (key j of
+    the view is position t - window + 1 + j; rows before 0 are padding), so only window + k logits
+    per query and head are formed.
+    """
+    B, S, H, _ = q.shape
+    padded = F.pad(kv, (0, 0, window - 1, 0))  # [B, S + window - 1, c]; row r holds position r - window + 1
+    offsets = torch.arange(window, device=q.device)
+    masses = []
+    for s in range(0, S, query_chunk):
+        e = min(s + query_chunk, S)
+        qc = q[:, s:e].float() * scale  # [B,C,H,c]
+        keys = padded[:, s:e + window - 1].unfold(1, window, 1)  # [B,C,c,window] view
+        win = torch.einsum("bqhc,bqcw->bqhw", qc, keys.float())  # [B,C,H,window]
+        padding = torch.arange(s, e, device=q.device).unsqueeze(1) - window + 1 + offsets < 0  # [C,window]
+        win = win.masked_fill(padding[:, None], float("-inf"))
+        picks = idx[:, s:e]  # [B,C,k]
+        sel = torch.einsum("bqhc,bqkc->bqhk", qc, gather_entries(entries, picks).float())  # [B,C,H,k]
+        sel = sel.masked_fill(picks.unsqueeze(2) < 0, float("-inf"))
+        sinks = sink.float().view(1, 1, H, 1).expand(B, e - s, H, 1)
+        lse = torch.cat([win, sel, sinks], dim=-1).logsumexp(dim=-1, keepdim=True)  # [B,C,H,1]
+        masses.append((sel - lse).exp().sum(dim=2))  # [B,C,k]
+    return torch.cat(masses, dim=1)
+
+
+class _CompressedAttention(SlidingWindowAttention):
+    """Backbone + one compressor producing this layer's main entries (head_dim wide, K = V)."""
+
+    compressed = True  # compress_rope_theta + YaRN for q, kv and entries alike
+    overlap: bool
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ratio: int) -> None:
+        super().__init__(cfg, layer_idx)
+        self.ratio = ratio
+        self.compressor = Compressor(cfg.hidden_size, self.head_dim, ratio, self.overlap, self.rope, self.rope_dim,
+                                     cfg.rms_norm_eps)
+
+    def _streams(self, batch_size: int, device: torch.device | str | None,
+                 dtype: torch.dtype) -> tuple[CompressedStream, Optional[CompressedStream]]:
+        """Decode streams: main entries, and (CSA) indexer keys."""
+        return CompressedStream(self.compressor, batch_size, dtype, device), None
+
+    def make_cache(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32) -> CompressedCache:
+        return CompressedCache(batch_size, self.window, self.head_dim, *self._streams(batch_size, device, dtype),
+                               dtype=dtype, device=device)
+
+    def _main_entries(self, x: torch.Tensor, cache: Optional[SWACache]) -> torch.Tensor:
+        """Entries visible so far [B, N, c]: the whole sequence's, or the cache's after absorbing x."""
+        if cache is None:
+            return self.compressor(x)
+        assert isinstance(cache, CompressedCache), "a CSA/HCA layer needs the cache from its own make_cache"
+        return cache.main.absorb(self.compressor, x, cache.pos)
+
+
+class HeavilyCompressedAttention(_CompressedAttention):
+    """HCA: dense attention over all causally visible entries of m' tokens each (MODEL_SPEC §4)."""
+
+    overlap = False
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx, cfg.attention.hca_ratio)
+
+    def compressed_entries(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
+                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], torch.Tensor]:
+        entries = self._main_entries(x, cache)  # [B,N,c]
+        return CompressedKV(entries, mask=visible_entries(positions, entries.shape[1], self.ratio)), x.new_zeros(())
+
+
+class CompressedSparseAttention(_CompressedAttention):
+    """CSA: the indexer's top-k of the overlapping m-token entries join the window (MODEL_SPEC §3)."""
+
+    overlap = True
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx, cfg.attention.csa_ratio)
+        self.indexer = Indexer(cfg, self.rope)
+        self.indexer_loss_coef = cfg.attention.indexer_loss_coef
+
+    def _streams(self, batch_size: int, device: torch.device | str | None,
+                 dtype: torch.dtype) -> tuple[CompressedStream, Optional[CompressedStream]]:
+        main, _ = super()._streams(batch_size, device, dtype)
+        return main, CompressedStream(self.indexer.compressor, batch_size, torch.float32, device)
+
+    def compressed_entries(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
+                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], torch.Tensor]:
+        entries = self._main_entries(x, cache)  # [B,N,c]
+        if cache is None:
+            keys = self.indexer.keys(x)  # [B,N,c_I]
+        else:
+            keys = cache.index.absorb(self.indexer.compressor, x.detach(), cache.pos)
+        with torch.no_grad():
+            idx, _ = self.indexer.select(qr, x, keys, positions, self.ratio)  # [B,S,k]
+        extra = CompressedKV(entries, idx=idx)
+        if cache is not None or self.indexer_loss_coef == 0:
+            return extra, x.new_zeros(())
+        return extra, self.indexer_loss_coef * self._indexer_loss(x, qr, q, positions, entries, keys, idx)
+
+    def _indexer_loss(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
+                      entries: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """KL from the main attention's head-summed mass on the selected entries to the indexer's softmax."""
+        q_i, w_i = self.indexer.queries(qr, x, positions)  # [B,S,H_I,c_I], [B,S,H_I]
+        dots = torch.einsum("bshc,bskc->bshk", q_i, gather_entries(keys, idx)).relu()  # [B,S,H_I,k]
+        index_scores = (dots * w_i.unsqueeze(-1)).sum(dim=2)  # [B,S,k], as Indexer.scores for the picks
+        with torch.no_grad():
+            cos, sin = self.rope(positions)
+            kv = rope_tail(self.kv_norm(self.wkv(x)), cos, sin, self.rope_dim)  # the window keys of forward
+            mass = selected_attention_mass(q, kv, self.attn_sink, entries, idx, self.window, self.softmax_scale,
+                                           self.query_chunk)
+        return indexer_kl_loss(index_scores, mass, idx >= 0)
