@@ -212,11 +212,3 @@ def test_official_parameter_names():
     assert names == {"wq_a.weight", "q_norm.weight", "wq_b.weight", "wkv.weight", "kv_norm.weight",
                      "wo_a.weight", "wo_b.weight", "attn_sink"}
     assert attn.attn_sink.dtype == torch.float32 and not attn.attn_sink.any()
-
-
-@pytest.mark.parametrize("kind", ["csa", "hca"])
-def test_compressed_types_not_registered_yet(kind):
-    cfg = tiny_cfg()
-    cfg.layer_types = [kind]
-    with pytest.raises(NotImplementedError):
-        build_attention(cfg, 0)

@@ -12,11 +12,14 @@ from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
 from moesaic.model import ModelOutput, Transformer
 
 WINDOW = 8
+# Attention layouts the cache and causality tests run on; the compressed ones cross many CSA (4)
+# and HCA (8) boundaries within the short test sequences.
+LAYOUTS = [["swa"] * 3, ["csa", "hca", "swa"], ["hca", "swa", "csa"]]
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
     a = AttentionConfig(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
-                        window=WINDOW, query_chunk=6)
+                        window=WINDOW, query_chunk=6, csa_ratio=4, hca_ratio=8, index_topk=3)
     fields = dict(vocab_size=256, hidden_size=48, num_layers=3, ffn_types=["dense"] * 3, dense_intermediate_size=64,
                   attention=a)
     fields.update(overrides)
@@ -55,8 +58,9 @@ def test_lm_loss_ignores_masked_labels():
     assert model(ids, labels=torch.full_like(ids, -100)).lm_loss.item() == 0.0  # no NaN from 0 / 0
 
 
-def test_causality():
-    model = tiny_model()
+@pytest.mark.parametrize("layer_types", LAYOUTS)
+def test_causality(layer_types):
+    model = tiny_model(layer_types=layer_types)
     ids = torch.randint(0, 256, (2, 30))
     t = 17
     ids2 = ids.clone()
@@ -67,9 +71,10 @@ def test_causality():
     assert (b[:, t + 1:] - a[:, t + 1:]).abs().amax(dim=(0, 2)).min() > 1e-4  # every later position changed
 
 
+@pytest.mark.parametrize("layer_types", LAYOUTS)
 @pytest.mark.parametrize("k", [1, 7, 20])
-def test_prefill_plus_decode_equals_full_prefill(k):
-    model = tiny_model()
+def test_prefill_plus_decode_equals_full_prefill(k, layer_types):
+    model = tiny_model(layer_types=layer_types)
     S = 3 * WINDOW + 5
     ids = torch.randint(0, 256, (2, S))
     with torch.no_grad():
@@ -90,8 +95,9 @@ def test_cache_bytes_per_layer():
     assert [c.nbytes() for c in caches] == [WINDOW * 32 * 4] * 3
 
 
-def test_greedy_generate_matches_uncached_decoding():
-    model = tiny_model()
+@pytest.mark.parametrize("layer_types", LAYOUTS)
+def test_greedy_generate_matches_uncached_decoding(layer_types):
+    model = tiny_model(layer_types=layer_types)
     prompt = torch.randint(0, 256, (2, 5))
     out = model.generate(prompt, max_new_tokens=2 * WINDOW)
     assert out.shape == (2, 5 + 2 * WINDOW) and torch.equal(out[:, :5], prompt)
