@@ -121,14 +121,8 @@ def _check_positive(prefix: str, obj: object, names: Iterable[str]) -> None:
 
 def check_trainable(cfg: Config) -> None:
     """Reject valid configs that use features this version of moesaic cannot train yet."""
-    m, p = cfg.model, cfg.parallel
-    _require(m.moe.num_hash_layers == 0,
-             "model.moe.num_hash_layers > 0 (hash routing) is not implemented yet; set it to 0")
-    _require(m.hc_mult == 1, f"model.hc_mult={m.hc_mult}: mHC residual streams are not implemented yet; set it to 1")
-    _require(m.mtp_layers == 0, f"model.mtp_layers={m.mtp_layers}: MTP is not implemented yet; set it to 0")
-    _require(m.init_from is None, "model.init_from: importing HF checkpoints is not implemented yet; leave it null")
+    p = cfg.parallel
     _require(p.sp == 1, f"parallel.sp={p.sp}: sequence parallelism is not implemented yet; set it to 1")
-    _require(p.ep == 1, f"parallel.ep={p.ep}: expert parallelism is not implemented yet; set it to 1")
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -181,6 +175,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(e.seq_aux_loss_coef >= 0, f"model.moe.seq_aux_loss_coef={e.seq_aux_loss_coef} must be >= 0")
     _require(0 <= e.num_hash_layers <= m.num_layers,
              f"model.moe.num_hash_layers={e.num_hash_layers} must be in [0, model.num_layers={m.num_layers}]")
+    for i in range(e.num_hash_layers):
+        _require(m.ffn_type(i) == "moe", f"model.ffn_types[{i}]='{m.ffn_type(i)}' but model.moe.num_hash_layers="
+                                         f"{e.num_hash_layers} makes layer {i} a hash-routed MoE layer")
+    _require(m.hc_sinkhorn_iters >= 1, f"model.hc_sinkhorn_iters={m.hc_sinkhorn_iters} must be >= 1")
+    _require(m.hc_eps > 0, f"model.hc_eps={m.hc_eps} must be > 0")
+    _require(m.mtp_layers >= 0, f"model.mtp_layers={m.mtp_layers} must be >= 0")
+    _require(m.mtp_loss_coef >= 0, f"model.mtp_loss_coef={m.mtp_loss_coef} must be >= 0")
 
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     _require(d.max_train_tokens >= 0, f"data.max_train_tokens={d.max_train_tokens} must be >= 0")
@@ -194,6 +195,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _require(0.0 < t.wsd_decay_fraction <= 1.0, f"train.wsd_decay_fraction={t.wsd_decay_fraction} must be in (0, 1]")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables)")
+    _require(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
+    _require(t.spike_zscore >= 0, f"train.spike_zscore={t.spike_zscore} must be >= 0 (0 disables)")
+    _require(t.spike_window >= 4, f"train.spike_window={t.spike_window} must be >= 4")
+    _require(t.max_rollbacks >= 0, f"train.max_rollbacks={t.max_rollbacks} must be >= 0")
     _require(t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} must be >= 0")
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"train.global_batch_size={t.global_batch_size} must be a multiple of "
@@ -203,9 +208,22 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(c.every > 0, f"checkpoint.every={c.every} must be > 0")
     _require(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
     _check_choice("logging.wandb", cfg.logging.wandb, ("auto", "online", "offline", "disabled"))
+    lg = cfg.logging
+    _require(lg.moe_heatmap_every >= 0 and lg.moe_heatmap_every % t.log_every == 0,
+             f"logging.moe_heatmap_every={lg.moe_heatmap_every} must be 0 (off) or a multiple of "
+             f"train.log_every={t.log_every} (loads are counted over the log window)")
+    _require(all(n > 0 for n in lg.kv_contexts), f"logging.kv_contexts={lg.kv_contexts} must all be > 0")
+    _require(lg.peak_flops is None or lg.peak_flops > 0,
+             f"logging.peak_flops={lg.peak_flops} must be > 0 or null (auto)")
 
     _require(e.num_experts % p.ep == 0,
              f"model.moe.num_experts={e.num_experts} must be divisible by parallel.ep={p.ep}")
+    if p.ep > 1:
+        _require(any(m.ffn_type(i) == "moe" for i in range(m.num_layers)),
+                 f"parallel.ep={p.ep} needs MoE layers, but model.ffn_types has none; set parallel.ep=1")
+        _require(t.zero_stage in (1, 2),
+                 f"train.zero_stage={t.zero_stage} cannot run parallel.ep={p.ep}: use 1 or 2 (ZeRO-0 clips expert "
+                 f"gradients with an average of per-rank norms, ZeRO-3 refuses MoE)")
     if world_size is not None:
         _require(world_size % (p.ep * p.sp) == 0 and world_size % p.sp == 0,
                  f"parallel.ep={p.ep} and parallel.sp={p.sp} must divide the world size {world_size}")

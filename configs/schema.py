@@ -73,17 +73,19 @@ class ModelConfig:
     tie_embeddings: bool = False
     hc_mult: int = 1  # mHC residual streams; 1 is a plain residual
     hc_sinkhorn_iters: int = 20
-    mtp_layers: int = 0
-    mtp_loss_coef: float = 0.3
+    hc_eps: float = 1e-6  # mHC floor on pre gates and Sinkhorn denominators
+    mtp_layers: int = 0  # multi-token-prediction blocks after the last layer (SWA + MoE, like V4's)
+    mtp_loss_coef: float = 0.3  # total weight of the MTP losses, averaged over the MTP depths
     init_from: Optional[str] = None  # HF DeepSeek-V4 checkpoint directory to start from
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
+    # Layers num_layers, num_layers + 1, ... are the MTP blocks: SWA attention and MoE, as in V4.
     def attention_type(self, layer: int) -> str:
-        return self.layer_types[layer] if self.layer_types else "swa"
+        return self.layer_types[layer] if self.layer_types and layer < self.num_layers else "swa"
 
     def ffn_type(self, layer: int) -> str:
-        return self.ffn_types[layer] if self.ffn_types else "moe"
+        return self.ffn_types[layer] if self.ffn_types and layer < self.num_layers else "moe"
 
 
 @dataclass
@@ -128,6 +130,13 @@ class TrainConfig:
     sample_tokens: int = 48  # length of the text sample printed at the end; 0 disables
     sample_prompt: str = "ROMEO:"
     device: str = "auto"  # auto | cpu | cuda
+    # Fault handling: non-finite steps are skipped and counted; this many in a row, or a loss spike,
+    # rolls back to the last checkpoint with a new data order (at most max_rollbacks times).
+    max_bad_steps: int = 3
+    spike_zscore: float = 0.0  # spike = loss > mean + z * std of the last spike_window steps; 0 = off
+    spike_window: int = 50
+    max_rollbacks: int = 1
+    inject_nan_at: List[int] = field(default_factory=list)  # testing aid: make these steps' loss NaN
 
 
 @dataclass
@@ -152,6 +161,13 @@ class LoggingConfig:
     tags: List[str] = field(default_factory=list)
     wandb: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
     progress_bar: bool = True
+    # Steps between per-layer x per-expert load tables (wandb Table + heatmap, JSONL rows); 0 = off.
+    # A multiple of train.log_every, since loads are counted over the log window.
+    moe_heatmap_every: int = 0
+    # Context lengths (tokens) at which KV-cache bytes per layer are logged, from kv_accounting.
+    kv_contexts: List[int] = field(default_factory=lambda: [131072, 1048576])
+    # Peak FLOP/s of one device for MFU; null = 989e12 (H100 dense bf16) on CUDA, no MFU on CPU.
+    peak_flops: Optional[float] = None
 
 
 @dataclass

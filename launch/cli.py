@@ -4,10 +4,15 @@
     moesaic config CONFIG [key=value ...]    print the resolved, validated config
     moesaic kv-report CONFIG [--context N] [--dtype bf16] [--index-dtype fp4]
                                              per-layer KV-cache bytes at a context length
+    moesaic report RUN_DIR [--out DIR]       PNG plots of a run's metrics.jsonl (loss, MoE load, KV)
+    moesaic convert SRC DST [--shard-gib G]  transformers DeepSeek-V4 checkpoint <-> moesaic native checkpoint
+                                             (direction from SRC: config.json or config.yaml)
 
 CONFIG is a YAML path or the name of a bundled config (``tiny``, ``small_gpu``). Overrides use
 omegaconf dot-lists, e.g. ``train.steps=50 model.moe.top_k=2``. Problems with the config, the data
-or a checkpoint end the command with one ``moesaic: error: ...`` line and exit status 2.
+or a checkpoint end the command with one ``moesaic: error: ...`` line and exit status 2. Exit status
+75 means the run was stopped by SIGTERM/SIGUSR1 after checkpointing (requeue it with
+``checkpoint.resume=auto``); 3 means training diverged after the allowed rollbacks.
 """
 
 from __future__ import annotations
@@ -48,14 +53,35 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype", choices=MAIN_FORMATS, default="bf16", help="main KV entry format")
     kv.add_argument("--index-dtype", choices=INDEX_FORMATS, default=None,
                     help="indexer key format (default: as --dtype; the V4 paper format is --dtype fp8 --index-dtype fp4)")
+    report = sub.add_parser("report", help="PNG plots of a run's metrics.jsonl, for reading without wandb")
+    report.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
+    report.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
+    conv = sub.add_parser("convert", help="convert a checkpoint between transformers' DeepSeek-V4 format and moesaic's")
+    conv.add_argument("src", help="a transformers checkpoint (config.json) or a native one (config.yaml)")
+    conv.add_argument("dst", help="new output directory (written atomically; must not exist)")
+    conv.add_argument("--shard-gib", type=float, default=5.0, help="max safetensors shard size for transformers output")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ..model.interop import ConversionError, convert
     from ..trainer.checkpoint import CheckpointError
 
+    if args.command == "report":
+        from ..trainer.report import write_report
+
+        try:
+            for path in write_report(args.run_dir, args.out):
+                print(path)
+        except FileNotFoundError as exc:
+            print(f"moesaic: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
+        if args.command == "convert":
+            print(f"{convert(args.src, args.dst, int(args.shard_gib * 2**30))}: {args.dst}")
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(to_yaml(cfg), end="")
@@ -63,11 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "kv-report":
             print(format_report(cfg.model, args.context, args.dtype, args.index_dtype or args.dtype))
             return 0
-        from ..trainer.loop import train
+        from ..trainer.loop import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged, train
 
-        train(cfg)
+        try:
+            train(cfg)
+        except Preempted:
+            return PREEMPTED_EXIT_CODE
+        except TrainingDiverged as exc:
+            print(f"moesaic: error: {exc}", file=sys.stderr)
+            return DIVERGED_EXIT_CODE
         return 0
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, ConversionError) as exc:
         print(f"moesaic: error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,11 @@ so a resumed run reproduces the uninterrupted one bit for bit on CPU.
 
 from __future__ import annotations
 
+import math
+import signal
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +19,27 @@ import torch
 
 from ..configs import Config, ConfigError, check_trainable, save_config, validate
 from ..model import Transformer
+from ..model.interop import load_hf_into
 from . import checkpoint as ckpt_io
 from .balance import update_router_biases
 from .data import DataBundle, GlobalSampler, prepare_data, rank_slice
 from .distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
 from .rng import get_rng_state, seed_everything, set_rng_state
 from .schedule import lr_multiplier
+from .metrics import MetricsPanel
 from .sinks import MetricSinks
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on SIGTERM/SIGUSR1; requeue and resume
+DIVERGED_EXIT_CODE = 3
+
+
+class Preempted(Exception):
+    """A stop signal arrived; a checkpoint of the current step was written on every rank."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Faults kept recurring after the allowed rollbacks; the last good checkpoint is untouched."""
 
 
 @dataclass
@@ -55,6 +73,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    if cfg.parallel.ep > 1:
+        from ..parallel.ep import split_expert_param_groups  # deepspeed loads after init_distributed
+
+        groups = split_expert_param_groups(groups)
     t = cfg.train
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)
 
@@ -72,14 +94,26 @@ class Trainer:
         self.data = self._prepare_data()
         seed_everything(cfg.train.seed)
         model = Transformer(cfg.model)
+        if cfg.model.init_from:  # start from a transformers DeepSeek-V4 checkpoint (every rank reads it)
+            load_hf_into(model, cfg.model.init_from)
+        if cfg.parallel.ep > 1:
+            from ..parallel.ep import apply_expert_parallel
+
+            apply_expert_parallel(model, cfg.parallel.ep)
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.train))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.dp))
         self.model: Transformer = self.engine.module
         self.dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-        self.sampler = GlobalSampler(len(self.data.train), cfg.train.seed)
         self.step = 0
+        self.rollbacks = 0  # rollbacks so far; each one changes the data order
+        self.skipped_steps = 0
+        self.sampler = self._make_sampler()
+        self.stop_signal: int | None = None
+
+    def _make_sampler(self) -> GlobalSampler:
+        return GlobalSampler(len(self.data.train), self.cfg.train.seed + 1000 * self.rollbacks)
 
     def _prepare_data(self) -> DataBundle:
         """The main rank tokenises and fills the cache, then the others read it.
@@ -111,26 +145,56 @@ class Trainer:
         ckpt_io.verify(path)
         return path
 
+    def _layout(self) -> dict:
+        from ..parallel import portable
+
+        t = self.cfg.train
+        return portable.layout(self.dist.world_size, self.cfg.parallel.ep, t.zero_stage, t.dtype)
+
     def load(self, path: Path) -> None:
-        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-        if client is None:
-            raise ckpt_io.CheckpointError(f"checkpoint {path} could not be loaded by DeepSpeed")
-        self.step = client["step"]
-        state = torch.load(path / f"trainer_state_rank{self.dist.rank}.pt", weights_only=False)
+        """Through DeepSpeed at the saved layout (bit-identical); from the portable state otherwise."""
+        from ..parallel import portable
+
+        manifest = ckpt_io.read_manifest(path)
+        if portable.same_layout(manifest, self._layout()):
+            _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True,
+                                                    custom_load_fn=portable.module_loader(path))
+            if client is None:
+                raise ckpt_io.CheckpointError(f"checkpoint {path} could not be loaded by DeepSpeed")
+        elif portable.has_portable_state(path):
+            self.log(f"resharding {path} to {self._layout()}")
+            client = portable.load_resharded(self.engine, self.scheduler, path)
+        else:
+            saved = {k: manifest.get(k) for k in self._layout()}
+            raise ckpt_io.CheckpointError(f"checkpoint {path} has no topology-independent state: resume it at "
+                                          f"its own layout {saved}")
+        # Nested under one key: DeepSpeed drops client keys that collide with its own (e.g. skipped_steps).
+        progress = client["moesaic"]
+        self.step, self.rollbacks, self.skipped_steps = progress["step"], progress["rollbacks"], progress["skipped_steps"]
+        self.sampler = self._make_sampler()
+        # RNG streams are per rank; after a world-size change rank r continues saved rank r mod saved world.
+        saved_rank = self.dist.rank % manifest.get("world_size", self.dist.world_size)
+        state = torch.load(path / f"trainer_state_rank{saved_rank}.pt", weights_only=False)
         set_rng_state(state["rng"])
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _progress(self) -> dict[str, int]:
+        return {"step": self.step, "rollbacks": self.rollbacks, "skipped_steps": self.skipped_steps}
 
     def save(self) -> Path:
         tag = ckpt_io.tag_for(self.step)
         path = self.ckpt_root / tag
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state={"step": self.step},
+        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state={"moesaic": self._progress()},
                                     save_latest=False)
         torch.save({"rng": get_rng_state()}, path / f"trainer_state_rank{self.dist.rank}.pt")
+        from ..parallel import portable
+
+        portable.save(self.engine, path)
         barrier()
         if self.dist.is_main:
             save_config(self.cfg, path / "config.yaml")
-            ckpt_io.write_manifest(path, self.step, {"world_size": self.dist.world_size})
+            ckpt_io.write_manifest(path, self.step, self._layout())
             ckpt_io.mark_latest(self.ckpt_root, path)
             ckpt_io.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, keep=path)
         barrier()
@@ -154,9 +218,11 @@ class Trainer:
         for batch in self.micro_batches(self.step):
             batch = batch.to(self.dist.device)
             out = self.engine(batch[:, :-1], labels=batch[:, 1:])
-            self.engine.backward(out.loss)
+            poison = math.nan if self.step in self.cfg.train.inject_nan_at else 1.0
+            self.engine.backward(out.loss * poison)
             self.engine.step()
-            sums += torch.stack([out.lm_loss.detach().float(), out.aux_loss.detach().float(), sums.new_ones(())])
+            sums += torch.stack([out.lm_loss.detach().float() * poison, out.aux_loss.detach().float(),
+                                 sums.new_ones(())])
         update_router_biases(self.model.routers())
         self.step += 1
         return sums
@@ -166,6 +232,8 @@ class Trainer:
         """Mean loss over the first ``eval_batches`` x micro-batch validation blocks, split over dp ranks."""
         self.engine.eval()
         n = min(len(self.data.val), self.cfg.train.eval_batches * self.cfg.train.micro_batch_size)
+        if self.cfg.parallel.ep > 1:  # expert-parallel forwards are collective: equal shares on every rank
+            n -= n % self.dp
         mine = list(range(n))[self.dist.rank // self.cfg.parallel.sp::self.dp]
         total = torch.zeros(2, dtype=torch.float64)
         for start in range(0, len(mine), self.cfg.train.micro_batch_size):
@@ -182,29 +250,115 @@ class Trainer:
         out = self.model.generate(prompt, self.cfg.train.sample_tokens, temperature=0.8, top_k=40, generator=gen)
         return tok.decode(out[0].tolist())
 
+    # ---- faults and signals -------------------------------------------------------------------
+    def _check_step(self, stats: torch.Tensor, skipped: bool, recent: deque[float]) -> str | None:
+        """Classify a finished step: None (healthy), "skipped", "corrupt" (applied non-finite) or "spike"."""
+        # Global mean loss (NaN if any rank's is): every rank reaches the same verdict.
+        total = all_reduce_sum(stats[[0, 2]].cpu())
+        loss = (total[0] / total[1]).item()
+        if skipped or not math.isfinite(loss):
+            # ZeRO-1/2 skip a non-finite update themselves; under ZeRO-0 it was applied.
+            return "skipped" if skipped else "corrupt"
+        z = self.cfg.train.spike_zscore
+        if z > 0 and len(recent) >= recent.maxlen // 2:
+            mean, std = statistics.fmean(recent), statistics.pstdev(recent)
+            if loss > mean + z * max(std, 1e-6):
+                return "spike"
+        recent.append(loss)
+        return None
+
+    def _rollback(self, reason: str) -> None:
+        """Reload the newest intact checkpoint and continue with a new data order, or give up."""
+        path = ckpt_io.find_resumable(self.ckpt_root, log=self.log)
+        if self.rollbacks >= self.cfg.train.max_rollbacks or path is None:
+            kept = f"the last good checkpoint {path} is intact" if path else "no checkpoint was written yet"
+            raise TrainingDiverged(f"training diverged at step {self.step} ({reason}) after {self.rollbacks} "
+                                   f"rollback(s) (train.max_rollbacks={self.cfg.train.max_rollbacks}); {kept}")
+        rollbacks, skipped = self.rollbacks + 1, self.skipped_steps
+        self.log(f"step {self.step}: {reason}; rolling back to {path} with a new data order")
+        self.load(path)
+        self.rollbacks, self.skipped_steps = rollbacks, skipped
+        self.sampler = self._make_sampler()
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum: int, _frame: object) -> None:
+            self.stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _stop_requested(self) -> bool:
+        """Every rank stops at the same step boundary if any rank received a stop signal."""
+        flag = torch.tensor([float(self.stop_signal is not None)])
+        return all_reduce_sum(flag).item() > 0
+
     def fit(self) -> TrainResult:
         cfg = self.cfg
         resume = self.resume_path()
         if resume is not None:
             self.load(resume)
-        sinks = MetricSinks(cfg, self.run_dir, resume_step=self.step if resume else None) if self.dist.is_main else None
-        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.log(f"moesaic: {self.model.num_params(active_only=False) / 1e6:.2f}M params "
                  f"({self.model.num_params(active_only=True) / 1e6:.2f}M active), world {self.dist.world_size}, "
                  f"{len(self.data.train)} train / {len(self.data.val)} val sequences of {cfg.data.seq_len}, "
                  f"unigram baseline {self.data.unigram_entropy:.3f} nats")
+        sinks = MetricSinks(cfg, self.run_dir, resume_step=self.step if resume else None) if self.dist.is_main else None
         bar = None
         if self.dist.is_main and cfg.logging.progress_bar:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        self._install_signal_handlers()
+        try:
+            val_loss, path = self._loop(sinks, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+            sync = sinks.close() if sinks is not None else None
+            if sync:
+                self.log(f"wandb ran offline; upload with: {sync}")
+        text = None
+        # Every rank samples under expert parallelism (its forwards are collective); only rank 0 logs.
+        if self.step == cfg.train.steps and cfg.train.sample_tokens and (self.dist.is_main or cfg.parallel.ep > 1):
+            text = self.sample()
+            self.log(f"sample: {text!r}")
+        if val_loss is not None:
+            self.log(f"final val loss {val_loss:.4f} nats (unigram baseline {self.data.unigram_entropy:.4f})")
+        return TrainResult(self.step, val_loss, self.data.unigram_entropy, path, text)
+
+    def _loop(self, sinks: MetricSinks | None, bar) -> tuple[float | None, Path | None]:
+        """Train until ``stop_at``/``steps``: skip or roll back faulty steps, log, evaluate, checkpoint."""
+        cfg = self.cfg
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         val_loss, path = None, None
-        # Sums of lm loss, aux loss and micro-batch count since the last log, kept on the device.
+        # Sums of lm loss, aux loss and micro-batch count over healthy steps since the last log.
         window = torch.zeros(3, device=self.dist.device)
         steps_in_window, t_window = 0, time.perf_counter()
         end = cfg.train.stop_at or cfg.train.steps
+        panel = MetricsPanel(self.model, cfg, self.dist.device, self.dist.world_size)
+        recent: deque[float] = deque(maxlen=cfg.train.spike_window)
+        bad_in_row = 0
         while self.step < end:
-            window += self.train_step()
+            if (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == end:
+                panel.arm()  # attention statistics of the coming log step's forwards
+            skipped_before = self.engine.skipped_steps
+            stats = self.train_step()
+            fault = self._check_step(stats, self.engine.skipped_steps > skipped_before, recent)
+            bad_in_row = bad_in_row + 1 if fault == "skipped" else 0
+            if fault == "skipped":
+                self.skipped_steps += 1
+                self.log(f"step {self.step}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
+            if fault in ("corrupt", "spike") or bad_in_row >= cfg.train.max_bad_steps:
+                self._rollback(f"{bad_in_row} non-finite steps in a row" if fault == "skipped" else fault)
+                recent.clear()
+                bad_in_row = 0
+                window.zero_()
+                steps_in_window, t_window = 0, time.perf_counter()
+                if bar is not None:
+                    bar.reset(total=cfg.train.steps)
+                    bar.update(self.step)
+                continue
+            if fault is None:
+                window += stats
             steps_in_window += 1
             last = self.step == end
             metrics: dict[str, float] = {}
@@ -212,16 +366,20 @@ class Trainer:
                 sums = all_reduce_sum(window).cpu()
                 elapsed = time.perf_counter() - t_window
                 metrics.update({
-                    "train/loss": (sums[0] / sums[2]).item(),
-                    "train/aux_loss": (sums[1] / sums[2]).item(),
                     "train/lr": self.scheduler.get_last_lr()[0],
                     "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                     "perf/tokens_per_s": tokens_per_step * steps_in_window / elapsed,
                     "perf/step_time_s": elapsed / steps_in_window,
                     "train/tokens": float(self.step * tokens_per_step),
+                    "train/skipped_steps": float(self.skipped_steps),
+                    "train/rollbacks": float(self.rollbacks),
                 })
+                if sums[2] > 0:
+                    metrics["train/loss"] = (sums[0] / sums[2]).item()
+                    metrics["train/aux_loss"] = (sums[1] / sums[2]).item()
                 window.zero_()
                 steps_in_window, t_window = 0, time.perf_counter()
+                metrics.update(panel.collect(self.step, metrics["perf/tokens_per_s"]))  # counted in the next window
             if self.step % cfg.train.eval_every == 0 or last:
                 val_loss = self.evaluate()
                 metrics["val/loss"] = val_loss
@@ -229,28 +387,25 @@ class Trainer:
                 path = self.save()
             if sinks is not None and metrics:
                 sinks.log(self.step, metrics)
+            if self._stop_requested():
+                if path is None or path.name != ckpt_io.tag_for(self.step):
+                    path = self.save()
+                self.log(f"received signal {self.stop_signal}: checkpoint {path} written; "
+                         f"exiting with {PREEMPTED_EXIT_CODE} so the scheduler requeues the job")
+                raise Preempted(str(path))
             if bar is not None:
                 bar.update(1)
                 if metrics:
                     bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in metrics.items()
                                      if k in ("train/loss", "val/loss", "perf/tokens_per_s")})
-        if bar is not None:
-            bar.close()
-        finished = self.step == cfg.train.steps
-        text = self.sample() if finished and cfg.train.sample_tokens and self.dist.is_main else None
-        if text is not None:
-            self.log(f"sample: {text!r}")
-        if sinks is not None:
-            sync = sinks.close()
-            if sync:
-                self.log(f"wandb ran offline; upload with: {sync}")
-        if val_loss is not None:
-            self.log(f"final val loss {val_loss:.4f} nats (unigram baseline {self.data.unigram_entropy:.4f})")
-        return TrainResult(self.step, val_loss, self.data.unigram_entropy, path, text)
+        return val_loss, path
 
 
 def train(cfg: Config) -> TrainResult:
-    """Run (or resume) a training job in this process; under torchrun each rank calls this."""
+    """Run (or resume) a training job in this process; under torchrun each rank calls this.
+
+    Raises Preempted after checkpointing on SIGTERM/SIGUSR1 and TrainingDiverged when faults persist.
+    """
     dist_info = init_distributed(cfg.train.device)
     try:
         validate(cfg, world_size=dist_info.world_size)

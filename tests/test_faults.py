@@ -1,0 +1,75 @@
+"""Pre-emption and numerical faults: checkpoint on SIGTERM, skip non-finite steps, roll back, abort."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from moesaic.trainer import checkpoint as ck
+from trainrun import FAST, assert_identical, command, env, final_params, latest, losses, train
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"data.cache_dir={tmp_path_factory.mktemp('data_cache')}"
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_bit_identically(tmp_path: Path, cache: str) -> None:
+    common = FAST + [cache, "train.steps=30", "checkpoint.every=100"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(common + [f"run_dir={straight}"])
+    proc = subprocess.Popen(command(common + [f"run_dir={stopped}"]), env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = stopped / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out
+    ckpt = latest(stopped)
+    step = int(ckpt.name.split("_")[1])
+    assert 3 <= step < 30 and "received signal" in out
+    ck.verify(ckpt)
+    train(common + [f"run_dir={stopped}", "checkpoint.resume=auto"])
+    assert losses(straight) == losses(stopped)
+    assert_identical(final_params(latest(straight)), final_params(latest(stopped)))
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path: Path, cache: str) -> None:
+    run = tmp_path / "run"
+    out = train(FAST + [cache, f"run_dir={run}", "train.steps=8", "train.inject_nan_at=[4]", "train.zero_stage=1"])
+    assert "step 5: non-finite loss or gradient, update skipped (1 in a row)" in out.stdout
+    rows = {r["step"]: r for r in _rows(run)}
+    assert rows[4]["train/skipped_steps"] == 0 and rows[5]["train/skipped_steps"] == 1 and rows[8]["train/skipped_steps"] == 1
+    assert "train/loss" not in rows[5]  # the skipped step's NaN is not averaged into the log
+    assert all(r["train/loss"] == r["train/loss"] for r in rows.values() if "train/loss" in r)
+    params = final_params(latest(run))
+    assert all(p.isfinite().all() for p in params.values())
+
+
+def test_repeated_faults_roll_back_then_abort_with_checkpoint_intact(tmp_path: Path, cache: str) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.run(command(FAST + [cache, f"run_dir={run}", "train.steps=20", "checkpoint.every=4",
+                                          "train.inject_nan_at=[5,6]", "train.max_bad_steps=2",
+                                          "train.max_rollbacks=1"]),
+                          capture_output=True, text=True, env=env(), timeout=600)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "2 non-finite steps in a row; rolling back to" in proc.stdout and "step_00000004" in proc.stdout
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("moesaic: error: training diverged at step 7 (2 non-finite steps in a row) after 1 "
+                                "rollback(s)"), last_line
+    assert "step_00000004 is intact" in last_line
+    good = latest(run)
+    assert good.name == "step_00000004"
+    ck.verify(good)
+    assert all(p.isfinite().all() for p in final_params(good).values())
