@@ -62,11 +62,17 @@ class MetricSinks:
         )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        row = {"step": step, **{k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}}
+        """Values are numbers, or objects with ``to_json()`` and ``to_wandb(key) -> {key: value}``
+        (e.g. ``metrics.Heatmap``: an object in the JSONL, a Table and an image in wandb)."""
+        row = {"step": step, **{k: v.to_json() if hasattr(v, "to_json") else v for k, v in metrics.items()
+                                if not (isinstance(v, float) and math.isnan(v))}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            payload: dict[str, Any] = {}
+            for key, value in metrics.items():
+                payload.update(value.to_wandb(key) if hasattr(value, "to_wandb") else {key: value})
+            self.run.log(payload, step=step)
 
     def close(self) -> str | None:
         """Finish wandb and return the ``wandb sync`` command for offline runs."""
