@@ -19,9 +19,10 @@ the query's window and selected-entry logits and normalising with their log-sum-
 the sink, i.e. the main softmax's own normaliser: O(chunk x (window + k) x H) memory, nothing kept
 for backward. Recomputing is needed because the hook runs before the kernel (and the kernel
 exposes no normaliser); it costs about one forward pass of the window logits. The indexer's own
-scores are recomputed with autograd for the selected entries only (selection itself runs without
-autograd, so no [S, N] block is kept for backward). With a decode cache the layer is in inference
-and returns no aux loss.
+scores are recomputed with autograd for the selected entries only, per query chunk and again in
+backward (selection itself runs without autograd), so neither an [S, N] block nor the [S, k, c_I]
+gathered keys are kept for backward. With a decode cache the layer is in inference and returns
+no aux loss.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from moesaic.configs.schema import ModelConfig
 from moesaic.model.rope import rope_tail
@@ -51,6 +53,12 @@ def gather_entries(entries: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """entries [B, N, c] picked by idx [B, S, k] (-1 reads row 0, to be masked) -> [B, S, k, c]."""
     batch = torch.arange(idx.shape[0], device=idx.device).view(-1, 1, 1)
     return entries[batch, idx.clamp(min=0)]
+
+
+def selected_index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``Indexer.scores`` for the picks only: q [B,S,H_I,c_I], w [B,S,H_I], keys [B,N,c_I], idx [B,S,k] -> [B,S,k]."""
+    dots = torch.einsum("bshc,bskc->bshk", q, gather_entries(keys, idx)).relu()  # [B,S,H_I,k]
+    return torch.einsum("bshk,bsh->bsk", dots, w)
 
 
 @torch.no_grad()
@@ -160,8 +168,11 @@ class CompressedSparseAttention(_CompressedAttention):
                       entries: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """KL from the main attention's head-summed mass on the selected entries to the indexer's softmax."""
         q_i, w_i = self.indexer.queries(qr, x, positions)  # [B,S,H_I,c_I], [B,S,H_I]
-        dots = torch.einsum("bshc,bskc->bshk", q_i, gather_entries(keys, idx)).relu()  # [B,S,H_I,k]
-        index_scores = (dots * w_i.unsqueeze(-1)).sum(dim=2)  # [B,S,k], as Indexer.scores for the picks
+        # Per query chunk and recomputed in backward, so the gathered keys [S, k, c_I] are never all kept.
+        chunk = self.query_chunk
+        index_scores = torch.cat([checkpoint(selected_index_scores, q_i[:, s:s + chunk], w_i[:, s:s + chunk], keys,
+                                             idx[:, s:s + chunk], use_reentrant=False)
+                                  for s in range(0, x.shape[1], chunk)], dim=1)  # [B,S,k]
         with torch.no_grad():
             cos, sin = self.rope(positions)
             kv = rope_tail(self.kv_norm(self.wkv(x)), cos, sin, self.rope_dim)  # the window keys of forward
