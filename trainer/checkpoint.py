@@ -3,7 +3,9 @@
 Layout under ``checkpoint.dir``::
 
     step_00000100/   DeepSpeed files (model, ZeRO shards, one file per expert), config.yaml,
-                     trainer_state_rank{R}.pt (RNG states), manifest.json (written last)
+                     trainer_state_rank{R}.pt (RNG states), portable/ (optimizer state by
+                     parameter and global expert, for resuming at another layout:
+                     moesaic.parallel.portable), manifest.json (written last, with the layout)
     latest           name of the newest complete checkpoint, replaced atomically
 
 A checkpoint counts as complete only once its manifest exists and every file it lists has the
@@ -57,6 +59,11 @@ def write_manifest(ckpt: Path, step: int, extra: dict[str, Any]) -> None:
         for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
     _atomic_write(ckpt / MANIFEST, json.dumps({"step": step, "files": files, **extra}, indent=1))
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint that ``verify`` has already accepted."""
+    return json.loads((ckpt / MANIFEST).read_text())
 
 
 def verify(ckpt: Path) -> dict[str, Any]:
