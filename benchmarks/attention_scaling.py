@@ -1,0 +1,130 @@
+"""CSA and HCA layers vs dense causal attention (torch's fused SDPA): forward + backward time and
+peak memory at growing sequence lengths, batch 1, fp32, on whatever device torch picks (CPU here).
+
+    python benchmarks/attention_scaling.py [--lengths 1024 2048 4096 8192 16384] [--reps 3]
+
+Each (layer, length) case runs in a fresh subprocess so that peak memory is its own: peak =
+``ru_maxrss`` after the timed runs minus ``ru_maxrss`` once the layer and its input exist and one
+short pass (256 tokens) has done the lazy imports (on CUDA: ``torch.cuda.max_memory_allocated``
+over the same span). Time is the median of ``--reps``
+forward + backward passes after one warm-up pass. Ratios compare layers measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moesaic.configs.schema import AttentionConfig, ModelConfig
+from moesaic.model.attention import build_attention
+
+HIDDEN, HEADS, HEAD_DIM = 256, 4, 64
+LAYERS = ("dense", "csa", "hca")
+
+
+def bench_config(kind: str) -> ModelConfig:
+    a = AttentionConfig(num_heads=HEADS, head_dim=HEAD_DIM, rope_head_dim=16, q_lora_rank=128, o_groups=2,
+                        o_lora_rank=128, window=128, csa_ratio=4, hca_ratio=128, index_heads=4, index_head_dim=32,
+                        index_topk=64, query_chunk=256)
+    return ModelConfig(hidden_size=HIDDEN, num_layers=1, layer_types=[kind], attention=a)
+
+
+class DenseAttention(nn.Module):
+    """Plain multi-head causal attention with the same hidden size and query heads, via fused SDPA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(HIDDEN, 3 * HEADS * HEAD_DIM, bias=False)
+        self.out = nn.Linear(HEADS * HEAD_DIM, HIDDEN, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).unflatten(-1, (3, HEADS, HEAD_DIM)).permute(2, 0, 3, 1, 4)  # 3 x [B,H,S,d]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B,H,S,d]
+        return self.out(o.transpose(1, 2).flatten(2)), x.new_zeros(())
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_case(kind: str, seq_len: int, reps: int) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    layer = (DenseAttention() if kind == "dense" else build_attention(bench_config(kind), 0)).to(device)
+
+    def step(x: torch.Tensor) -> float:
+        start = time.perf_counter()
+        out, aux = layer(x)
+        (out.square().mean() + aux).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    step(torch.randn(1, 256, HIDDEN, device=device))  # lazy imports and one-time set-up stay out of the peak
+    x = torch.randn(1, seq_len, HIDDEN, device=device, requires_grad=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else peak_bytes(device)
+    step(x)  # warm-up
+    times = [step(x) for _ in range(reps)]
+    return {"time_s": statistics.median(times), "peak_mib": (peak_bytes(device) - base) / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--case", nargs=2, metavar=("LAYER", "SEQ_LEN"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.reps)))
+        return
+
+    results: dict[tuple[str, int], dict] = {}
+    for seq_len in args.lengths:
+        for kind in LAYERS:
+            cmd = [sys.executable, __file__, "--case", kind, str(seq_len), "--reps", str(args.reps)]
+            results[kind, seq_len] = json.loads(subprocess.run(cmd, check=True, capture_output=True,
+                                                               text=True).stdout.splitlines()[-1])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; median of {args.reps} fwd+bwd, batch 1, fp32")
+    print("| S | layer | time s | peak MiB | time / dense | memory / dense | time / time at S/2 |")
+    print("|---|---|---|---|---|---|---|")
+    for seq_len in args.lengths:
+        dense = results["dense", seq_len]
+        for kind in LAYERS:
+            r = results[kind, seq_len]
+            half = results.get((kind, seq_len // 2))
+            growth = f"{r['time_s'] / half['time_s']:.2f}x" if half else "-"
+            print(f"| {seq_len} | {kind} | {r['time_s']:.3f} | {r['peak_mib']:.0f} | "
+                  f"{r['time_s'] / dense['time_s']:.2f} | {r['peak_mib'] / dense['peak_mib']:.2f} | {growth} |")
+    print_targets(results, max(args.lengths))
+
+
+def print_targets(results: dict[tuple[str, int], dict], seq_len: int) -> None:
+    """The issue's targets at the longest length: time <= 30% of dense, time growth from S/2 <= 2.3x,
+    peak memory <= 1.5x dense."""
+    dense = results["dense", seq_len]
+    for kind in LAYERS[1:]:
+        r, half = results[kind, seq_len], results.get((kind, seq_len // 2))
+        checks = {"time <= 0.30 x dense": r["time_s"] / dense["time_s"] <= 0.30,
+                  "memory <= 1.5 x dense": r["peak_mib"] / dense["peak_mib"] <= 1.5}
+        if half:
+            checks["time(S) / time(S/2) <= 2.3"] = r["time_s"] / half["time_s"] <= 2.3
+        print(f"{kind} at S={seq_len}: " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}"
+                                                   for name, ok in checks.items()))
+
+
+if __name__ == "__main__":
+    main()
