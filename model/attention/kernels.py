@@ -59,14 +59,15 @@ class AttentionStats:
         self.maxima[name] = value if name not in self.maxima else torch.maximum(self.maxima[name], value)
 
 
-def _record(stats: AttentionStats, logits: torch.Tensor, probs: torch.Tensor, n_win: int, has_extra: bool) -> None:
-    """Masses and max logit of one chunk; logits/probs [B,C,H,window keys + extra + sink]."""
+def _record(stats: AttentionStats, parts: list[torch.Tensor], probs: torch.Tensor, n_win: int) -> None:
+    """Masses and max logit of one chunk: parts are the masked logits [window keys, (extra,) sink],
+    probs [B,C,H,window keys + extra + sink] their joint softmax."""
     query_heads = probs[..., 0].numel()
     stats.add_mean("mass_window", probs[..., :n_win].sum(), query_heads)
-    if has_extra:
+    if len(parts) == 3:
         stats.add_mean("mass_compressed", probs[..., n_win:-1].sum(), query_heads)
     stats.add_mean("mass_sink", probs[..., -1].sum(), query_heads)
-    stats.add_max("max_logit", logits[..., :-1].amax())
+    stats.add_max("max_logit", torch.stack([p.amax() for p in parts[:-1]]).amax())
 
 
 @dataclass
@@ -124,11 +125,10 @@ def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, wind
             ex_scores, ex_visible, ex_values = _extra_scores(qc, extra, s, e)
             parts.append(ex_scores.float().masked_fill(~ex_visible, float("-inf")))
         parts.append(sink.float().view(1, 1, H, 1).expand(B, e - s, H, 1))
-        logits = torch.cat(parts, dim=-1)
-        probs = logits.softmax(dim=-1)
+        probs = torch.cat(parts, dim=-1).softmax(dim=-1)
         n_win = keys.shape[1]
         if stats is not None:
-            _record(stats, logits, probs, n_win, extra is not None)
+            _record(stats, parts, probs, n_win)
         probs = probs.to(kv.dtype)
         out = torch.einsum("bqhk,bkc->bqhc", probs[..., :n_win], keys)
         if extra is not None:
