@@ -35,6 +35,7 @@ from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimize
 from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 from torch import nn
 
+from moesaic.configs import Config
 from moesaic.model.moe import GroupedExperts
 
 from .ep import ShardedExperts
@@ -157,9 +158,10 @@ def has_portable_state(ckpt: Path) -> bool:
     return (ckpt / PORTABLE / "dense.pt").is_file()
 
 
-def layout(world_size: int, ep: int, zero_stage: int, dtype: str) -> dict[str, Any]:
+def layout(cfg: Config, world_size: int) -> dict[str, Any]:
     """What DeepSpeed's own checkpoint files depend on: recorded in the manifest, compared at resume."""
-    return {"world_size": world_size, "ep": ep, "zero_stage": zero_stage, "dtype": dtype}
+    p, t = cfg.parallel, cfg.train
+    return {"world_size": world_size, "ep": p.ep, "sp": p.sp, "zero_stage": t.zero_stage, "dtype": t.dtype}
 
 
 def same_layout(manifest: dict[str, Any], current: dict[str, Any]) -> bool:

@@ -148,8 +148,7 @@ class Trainer:
     def _layout(self) -> dict:
         from ..parallel import portable
 
-        t = self.cfg.train
-        return portable.layout(self.dist.world_size, self.cfg.parallel.ep, t.zero_stage, t.dtype)
+        return portable.layout(self.cfg, self.dist.world_size)
 
     def load(self, path: Path) -> None:
         """Through DeepSpeed at the saved layout (bit-identical); from the portable state otherwise."""
