@@ -1,6 +1,12 @@
 """The ``moesaic`` command line.
 
     moesaic train CONFIG [key=value ...]     train (or resume) in this process; under torchrun, per rank
+    moesaic launch CONFIG [key=value ...] --nproc N [--nnodes M --master-addr A |
+                   --hostfile F] [--max-restarts K] [--dry-run]
+                                             start N processes per node with torchrun (or the DeepSpeed
+                                             launcher for a hostfile); per-rank logs in run_dir/logs
+    moesaic slurm CONFIG [key=value ...] --nodes M --gpus-per-node G --time T
+                                             write run_dir/slurm.sbatch (pre-emption signal, requeue)
     moesaic config CONFIG [key=value ...]    print the resolved, validated config
     moesaic kv-report CONFIG [--context N] [--dtype bf16] [--index-dtype fp4]
                                              per-layer KV-cache bytes at a context length
@@ -47,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config_args(sub.add_parser("train", help="train or resume a model (checkpoint.resume=auto)"))
     _add_config_args(sub.add_parser("config", help="print the resolved and validated config"))
+    la = sub.add_parser("launch", help="start a multi-process (multi-node) run with torchrun or the DeepSpeed launcher")
+    _add_config_args(la)
+    la.add_argument("--nproc", type=int, required=True, help="processes (GPUs) per node")
+    la.add_argument("--nnodes", type=int, default=1, help="number of nodes (run the same command on each)")
+    la.add_argument("--master-addr", default="127.0.0.1", help="address of node 0, the rendezvous host")
+    la.add_argument("--master-port", type=int, default=29500)
+    la.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('host slots=N' lines); uses the deepspeed launcher")
+    la.add_argument("--max-restarts", type=int, default=0,
+                    help="torchrun restarts of the worker group after a failure; workers resume from the last checkpoint")
+    la.add_argument("--dry-run", action="store_true", help="print the topology and command, start nothing")
+    sl = sub.add_parser("slurm", help="write a ready sbatch script for this run into its run directory")
+    _add_config_args(sl)
+    sl.add_argument("--nodes", type=int, required=True)
+    sl.add_argument("--gpus-per-node", type=int, required=True)
+    sl.add_argument("--time", required=True, help="time limit, e.g. 24:00:00")
+    sl.add_argument("--partition", default=None)
+    sl.add_argument("--account", default=None)
     kv = sub.add_parser("kv-report", help="per-layer and total KV-cache bytes for a config at a context length")
     _add_config_args(kv)
     kv.add_argument("--context", type=context_length, default=2**20, help="tokens per sequence (default 1M)")
@@ -64,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`launch tiny --nproc 2 train.steps=5`): argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     from ..model.interop import ConversionError, convert
     from ..trainer.checkpoint import CheckpointError
 
@@ -85,6 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(to_yaml(cfg), end="")
+            return 0
+        if args.command == "launch":
+            from .launcher import LaunchSpec, launch
+
+            spec = LaunchSpec(args.config, list(args.overrides), args.nproc, args.nnodes, args.master_addr,
+                              args.master_port, args.hostfile, args.max_restarts)
+            return launch(spec, cfg, args.dry_run)
+        if args.command == "slurm":
+            from .launcher import write_sbatch
+
+            print(write_sbatch(cfg, args.config, args.overrides, args.nodes, args.gpus_per_node, args.time,
+                               args.partition, args.account))
             return 0
         if args.command == "kv-report":
             print(format_report(cfg.model, args.context, args.dtype, args.index_dtype or args.dtype))

@@ -43,6 +43,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     cuda = use_cuda(device)
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun tasks (moesaic slurm), no torchrun
+        for key, slurm_key in (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS"), ("LOCAL_RANK", "SLURM_LOCALID")):
+            os.environ[key] = os.environ[slurm_key]
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
@@ -50,13 +53,30 @@ def init_distributed(device: str = "auto") -> DistInfo:
     import deepspeed
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    backend = "nccl" if cuda else "gloo"
+    if not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _init_under_torchrun(backend)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                     device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def _init_under_torchrun(backend: str) -> None:
+    """Join torchrun's store under a per-restart prefix.
+
+    torchrun keeps its store across elastic restarts without prefixing it, so restarted workers
+    read the previous attempt's gloo addresses and hang or fail to connect; a fresh key space per
+    attempt (TORCHELASTIC_RESTART_COUNT) makes restarts reliable. DeepSpeed then adopts the group.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"moesaic/attempt_{attempt}", store),
+                            rank=rank, world_size=world)
 
 
 def barrier() -> None:

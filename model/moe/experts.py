@@ -53,6 +53,8 @@ class GroupedExperts(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """N(0, init_std) per expert from a CPU generator seeded by seed + global expert id."""
+        if self.w1.is_meta:  # shape-only models (sizing, dry runs) have nothing to initialise
+            return
         for i in range(self.num_local_experts):
             gen = torch.Generator().manual_seed((self.seed + self.expert_offset + i) % 2**64)
             for w in (self.w1, self.w3, self.w2):
