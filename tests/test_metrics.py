@@ -1,5 +1,6 @@
 """The metrics panel on constructed inputs: forced router loads, the kernel's attention statistics
-against a naive softmax, FLOPs and KV sizes by hand, the heatmap's JSONL form and config checks."""
+against a naive softmax, FLOPs and KV sizes by hand, the heatmap's JSONL form and config checks;
+and the same MoE metrics from one process and from two expert-parallel ones."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from moesaic.trainer.metrics import (
     router_metrics,
 )
 from moesaic.trainer.sinks import MetricSinks
+from trainrun import FAST, train
 
 
 def one_hot_router(num_experts: int = 4) -> Router:
@@ -252,3 +254,24 @@ def test_logging_fields_are_validated(override: str, field: str) -> None:
         load_config(None, ["train.log_every=2", override])
     cfg = load_config(None, ["train.log_every=2", "logging.moe_heatmap_every=4", "logging.peak_flops=1e12"])
     validate(cfg)
+
+
+@pytest.mark.multiproc
+def test_moe_metrics_equal_across_ep_layouts(tmp_path: Path) -> None:
+    """Counts are summed over the world, so 2 processes with parallel.ep=2 log what 1 process logs."""
+    common = FAST + [f"data.cache_dir={tmp_path / 'cache'}", "model.ffn_types=[moe,moe]", "train.steps=2",
+                     "train.sample_tokens=0", "logging.moe_heatmap_every=1", "train.eval_every=100"]
+    train(common + [f"run_dir={tmp_path / 'one'}"])
+    train(common + [f"run_dir={tmp_path / 'ep2'}", "parallel.ep=2"], nproc=2)
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "ep2")}
+    assert [r["step"] for r in rows["one"]] == [r["step"] for r in rows["ep2"]] == [1, 2]
+    for one, ep2 in zip(rows["one"], rows["ep2"]):
+        assert one["moe/expert_load"] == ep2["moe/expert_load"]  # exact: integer counts, identical routing
+        assert set(ep2) == set(one) | {"moe/ep_load/max", "moe/ep_load/p90", "moe_layers/L00/ep_load",
+                                       "moe_layers/L01/ep_load"}
+        moe_keys = {k for k in one if k.startswith(("moe/", "moe_layers/")) and k != "moe/expert_load"}
+        assert {k: ep2[k] for k in moe_keys} == pytest.approx({k: one[k] for k in moe_keys}, rel=1e-6)
+        loads = torch.tensor(one["moe/expert_load"]["load"])
+        want = balance_metrics(loads, ep=2)["ep_load"].tolist()
+        assert [ep2["moe_layers/L00/ep_load"], ep2["moe_layers/L01/ep_load"]] == pytest.approx(want)
