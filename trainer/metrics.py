@@ -15,7 +15,7 @@ import io
 import math
 import resource
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -117,7 +117,7 @@ def kv_metrics(cfg: Config) -> dict[str, float]:
     return out
 
 
-def _mean_visible(seq_len: int, fn) -> float:
+def _mean_visible(seq_len: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """Mean over query positions t < seq_len of fn(t) (a tensor expression of positions)."""
     return fn(torch.arange(seq_len, dtype=torch.float64)).mean().item()
 
