@@ -49,10 +49,13 @@ def build(kind: str, world: int) -> nn.Module:
         return layer
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
+    from moesaic.parallel.ep import expert_group_name
+
+    expert_group_name(world)  # DeepSpeed's expert groups (what its engine would make), on its comm
     layer = DeepSpeedMoE(DIM, SwiGLU(DIM, HIDDEN), num_experts=EXPERTS, ep_size=world, k=TOP_K,
                          capacity_factor=1.25, eval_capacity_factor=1.25, drop_tokens=kind == "deepspeed cf=1.25",
                          use_rts=False)
-    layer.set_deepspeed_parallelism()  # the engine's job: creates the expert groups
+    layer.set_deepspeed_parallelism()  # the engine's call: binds the layer to its expert-parallel group
     return DeepSpeedLayer(layer)
 
 

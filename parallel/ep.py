@@ -28,6 +28,8 @@ rejects ZeRO-0 (its clip norm averages per-rank norms) and ZeRO-3 (native MoE re
 
 from __future__ import annotations
 
+import deepspeed
+import torch
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
@@ -59,14 +61,27 @@ class ShardedExperts(DeepSpeedMoE, GroupedExperts):
         """The engine calls this to create groups; apply_expert_parallel has already made them."""
 
 
+def expert_group_name(ep: int) -> str:
+    """Name of DeepSpeed's expert-parallel and expert-data-parallel groups of degree ``ep``, created once.
+
+    DeepSpeed's group helpers need ``deepspeed.comm``, which otherwise starts only inside
+    ``deepspeed.initialize``, after the model must already be sharded: a default process group
+    made by torch directly (``init_distributed`` under torchrun) is adopted here, not re-created.
+    """
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+    name = f"ep_size_{ep}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep)
+    return name
+
+
 def apply_expert_parallel(model: nn.Module, ep: int) -> None:
     """Shard every MoE layer's routed experts over groups of ``ep`` ranks, in place.
 
     Call on every rank after the default process group exists and before the optimizer is built.
     """
-    name = f"ep_size_{ep}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep)
+    name = expert_group_name(ep)
     group = groups._get_expert_parallel_group(name)
     ep_rank = groups._get_expert_parallel_rank(name)
     layers = [m for m in model.modules() if isinstance(m, MoE)]

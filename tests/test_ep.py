@@ -187,14 +187,12 @@ def _check_dispatcher(ep: int) -> None:
 
     from moesaic.model.moe import GroupedExperts, LocalDispatcher
     from moesaic.parallel.dispatch import AllToAllDispatcher
-    from moesaic.parallel.ep import ShardedExperts
+    from moesaic.parallel.ep import ShardedExperts, expert_group_name
 
     rank, world = dist.get_rank(), dist.get_world_size()
     num_experts, tokens, k, dim = 2 * ep, 6, 2, 8
     full = GroupedExperts(num_experts, dim, 16, seed=7)
-    name = f"ep_size_{ep}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep)
+    name = expert_group_name(ep)
     ep_rank = groups._get_expert_parallel_rank(name)
     shard = ShardedExperts(full, ep_rank, ep, name)
     gen = torch.Generator().manual_seed(100)
