@@ -13,6 +13,7 @@ from moesaic.configs.schema import ModelConfig
 
 from .block import Block
 from .norm import RMSNorm
+from .sequence import WHOLE, WholeSequence
 
 
 @dataclass
@@ -24,6 +25,8 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
+    sequence: WholeSequence = WHOLE  # a shard of it under sequence parallelism: the LM loss's token count
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -57,7 +60,8 @@ class Transformer(nn.Module):
             return ModelOutput(logits=logits, loss=None, lm_loss=None, aux_loss=aux_loss)
         # Sum / count instead of mean so a micro-batch with every label ignored gives 0, not NaN.
         total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        lm_loss = total / (labels != -100).sum().clamp(min=1)
+        # On a shard of the sequences the count is the whole sequences': the shards' losses add up to the mean.
+        lm_loss = total / self.sequence.sum((labels != -100).sum()).clamp(min=1)
         return ModelOutput(logits=logits, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
 
     def routers(self) -> list[nn.Module]:

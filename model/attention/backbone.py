@@ -28,6 +28,7 @@ from torch import nn
 from moesaic.configs.schema import ModelConfig
 from moesaic.model.norm import RMSNorm, rms_normalize
 from moesaic.model.rope import RotaryEmbedding, rope_tail
+from moesaic.model.sequence import WHOLE, WholeSequence
 
 from .cache import SWACache
 from .kernels import AttentionStats, CompressedKV, window_attention
@@ -38,6 +39,7 @@ class SlidingWindowAttention(nn.Module):
 
     compressed = False  # CSA/HCA subclasses set True: compress_rope_theta with YaRN instead of rope_theta
     stats: Optional[AttentionStats] = None  # set by the trainer for the forwards it wants statistics of
+    sequence: WholeSequence = WHOLE  # a shard of it under sequence parallelism (moesaic.model.sequence)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -79,9 +81,13 @@ class SlidingWindowAttention(nn.Module):
         """
         return None, x.new_zeros(())
 
+    def window_keys(self, kv: torch.Tensor) -> torch.Tensor:
+        """kv [B,S,c] preceded by the window's keys on preceding shards (none on one device) -> [B, past + S, c]."""
+        return torch.cat([self.sequence.preceding(kv, self.window - 1), kv], dim=1)
+
     def forward(self, x: torch.Tensor, cache: Optional[SWACache] = None) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, _ = x.shape
-        start = cache.pos if cache is not None else 0
+        start = cache.pos if cache is not None else self.sequence.offset(S)
         positions = torch.arange(start, start + S, device=x.device)
         cos, sin = self.rope(positions)  # [S, rope_dim/2]
 
@@ -91,7 +97,10 @@ class SlidingWindowAttention(nn.Module):
         kv = rope_tail(self.kv_norm(self.wkv(x)), cos, sin, self.rope_dim)  # [B,S,c]
 
         extra, aux_loss = self.compressed_entries(x, qr, q, positions, cache)
-        keys = cache.extend(kv) if cache is not None else kv  # [B, past + S, c]
+        if cache is not None:
+            keys = cache.extend(kv)  # [B, past + S, c]
+        else:
+            keys = self.window_keys(kv)
         o = window_attention(q, keys, self.attn_sink, self.window, self.softmax_scale, self.query_chunk, extra,
                              self.stats)
         o = rope_tail(o, cos[:, None], sin[:, None], self.rope_dim, inverse=True)  # [B,S,H,c]

@@ -27,7 +27,7 @@ no aux loss.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,13 +66,15 @@ def selected_attention_mass(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
                             idx: torch.Tensor, window: int, scale: float, query_chunk: int) -> torch.Tensor:
     """Head-summed main-attention probability of each selected entry, [B, S, k] fp32 (0 at -1 picks).
 
-    q [B,S,H,c] and kv [B,S,c] (positions 0..S-1), sink [H], entries [B,N,c], idx [B,S,k]: the
-    same inputs as the kernel's. Query t's window keys are read through a strided view (key j of
-    the view is position t - window + 1 + j; rows before 0 are padding), so only window + k logits
-    per query and head are formed.
+    q [B,S,H,c] and kv [B, P+S, c] (the queries' positions, preceded by P <= window - 1 earlier
+    keys, as ``window_keys`` returns them), sink [H], entries [B,N,c], idx [B,S,k]: the same inputs
+    as the kernel's. Query t's window keys are read through a strided view (key j of the view is
+    t - window + 1 + j, relative to the first query; rows before -P are padding), so only
+    window + k logits per query and head are formed.
     """
     B, S, H, _ = q.shape
-    padded = F.pad(kv, (0, 0, window - 1, 0))  # [B, S + window - 1, c]; row r holds position r - window + 1
+    past = kv.shape[1] - S
+    padded = F.pad(kv, (0, 0, window - 1 - past, 0))  # [B, S + window - 1, c]; row r holds position r - window + 1
     offsets = torch.arange(window, device=q.device)
     masses = []
     for s in range(0, S, query_chunk):
@@ -80,7 +82,7 @@ def selected_attention_mass(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
         qc = q[:, s:e].float() * scale  # [B,C,H,c]
         keys = padded[:, s:e + window - 1].unfold(1, window, 1)  # [B,C,c,window] view
         win = torch.einsum("bqhc,bqcw->bqhw", qc, keys.float())  # [B,C,H,window]
-        padding = torch.arange(s, e, device=q.device).unsqueeze(1) - window + 1 + offsets < 0  # [C,window]
+        padding = torch.arange(s, e, device=q.device).unsqueeze(1) - window + 1 + offsets < -past  # [C,window]
         win = win.masked_fill(padding[:, None], float("-inf"))
         picks = idx[:, s:e]  # [B,C,k]
         sel = torch.einsum("bqhc,bqkc->bqhk", qc, gather_entries(entries, picks).float())  # [B,C,H,k]
@@ -113,10 +115,21 @@ class _CompressedAttention(SlidingWindowAttention):
         return CompressedCache(batch_size, self.window, self.head_dim, *self._streams(batch_size, device, dtype),
                                dtype=dtype, device=device)
 
+    def _whole(self, compress: Callable[[torch.Tensor, int, Optional[torch.Tensor]], torch.Tensor],
+               x: torch.Tensor) -> torch.Tensor:
+        """The whole sequence's entries [B, N, ...] from ``compress`` (``Compressor.forward``'s signature).
+
+        x [B,S,D] are this module's tokens: under sequence parallelism a shard, which starts at a
+        window boundary and whose first entry (overlapping compressors) reads the window before it.
+        """
+        seq = self.sequence
+        before = seq.preceding(x, self.ratio) if self.overlap else None
+        return seq.gather(compress(x, seq.offset(x.shape[1]), before))
+
     def _main_entries(self, x: torch.Tensor, cache: Optional[SWACache]) -> torch.Tensor:
         """Entries visible so far [B, N, c]: the whole sequence's, or the cache's after absorbing x."""
         if cache is None:
-            return self.compressor(x)
+            return self._whole(self.compressor, x)
         assert isinstance(cache, CompressedCache), "a CSA/HCA layer needs the cache from its own make_cache"
         return cache.main.absorb(self.compressor, x, cache.pos)
 
@@ -154,7 +167,7 @@ class CompressedSparseAttention(_CompressedAttention):
                            cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], torch.Tensor]:
         entries = self._main_entries(x, cache)  # [B,N,c]
         if cache is None:
-            keys = self.indexer.keys(x)  # [B,N,c_I]
+            keys = self._whole(self.indexer.keys, x)  # [B,N,c_I]
         else:
             keys = cache.index.absorb(self.indexer.compressor, x.detach(), cache.pos)
         with torch.no_grad():
@@ -175,7 +188,9 @@ class CompressedSparseAttention(_CompressedAttention):
                                   for s in range(0, x.shape[1], chunk)], dim=1)  # [B,S,k]
         with torch.no_grad():
             cos, sin = self.rope(positions)
-            kv = rope_tail(self.kv_norm(self.wkv(x)), cos, sin, self.rope_dim)  # the window keys of forward
+            kv = self.window_keys(rope_tail(self.kv_norm(self.wkv(x)), cos, sin, self.rope_dim))  # as in forward
             mass = selected_attention_mass(q, kv, self.attn_sink, entries, idx, self.window, self.softmax_scale,
                                            self.query_chunk)
-        return indexer_kl_loss(index_scores, mass, idx >= 0)
+            valid = idx >= 0
+            queries = self.sequence.sum(valid.any(dim=-1).sum())  # the mean runs over the whole sequence
+        return indexer_kl_loss(index_scores, mass, valid, queries)

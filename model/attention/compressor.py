@@ -106,11 +106,27 @@ class Compressor(nn.Module):
         """[B, N*m, C] -> [B, N, m, C]."""
         return t.unflatten(1, (-1, self.ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D] -> entries [B, S//ratio, out_dim] in x's dtype; a trailing partial window is dropped."""
+    def forward(self, x: torch.Tensor, start: int = 0, before: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, S, D] -> entries [B, S//ratio, out_dim] in x's dtype; a trailing partial window is dropped.
+
+        x starts at absolute position ``start`` (a multiple of ratio: a shard of a longer sequence).
+        With overlap, ``before`` [B, h <= ratio, D] holds the tokens just before x (the window whose
+        look-back stream feeds x's first entry); slots without a token (h < ratio, or None: x starts
+        the sequence) are empty. Under sequence parallelism the first shard passes an empty ``before``
+        rather than None, so that every shard's backward runs the same collectives.
+        """
+        if start % self.ratio:
+            raise ValueError(f"a compressed chunk must start at a window boundary, not at position {start}")
         cut = x.shape[1] // self.ratio * self.ratio
-        kv, score = self._project(x[:, :cut], 0)  # [B, cut, coff*c]
-        return self._pool(self._windows(kv), self._windows(score), None, None, 0).to(x.dtype)
+        kv, score = self._project(x[:, :cut], start)  # [B, cut, coff*c]
+        prev_kv = prev_score = None
+        if self.overlap and before is not None:
+            back_kv, back_score = self._project(before, start - before.shape[1])  # [B, h, 2c]
+            missing = self.ratio - before.shape[1]
+            prev_kv = F.pad(back_kv[..., :self.out_dim], (0, 0, missing, 0))  # [B, m, c]
+            prev_score = F.pad(back_score[..., :self.out_dim], (0, 0, missing, 0), value=float("-inf"))
+        return self._pool(self._windows(kv), self._windows(score), prev_kv, prev_score,
+                          start // self.ratio).to(x.dtype)
 
     def new_state(self, batch_size: int, device: Optional[torch.device] = None,
                   dtype: torch.dtype = torch.float32) -> CompressorState:

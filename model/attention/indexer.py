@@ -17,6 +17,8 @@ restricted to the selected entries (V3.2's sparse stage; its dense warm-up is no
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -39,9 +41,12 @@ class Indexer(nn.Module):
                                      cfg.rms_norm_eps)
         self.rope = rope
 
-    def keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Index keys [B, S//m, c_I] of x [B, S, D] (input detached: see the module docstring)."""
-        return self.compressor(x.detach()).float()
+    def keys(self, x: torch.Tensor, start: int = 0, before: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Index keys [B, S//m, c_I] of x [B, S, D] (input detached: see the module docstring).
+
+        ``start``/``before``: x's position and preceding window, as in ``Compressor.forward``.
+        """
+        return self.compressor(x.detach(), start, None if before is None else before.detach()).float()
 
     def queries(self, q_lat: torch.Tensor, x: torch.Tensor,
                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,13 +114,15 @@ class Indexer(nn.Module):
         return (*self.select(q_lat_t, x_t, keys, positions, self.ratio), keys)
 
 
-def indexer_kl_loss(index_scores: torch.Tensor, main_probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def indexer_kl_loss(index_scores: torch.Tensor, main_probs: torch.Tensor, valid: torch.Tensor,
+                    queries: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KL(p_main || softmax(index_scores)) over the selected entries, averaged over queries.
 
     index_scores [B, S, k] (``select``'s topk_scores), main_probs [B, S, k]: the main attention's
     probability mass on each selected entry, summed over heads; it is detached and renormalised over
     the valid selected entries (V3.2's L1-normalised head sum). valid [B, S, k] bool. Queries with
-    no valid entry are skipped; the mean runs over the others. Gradient reaches index_scores only.
+    no valid entry are skipped; the mean runs over the others, or over ``queries`` of them (a count
+    over the whole sequence when these are a shard of it). Gradient reaches index_scores only.
     """
     has_any = valid.any(dim=-1)  # [B, S]
     logits = index_scores.float().masked_fill(~valid, float("-inf"))  # [B, S, k]
@@ -124,4 +131,4 @@ def indexer_kl_loss(index_scores: torch.Tensor, main_probs: torch.Tensor, valid:
     p = main_probs.detach().float().masked_fill(~valid, 0.0)  # [B, S, k]
     p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
     kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1)  # [B, S]; 0 on skipped rows
-    return kl.sum() / has_any.sum().clamp_min(1)
+    return kl.sum() / (has_any.sum() if queries is None else queries).clamp_min(1)

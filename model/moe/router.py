@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moesaic.configs.schema import ModelConfig
+from moesaic.model.sequence import WHOLE, WholeSequence
 
 # Buffers kept in fp32 whatever the module dtype: a bf16 bias cannot absorb steps of 1e-3, and
 # bf16 counts stop being exact past 256.
@@ -38,6 +39,8 @@ class Router(nn.Module):
     come from a frozen ``tid2eid[input_ids]`` table instead of the biased top-k, while the gates
     still come from the learned scores.
     """
+
+    sequence: WholeSequence = WHOLE  # a shard of it under sequence parallelism: the aux loss's statistics
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -116,7 +119,8 @@ class Router(nn.Module):
         self.stat_counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.stat_counts.dtype))
         probs = scores / scores.sum(dim=-1, keepdim=True)  # [T, E]
         entropy = torch.special.entr(probs).sum()  # summed over tokens
-        self.stat_sums += torch.stack([entropy, aux_loss.detach().float() * scores.shape[0]])
+        # aux_loss is this shard's share of the sequences' loss: x shards gives the whole sequence's weight.
+        self.stat_sums += torch.stack([entropy, aux_loss.detach().float() * scores.shape[0] * self.sequence.shards])
 
     @torch.no_grad()
     def reset_stats(self) -> None:
@@ -128,15 +132,18 @@ class Router(nn.Module):
         """DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences.
 
         scores [B, S, E], topk_idx [B, S, k]. f_i = E/(k*S) * (tokens of the sequence choosing i)
-        carries no gradient; P_i = mean over the sequence of s_i / sum_j s_j does.
+        carries no gradient; P_i = mean over the sequence of s_i / sum_j s_j does. On a shard of the
+        sequences (``sequence``) f counts the whole sequences and P sums this shard's tokens only, so
+        the shards' losses add up to the whole sequences' loss and gradient.
         """
         if self.seq_aux_loss_coef == 0:
             return scores.new_zeros(())
         batch, seq, _ = scores.shape
+        shards = self.sequence.shards
         chosen = scores.new_zeros(batch, self.num_experts)
         chosen.scatter_add_(1, topk_idx.reshape(batch, -1), scores.new_ones(batch, seq * self.top_k))
-        f = chosen * (self.num_experts / (self.top_k * seq))  # [B, E]
-        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, E]
+        f = self.sequence.sum(chosen) * (self.num_experts / (self.top_k * seq * shards))  # [B, E]
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1) / shards  # [B, E]
         return self.seq_aux_loss_coef * (f * p).sum(dim=-1).mean()
 
     @torch.no_grad()
