@@ -6,6 +6,7 @@ problem raises ``ConfigError`` whose message is one line naming the field and wh
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -44,6 +45,7 @@ __all__ = [
     "resolve_config_path",
     "save_config",
     "to_yaml",
+    "check_topology",
     "check_trainable",
     "validate",
 ]
@@ -121,8 +123,16 @@ def _check_positive(prefix: str, obj: object, names: Iterable[str]) -> None:
 
 def check_trainable(cfg: Config) -> None:
     """Reject valid configs that use features this version of moesaic cannot train yet."""
-    p = cfg.parallel
-    _require(p.sp == 1, f"parallel.sp={p.sp}: sequence parallelism is not implemented yet; set it to 1")
+    p, m = cfg.parallel, cfg.model
+    _require(p.sp == 1 or m.mtp_layers == 0,
+             f"model.mtp_layers={m.mtp_layers} cannot run with parallel.sp={p.sp} yet: multi-token prediction "
+             f"shifts tokens across sequence shards (set model.mtp_layers=0 or parallel.sp=1)")
+
+
+def check_topology(p: ParallelConfig, world_size: int) -> None:
+    """world = dp x sp; expert-parallel groups may span any ranks, so ep only has to divide the world."""
+    _require(world_size % p.ep == 0 and world_size % p.sp == 0,
+             f"parallel.ep={p.ep} and parallel.sp={p.sp} must divide the world size {world_size}")
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -224,9 +234,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _require(t.zero_stage in (1, 2),
                  f"train.zero_stage={t.zero_stage} cannot run parallel.ep={p.ep}: use 1 or 2 (ZeRO-0 clips expert "
                  f"gradients with an average of per-rank norms, ZeRO-3 refuses MoE)")
+    if p.sp > 1:
+        ratios = {"csa": a.csa_ratio, "hca": a.hca_ratio}
+        used = [kind for kind in ratios if kind in kinds]
+        window = math.lcm(*(ratios[kind] for kind in used))  # a shard must start at every layer's window boundary
+        why = "".join(f" x model.attention.{kind}_ratio={ratios[kind]}" for kind in used)
+        _require(d.seq_len % (p.sp * window) == 0,
+                 f"data.seq_len={d.seq_len} must be divisible by parallel.sp={p.sp}{why} (equal sequence shards"
+                 + (", each starting at a compression window)" if used else ")"))
+        _require(t.zero_stage in (1, 2),
+                 f"train.zero_stage={t.zero_stage} cannot run parallel.sp={p.sp}: use 1 or 2 (gradients are summed "
+                 f"over sequence shards by ZeRO-1/2; ZeRO-0 would clip with a wrong norm)")
     if world_size is not None:
-        _require(world_size % (p.ep * p.sp) == 0 and world_size % p.sp == 0,
-                 f"parallel.ep={p.ep} and parallel.sp={p.sp} must divide the world size {world_size}")
+        check_topology(p, world_size)
         dp = world_size // p.sp
         _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                  f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size="

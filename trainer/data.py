@@ -485,3 +485,14 @@ def rank_slice(global_batch_ids: Sequence[int], dp_rank: int, dp_size: int,
     per_rank = n // dp_size
     mine = list(global_batch_ids[dp_rank * per_rank:(dp_rank + 1) * per_rank])
     return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+
+def sequence_shard(blocks: torch.Tensor, sp_rank: int, sp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) [B, seq_len / sp] of blocks [B, seq_len + 1] for sequence-parallel rank ``sp_rank``.
+
+    Inputs are block[:-1] and labels block[1:], both cut into ``sp`` equal contiguous shards of the same
+    positions, so a shard's last label is the next shard's first input.
+    """
+    inputs, labels = blocks[:, :-1], blocks[:, 1:]
+    n = inputs.shape[1] // sp
+    return inputs[:, sp_rank * n:(sp_rank + 1) * n], labels[:, sp_rank * n:(sp_rank + 1) * n]

@@ -22,7 +22,7 @@ from ..model import Transformer
 from ..model.interop import load_hf_into
 from . import checkpoint as ckpt_io
 from .balance import update_router_biases
-from .data import DataBundle, GlobalSampler, prepare_data, rank_slice
+from .data import DataBundle, GlobalSampler, prepare_data, rank_slice, sequence_shard
 from .distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
 from .rng import get_rng_state, seed_everything, set_rng_state
 from .schedule import lr_multiplier
@@ -85,8 +85,11 @@ class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo) -> None:
         import deepspeed
 
+        from ..parallel.topology import Topology  # deepspeed loads after init_distributed
+
         self.cfg, self.dist = cfg, dist_info
-        self.dp = dist_info.world_size // cfg.parallel.sp
+        self.topology = Topology(cfg.parallel)
+        self.dp = self.topology.dp
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         if dist_info.is_main:
@@ -100,10 +103,15 @@ class Trainer:
             from ..parallel.ep import apply_expert_parallel
 
             apply_expert_parallel(model, cfg.parallel.ep)
+        if cfg.parallel.sp > 1:
+            from ..parallel.sp import apply_sequence_parallel
+
+            apply_sequence_parallel(model, self.topology)
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.train))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.dp))
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.dp),
+            mpu=self.topology if cfg.parallel.sp > 1 else None)  # DeepSpeed sees sequence ranks only via an mpu
         self.model: Transformer = self.engine.module
         self.dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
         self.step = 0
@@ -203,25 +211,26 @@ class Trainer:
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         g = self.cfg.train.global_batch_size
         ids = self.sampler.indices(step * g, g)
-        dp_rank = self.dist.rank // self.cfg.parallel.sp
-        return [self.data.train.batch(mb) for mb in rank_slice(ids, dp_rank, self.dp, self.cfg.train.micro_batch_size)]
+        return [self.data.train.batch(mb)
+                for mb in rank_slice(ids, self.topology.dp_rank, self.dp, self.cfg.train.micro_batch_size)]
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches.
 
         Returns [lm loss sum, aux loss sum, micro-batch count] as a device tensor; callers move it
-        to the host only at log steps.
+        to the host only at log steps. Under sequence parallelism the losses are this shard's shares
+        and the count 1/sp per micro-batch, so that sums over all ranks are as without it.
         """
         self.engine.train()
         sums = torch.zeros(3, device=self.dist.device)
         for batch in self.micro_batches(self.step):
-            batch = batch.to(self.dist.device)
-            out = self.engine(batch[:, :-1], labels=batch[:, 1:])
+            inputs, labels = sequence_shard(batch.to(self.dist.device), self.topology.sp_rank, self.topology.sp)
+            out = self.engine(inputs, labels=labels)
             poison = math.nan if self.step in self.cfg.train.inject_nan_at else 1.0
             self.engine.backward(out.loss * poison)
             self.engine.step()
             sums += torch.stack([out.lm_loss.detach().float() * poison, out.aux_loss.detach().float(),
-                                 sums.new_ones(())])
+                                 sums.new_tensor(1 / self.topology.sp)])
         update_router_biases(self.model.routers())
         self.step += 1
         return sums
@@ -233,20 +242,25 @@ class Trainer:
         n = min(len(self.data.val), self.cfg.train.eval_batches * self.cfg.train.micro_batch_size)
         if self.cfg.parallel.ep > 1:  # expert-parallel forwards are collective: equal shares on every rank
             n -= n % self.dp
-        mine = list(range(n))[self.dist.rank // self.cfg.parallel.sp::self.dp]
+        mine = list(range(n))[self.topology.dp_rank::self.dp]
         total = torch.zeros(2, dtype=torch.float64)
         for start in range(0, len(mine), self.cfg.train.micro_batch_size):
             batch = self.data.val.batch(mine[start:start + self.cfg.train.micro_batch_size]).to(self.dist.device)
-            out = self.engine(batch[:, :-1], labels=batch[:, 1:])
-            total += torch.tensor([out.lm_loss.double().item() * batch.shape[0], batch.shape[0]])
+            out = self.engine(*sequence_shard(batch, self.topology.sp_rank, self.topology.sp))
+            # A shard's loss is its share of the batch's mean: its sequences count 1/sp times.
+            total += torch.tensor([out.lm_loss.double().item() * batch.shape[0],
+                                   batch.shape[0] / self.topology.sp])
         all_reduce_sum(total)
         return (total[0] / total[1]).item()
 
     def sample(self) -> str:
+        from ..parallel.sp import whole_sequence  # KV-cached decoding runs on whole sequences
+
         tok = self.data.tokenizer
         prompt = torch.tensor([tok.encode(self.cfg.train.sample_prompt)], device=self.dist.device)
         gen = torch.Generator(device=self.dist.device).manual_seed(self.cfg.train.seed)
-        out = self.model.generate(prompt, self.cfg.train.sample_tokens, temperature=0.8, top_k=40, generator=gen)
+        with whole_sequence(self.model):
+            out = self.model.generate(prompt, self.cfg.train.sample_tokens, temperature=0.8, top_k=40, generator=gen)
         return tok.decode(out[0].tolist())
 
     # ---- faults and signals -------------------------------------------------------------------
