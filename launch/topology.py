@@ -1,8 +1,8 @@
 """What a launch would run: process groups, per-rank batch and a memory estimate, without workers.
 
-Group layouts follow DeepSpeed's conventions: sequence-parallel groups are consecutive ranks and
-data-parallel groups stride over them; expert-parallel groups are consecutive ranks and
-expert-data-parallel groups stride over them.
+Group layouts are those ``moesaic.parallel.topology.Topology`` creates: sequence-parallel groups
+are ``sp`` consecutive ranks and data-parallel groups stride over them; expert-parallel groups are
+``ep`` consecutive ranks of the whole world and expert-data-parallel groups stride over them.
 """
 
 from __future__ import annotations
@@ -42,13 +42,12 @@ def param_counts(cfg: Config) -> tuple[int, int]:
 def memory_per_rank(cfg: Config, world: int, dense: int, expert: int) -> dict[str, float]:
     """Bytes of weights, gradients and AdamW state per rank under the configured ZeRO stage.
 
-    Expert tensors are sharded over ``ep`` and their ZeRO partitions over the expert-data-parallel
-    group; bf16 adds an fp32 master copy, held by the optimizer.
+    Dense tensors are ZeRO-partitioned over all ranks (the sequence-data-parallel group), expert
+    tensors are sharded over ``ep`` and partitioned over the expert-data-parallel group; bf16 adds an
+    fp32 master copy, held by the optimizer.
     """
     t, p = cfg.train, cfg.parallel
-    dp = world // p.sp
-    edp = dp // p.ep
-    local = {"dense": (dense, dp), "expert": (expert / p.ep, edp)}
+    local = {"dense": (dense, world), "expert": (expert / p.ep, world // p.ep)}
     w_bytes = 2 if t.dtype == "bf16" else 4
     opt_bytes = 8 + (4 if t.dtype == "bf16" else 0)
     out = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0}
@@ -66,11 +65,11 @@ def describe(cfg: Config, world: int) -> str:
     mem = memory_per_rank(cfg, world, dense, expert)
     accum = t.global_batch_size // (t.micro_batch_size * dp)
     lines = [
-        f"topology: world {world} = dp {dp} x sp {p.sp}; ep {p.ep} (expert-data-parallel {dp // p.ep})",
+        f"topology: world {world} = dp {dp} x sp {p.sp}; ep {p.ep} (expert-data-parallel {world // p.ep})",
         f"  sp groups: {_fmt(_groups(world, p.sp, True))}",
         f"  dp groups: {_fmt(_groups(world, dp, False))}",
-        f"  ep groups: {_fmt(_groups(dp, p.ep, True))}",
-        f"  expert-dp groups: {_fmt(_groups(dp, dp // p.ep, False))}",
+        f"  ep groups: {_fmt(_groups(world, p.ep, True))}",
+        f"  expert-dp groups: {_fmt(_groups(world, world // p.ep, False))}",
         f"batch: global {t.global_batch_size} sequences of {cfg.data.seq_len} = micro {t.micro_batch_size} "
         f"x dp {dp} x accumulation {accum}",
         f"parameters: {(dense + expert) / 1e6:,.1f}M ({expert / 1e6:,.1f}M in routed experts, "
