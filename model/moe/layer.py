@@ -44,10 +44,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, D] -> (y [B, S, D], aux_loss scalar).
 
-        input_ids [B, S] is the contract's hook for hash-routed layers; learned routing ignores it.
+        input_ids [B, S] picks the experts of hash-routed layers; learned routing ignores it.
         """
         batch, seq, dim = x.shape
-        route = self.gate(x)
+        route = self.gate(x, input_ids)
         tokens = x.reshape(batch * seq, dim)  # [T, D]
         expert_x, counts, state = self.dispatcher.dispatch(tokens, route.topk_idx)
         y = self.dispatcher.combine(self.experts(expert_x, counts), route.gates, state)  # [T, D]

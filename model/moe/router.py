@@ -9,7 +9,7 @@ tensor values.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +29,42 @@ class RouterOutput(NamedTuple):
     aux_loss: torch.Tensor  # scalar fp32, sequence-wise balance loss (already times alpha)
 
 
+def hash_routing_table(vocab_size: int, num_experts: int, k: int, seed: int) -> torch.Tensor:
+    """Deterministic token id -> k distinct experts table [vocab_size, k] long, balanced over experts.
+
+    moesaic's own construction (DeepSeek's is unconfirmed, MODEL_SPEC §14). Token ids are visited
+    in a seeded random order, which decorrelates the table from id order (in a BPE vocabulary id
+    order follows merge order, hence frequency), and each takes the next k entries of a stream of
+    rounds, every round a seeded random permutation of all experts. So every expert serves
+    floor or ceil(vocab_size * k / num_experts) ids, and pairs of experts vary between rows. A row
+    that straddles two rounds could repeat an expert: the new round is reordered so that its first
+    entries avoid the experts that row already has (always possible as k <= num_experts).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(vocab_size, generator=gen, device="cpu")  # [V] id of the r-th row
+    stream: list[int] = []
+    while len(stream) < vocab_size * k:
+        perm = torch.randperm(num_experts, generator=gen, device="cpu").tolist()
+        open_row = stream[len(stream) - len(stream) % k:]
+        head = [e for e in perm if e not in open_row][: (k - len(open_row)) % k]
+        stream += head + [e for e in perm if e not in head]
+    table = torch.empty(vocab_size, k, dtype=torch.long, device="cpu")
+    table[order] = torch.tensor(stream[: vocab_size * k], device="cpu").view(vocab_size, k)
+    return table
+
+
 class Router(nn.Module):
     """Scores tokens against the experts, selects k per token and weights them.
 
     Parameter and buffer names follow the official checkpoint (``ffn.gate.weight``); the official
     ``ffn.gate.bias`` is ``expert_bias`` here.
 
-    Hash routing (the first ``num_hash_layers`` layers) belongs in ``_select``: there the experts
-    come from a frozen ``tid2eid[input_ids]`` table instead of the biased top-k, while the gates
-    still come from the learned scores.
+    Hash routing (the first ``num_hash_layers`` layers, MODEL_SPEC §6): ``_select`` takes the
+    experts from the frozen ``tid2eid[input_ids]`` buffer [vocab, k] instead of the biased top-k;
+    the gates still come from the learned scores at those experts, normalised and scaled as
+    above (V4 and transformers do the same). A hash layer never uses ``expert_bias``, so it stays
+    zero (``update_bias`` skips it). The table is ``hash_routing_table`` when training from
+    scratch and the checkpoint's when importing one.
     """
 
     sequence: WholeSequence = WHOLE  # a shard of it under sequence parallelism: the aux loss's statistics
@@ -46,6 +73,7 @@ class Router(nn.Module):
         super().__init__()
         moe = cfg.moe
         self.layer_idx = layer_idx
+        self.hash = layer_idx < moe.num_hash_layers
         self.num_experts = moe.num_experts
         self.top_k = moe.top_k
         self.score_func = moe.score_func
@@ -58,6 +86,9 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(moe.num_experts), persistent=True)
         # Tokens routed to each expert since the last reset_load_counts(); trainer-owned lifecycle.
         self.register_buffer("load_counts", torch.zeros(moe.num_experts), persistent=False)
+        if self.hash:
+            self.register_buffer("tid2eid", hash_routing_table(cfg.vocab_size, moe.num_experts, moe.top_k, layer_idx),
+                                 persistent=True)
         # Metrics accumulators over the trainer's log window, separate from load_counts (which the
         # bias update clears every optimizer step): tokens per expert, and sums over tokens of the
         # score entropy (nats) and of the sequence aux loss. Reset by reset_stats() at log steps.
@@ -84,17 +115,24 @@ class Router(nn.Module):
             return logits.sigmoid()
         return logits.softmax(dim=-1)
 
-    def _select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Top-k experts of scores + bias [T, E] -> [T, k]; ties go to the lower expert index."""
+    def _select(self, scores: torch.Tensor, input_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """Top-k experts of scores + bias [T, E] -> [T, k]; ties go to the lower expert index.
+
+        Hash layers look the experts of input_ids [B, S] up in tid2eid instead.
+        """
+        if self.hash:
+            if input_ids is None:
+                raise ValueError(f"layer {self.layer_idx} routes by token-id hash and needs input_ids")
+            return self.tid2eid[input_ids.reshape(-1)]
         biased = scores + self.expert_bias
         # A stable descending sort keeps equal values in index order; topk gives no such promise.
         return biased.sort(dim=-1, descending=True, stable=True).indices[:, : self.top_k]
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        """Route x [B, S, D]; counts the selections into load_counts while training."""
+    def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None) -> RouterOutput:
+        """Route x [B, S, D] (input_ids [B, S]: hash layers); counts the selections into load_counts while training."""
         batch, seq, _ = x.shape
         scores = self.scores(x).view(batch * seq, self.num_experts)  # [T, E]
-        topk_idx = self._select(scores)  # [T, k]
+        topk_idx = self._select(scores, input_ids)  # [T, k]
         gates = scores.gather(-1, topk_idx)  # [T, k], unbiased
         if self.norm_topk_prob:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
@@ -153,7 +191,7 @@ class Router(nn.Module):
         Called by the trainer once per optimizer step with counts summed over all ranks and
         micro-batches, so the result is identical on every rank.
         """
-        if self.bias_update_rate == 0:
+        if self.bias_update_rate == 0 or self.hash:
             return
         counts = global_counts.to(device=self.expert_bias.device, dtype=torch.float32)
         self.expert_bias += self.bias_update_rate * torch.sign(counts.mean() - counts)
