@@ -1,7 +1,9 @@
 """One decoder layer: pre-norm attention and FFN sublayers, each added back to the residual stream.
 
-The two sublayers are separate methods so that mHC (hc_mult > 1) can later replace the plain
-``x + sublayer(x)`` residual with its stream mixing around the same calls.
+With hc_mult = 1 the residual is plain, ``x + sublayer(x)`` on x [B,S,D]. With hc_mult = n > 1 it
+is mHC (``mhc.py``) on n streams x [B,S,n,D]: each sublayer reads a weighted collapse of the
+streams and its output is spread back with the stream mixing; the mapping parameters carry the
+official names (``hc_attn_fn``/``_base``/``_scale``, ``hc_ffn_*``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from moesaic.configs.schema import ModelConfig
 
+from . import mhc
 from .attention import build_attention
 from .ffn import SwiGLU
 from .norm import RMSNorm
@@ -33,6 +36,12 @@ class Block(nn.Module):
             self.ffn: nn.Module = MoE(cfg, layer_idx)
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size, cfg.moe.swiglu_limit)
+        self.hc = mhc.HCSpec.from_config(cfg)
+        if self.hc.n > 1:
+            self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = mhc.sublayer_parameters(
+                self.hc, cfg.hidden_size, cfg.init_std)
+            self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = mhc.sublayer_parameters(
+                self.hc, cfg.hidden_size, cfg.init_std)
 
     def attn_sublayer(self, x: torch.Tensor, cache: Optional[object] = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.attn(self.attn_norm(x), cache)
@@ -45,8 +54,19 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor,
                 cache: Optional[object] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B,S,D], input_ids [B,S] (for hash routing) -> (x [B,S,D], aux_loss of both sublayers)."""
+        """x [B,S,D] (or mHC streams [B,S,n,D]), input_ids [B,S] (for hash routing) -> (x, aux_loss of both sublayers)."""
+        if self.hc.n > 1:
+            return self._forward_mhc(x, input_ids, cache)
         h, attn_aux = self.attn_sublayer(x, cache)
         x = x + h
         h, ffn_aux = self.ffn_sublayer(x, input_ids)
         return x + h, attn_aux + ffn_aux
+
+    def _forward_mhc(self, x: torch.Tensor, input_ids: torch.Tensor,
+                     cache: Optional[object]) -> tuple[torch.Tensor, torch.Tensor]:
+        pre, post, comb = mhc.sublayer_mappings(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.hc)
+        h, attn_aux = self.attn_sublayer(mhc.collapse(x, pre), cache)
+        x = mhc.expand(h, x, post, comb)  # [B,S,n,D]
+        pre, post, comb = mhc.sublayer_mappings(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.hc)
+        h, ffn_aux = self.ffn_sublayer(mhc.collapse(x, pre), input_ids)
+        return mhc.expand(h, x, post, comb), attn_aux + ffn_aux

@@ -1,4 +1,9 @@
-"""The single-device DeepSeek-V4-style language model: embed -> decoder layers -> norm -> head."""
+"""The single-device DeepSeek-V4-style language model: embed -> decoder layers -> norm -> head.
+
+With mHC (hc_mult = n > 1) the embedding is copied into n residual streams, the layers mix them,
+and ``hc_head_*`` collapses them before the final norm (``mhc.py``). MTP blocks (``mtp.py``), if
+any, run on the final streams when labels are given and add ``mtp_loss_coef`` x their mean loss.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from torch import nn
 
 from moesaic.configs.schema import ModelConfig
 
+from . import mhc
 from .block import Block
+from .mtp import MTPBlock
 from .norm import RMSNorm
 from .sequence import WHOLE, WholeSequence
 
@@ -19,9 +26,10 @@ from .sequence import WHOLE, WholeSequence
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [B,S,V]
-    loss: Optional[torch.Tensor]  # lm_loss + aux_loss; None without labels
+    loss: Optional[torch.Tensor]  # lm_loss + aux_loss (+ mtp_loss_coef * mtp_loss); None without labels
     lm_loss: Optional[torch.Tensor]  # mean cross-entropy over labels != -100; None without labels
     aux_loss: torch.Tensor  # sum of the layers' auxiliary losses (MoE balance, indexer), scalar
+    mtp_loss: Optional[torch.Tensor] = None  # mean over MTP depths of their cross-entropy; None without MTP/labels
 
 
 class Transformer(nn.Module):
@@ -34,6 +42,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.hc = mhc.HCSpec.from_config(cfg)
+        if self.hc.n > 1:
+            self.hc_head_fn, self.hc_head_base, self.hc_head_scale = mhc.head_parameters(
+                self.hc, cfg.hidden_size, cfg.init_std)
+        self.mtp = nn.ModuleList(MTPBlock(cfg, i) for i in range(cfg.mtp_layers))
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -51,18 +64,48 @@ class Transformer(nn.Module):
                 caches: Optional[Sequence[object]] = None) -> ModelOutput:
         """input_ids [B,S] -> logits [B,S,V]; with ``caches`` the tokens continue the cached sequence."""
         x = self.embed(input_ids)
+        if self.hc.n > 1:
+            x = x.unsqueeze(2).expand(-1, -1, self.hc.n, -1)  # [B,S,n,D]: every stream starts as the embedding
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
             x, layer_aux = layer(x, input_ids, caches[i] if caches is not None else None)
             aux_loss = aux_loss + layer_aux
-        logits = self.head(self.norm(x))
+        h = mhc.head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.hc) \
+            if self.hc.n > 1 else x
+        logits = self.head(self.norm(h))
         if labels is None:
             return ModelOutput(logits=logits, loss=None, lm_loss=None, aux_loss=aux_loss)
-        # Sum / count instead of mean so a micro-batch with every label ignored gives 0, not NaN.
+        lm_loss = self._cross_entropy(logits, labels)
+        if not self.mtp:
+            return ModelOutput(logits=logits, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
+        mtp_loss, mtp_aux = self._mtp_loss(x, input_ids, labels)
+        aux_loss = aux_loss + mtp_aux
+        loss = lm_loss + aux_loss + self.cfg.mtp_loss_coef * mtp_loss
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, mtp_loss=mtp_loss)
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over labels != -100; sum / count so a batch with every label ignored gives 0, not NaN.
+
+        On a shard of the sequences the count is the whole sequences': the shards' losses add up to the mean.
+        """
         total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        # On a shard of the sequences the count is the whole sequences': the shards' losses add up to the mean.
-        lm_loss = total / self.sequence.sum((labels != -100).sum()).clamp(min=1)
-        return ModelOutput(logits=logits, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
+        return total / self.sequence.sum((labels != -100).sum()).clamp(min=1)
+
+    def _mtp_loss(self, x: torch.Tensor, input_ids: torch.Tensor,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy of the MTP depths and their aux loss; x [B,S,(n,)D] the final streams.
+
+        Depth d predicts labels[:, t + d] (the token after t + d) from depth d-1's state at t and
+        input token t + d, for t < S - d; depths without positions left are skipped.
+        """
+        losses, aux_loss, h = [], x.new_zeros((), dtype=torch.float32), x
+        for depth, block in enumerate(self.mtp, start=1):
+            if input_ids.shape[1] <= depth:
+                break
+            logits, h, block_aux = block.predict(h[:, :-1], input_ids[:, depth:], self.embed, self.head)
+            losses.append(self._cross_entropy(logits, labels[:, depth:]))
+            aux_loss = aux_loss + block_aux
+        return (torch.stack(losses).mean() if losses else aux_loss.new_zeros(())), aux_loss
 
     def routers(self) -> list[nn.Module]:
         """MoE routers, i.e. modules with ``update_bias``; the trainer updates their bias per optimizer step."""
@@ -78,7 +121,7 @@ class Transformer(nn.Module):
             return total
         moe = self.cfg.moe
         inactive = 0.0
-        for layer in self.layers:
+        for layer in [*self.layers, *self.mtp]:
             if layer.is_moe:
                 routed = sum(p.numel() for p in layer.ffn.experts.parameters())
                 inactive += routed * (1 - moe.top_k / moe.num_experts)

@@ -1,0 +1,150 @@
+"""mHC: manifold-constrained hyper-connections (MODEL_SPEC §5), the residual of DeepSeek-V4.
+
+The residual state is n = ``hc_mult`` streams X [B,S,n,D]. Around each sublayer F (attention or
+MoE) one projection of the RMS-normalised flattened streams gives three mappings:
+
+    mix  = (phi . X~) / rms(X~)                          X~ = flatten(X) [n*D], phi [(2+n)*n, n*D]
+    pre  = sigmoid(a0 * mix[:n] + b[:n]) + eps           how much each stream feeds F
+    post = 2 * sigmoid(a1 * mix[n:2n] + b[n:2n])         how much of F's output each stream gets
+    comb = Sinkhorn(softmax_j(a2 * mix[2n:] + b[2n:]))   [i, j], doubly stochastic stream mixer
+    X'_j = post_j * F(sum_i pre_i X_i) + sum_i comb[i, j] X_i
+
+comb is used transposed (stream j gathers from all i along comb's first axis), and the Sinkhorn
+starts with a column normalisation after the softmax, then (iters - 1) row/column rounds: this is
+the official ``hc_split_sinkhorn`` and transformers >= 5.10.4 (5.8.0 got all three wrong, §13.2).
+A doubly stochastic comb has spectral norm <= 1, so the residual mixing cannot blow up with depth.
+Before the final norm, ``head_collapse`` sums the streams with sigmoid weights (no Sinkhorn/post).
+
+Parameters live on the owning module under the official checkpoint names (``hc_attn_fn``,
+``hc_attn_base``, ``hc_attn_scale``, ``hc_ffn_*``, ``hc_head_*``); this module holds the math.
+
+Initialisation (DeepSeek's is unconfirmed, §14): phi ~ N(0, init_std), b = 0, a = 1, as
+transformers does. With the embedding copied into every stream this starts as a plain pre-norm
+residual: all streams are equal, pre = 1/2 each, post = 1 and comb = 1/n, so X' = X + F(X) up to
+the RMS-normalised sublayer input; the streams then diverge only as phi, b and a learn to.
+All mHC math runs in fp32 (the mappings are precision sensitive); mixing runs in X's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moesaic.configs.schema import ModelConfig
+
+from .norm import rms_normalize
+
+
+@dataclass(frozen=True)
+class HCSpec:
+    """The mHC hyper-parameters of a model."""
+
+    n: int  # streams
+    sinkhorn_iters: int
+    eps: float  # floor on pre and on the Sinkhorn denominators (hc_eps)
+    norm_eps: float  # eps of the unweighted RMS norm of the flattened streams (rms_norm_eps)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "HCSpec":
+        return cls(cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+
+
+def mapping_parameters(n: int, dim: int, outputs: int, scales: int,
+                       init_std: float) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
+    """fn [outputs, n*dim] ~ N(0, init_std), base [outputs] = 0, scale [scales] = 1, all fp32."""
+    fn = nn.Parameter(torch.empty(outputs, n * dim))
+    nn.init.normal_(fn, std=init_std)
+    return fn, nn.Parameter(torch.zeros(outputs)), nn.Parameter(torch.ones(scales))
+
+
+def sublayer_parameters(spec: HCSpec, dim: int, init_std: float) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
+    """(fn, base, scale) of one sublayer site: (2+n)*n outputs (pre, post, comb), 3 scales."""
+    return mapping_parameters(spec.n, dim, (2 + spec.n) * spec.n, 3, init_std)
+
+
+def head_parameters(spec: HCSpec, dim: int, init_std: float) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
+    """(fn, base, scale) of the final collapse: n outputs, 1 scale."""
+    return mapping_parameters(spec.n, dim, spec.n, 1, init_std)
+
+
+def _mix(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """x [B,S,n,D] -> phi . x~ / rms(x~) [B,S,outputs] in fp32."""
+    return F.linear(rms_normalize(x.flatten(2).float(), norm_eps), fn.float())
+
+
+def _normalisations(iters: int) -> list[int]:
+    """Axes of [n(i), n(j), T] that the Sinkhorn steps normalise: columns (sum over i), then rows/columns."""
+    return [0] + [1, 0] * (iters - 1)
+
+
+class _Sinkhorn(torch.autograd.Function):
+    """Row softmax + eps, then Sinkhorn-Knopp: comb <- comb / (sum over an axis + eps), on [n, n, T].
+
+    The [n, n, T] layout makes each sum over a leading axis of size n a few vectorised adds over T
+    (reducing a trailing axis of size 4 is slow on CPU). The backward is written out: a step
+    c' = c / s with s = sum_a c + eps has dL/dc = (g - sum_a g c') / s, and its input is c' * s,
+    so only the denominators s ([n, T] each, 2*iters of them) are kept, not the 2*iters matrices.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+        comb = logits.softmax(dim=1) + eps
+        sums = []
+        for axis in _normalisations(iters):
+            sums.append(comb.sum(dim=axis, keepdim=True) + eps)
+            comb = comb / sums[-1]
+        ctx.save_for_backward(comb, *sums)
+        ctx.iters, ctx.eps = iters, eps
+        return comb
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        comb, *sums = ctx.saved_tensors
+        for axis, s in zip(reversed(_normalisations(ctx.iters)), reversed(sums)):
+            grad = (grad - (grad * comb).sum(dim=axis, keepdim=True)) / s
+            comb = comb * s  # this step's input
+        probs = comb - ctx.eps  # the softmax
+        return probs * (grad - (grad * probs).sum(dim=1, keepdim=True)), None, None
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Row softmax, then Sinkhorn-Knopp column/row normalisation: [..., n, n] -> doubly stochastic."""
+    flat = logits.flatten(0, -3).permute(1, 2, 0).contiguous()  # [n, n, T]
+    return _Sinkhorn.apply(flat, iters, eps).permute(2, 0, 1).reshape(logits.shape)
+
+
+def sublayer_mappings(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                      spec: HCSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B,S,n,D] -> pre [B,S,n], post [B,S,n], comb [B,S,n,n] (fp32)."""
+    n = spec.n
+    pre, post, comb = _mix(x, fn, spec.norm_eps).split([n, n, n * n], dim=-1)
+    base, scale = base.float(), scale.float()
+    pre = torch.sigmoid(pre * scale[0] + base[:n]) + spec.eps
+    post = 2 * torch.sigmoid(post * scale[1] + base[n:2 * n])
+    comb = comb.unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)
+    return pre, post, sinkhorn(comb, spec.sinkhorn_iters, spec.eps)
+
+
+def collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """Sublayer input sum_i pre_i X_i: x [B,S,n,D], pre [B,S,n] -> [B,S,D] in x's dtype.
+
+    A broadcast product summed over the stream axis: vectorised over D, whereas an einsum would
+    become B*S tiny matrix products, looped one by one on CPU.
+    """
+    return (pre.to(x.dtype).unsqueeze(-1) * x).sum(dim=2)
+
+
+def expand(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """New streams X'_j = post_j y + sum_i comb[i, j] X_i: y [B,S,D], x [B,S,n,D] -> [B,S,n,D]."""
+    mixed = torch.matmul(comb.to(x.dtype).transpose(-1, -2), x)  # [B,S,n,D]: comb^T X per token
+    return torch.addcmul(mixed, post.to(x.dtype).unsqueeze(-1), y.unsqueeze(-2))
+
+
+def head_collapse(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                  spec: HCSpec) -> torch.Tensor:
+    """Final collapse before the norm: sum_i (sigmoid(a * mix_i + b_i) + eps) X_i, [B,S,n,D] -> [B,S,D]."""
+    pre = torch.sigmoid(_mix(x, fn, spec.norm_eps) * scale.float() + base.float()) + spec.eps
+    return collapse(x, pre)
