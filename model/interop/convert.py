@@ -1,0 +1,160 @@
+"""Checkpoint conversion between moesaic's native format and transformers' DeepSeek-V4 format.
+
+Every path streams: tensors are read one at a time (``safe_open``) and written as their turn
+comes, or copied straight into an existing model's parameters; expected names and shapes come
+from a model built on the meta device, which allocates nothing. Output directories appear only
+when complete (``atomic_directory``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from moesaic.configs import ConfigError, ModelConfig
+
+from ..transformer import Transformer
+from .hf_config import check_same_architecture, from_hf_config, to_hf_config
+from .hf_names import Shapes, count_mtp_blocks, hf_plans, native_plans
+from .safetensors_io import (ConversionError, SafetensorsDir, TensorPlan, atomic_directory, write_safetensors,
+                             write_sharded)
+
+NATIVE_CONFIG = "config.yaml"
+NATIVE_WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def _state_shapes(model: Transformer) -> Shapes:
+    return {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+
+
+def expected_state(cfg: ModelConfig) -> Shapes:
+    """Name -> (shape, dtype) of every saved tensor of a model of ``cfg``, without allocating it."""
+    with torch.device("meta"):
+        return _state_shapes(Transformer(cfg))
+
+
+def read_native_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / NATIVE_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{directory} is not a moesaic checkpoint: {NATIVE_CONFIG} is missing")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def read_hf_config(directory: str | Path, src: Optional[SafetensorsDir] = None) -> ModelConfig:
+    """The ModelConfig of a transformers DeepSeek-V4 checkpoint directory (its MTP blocks counted from its tensors)."""
+    path = Path(directory) / HF_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{directory} is not a transformers checkpoint: {HF_CONFIG} is missing")
+    try:
+        hf = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    src = src or SafetensorsDir(directory)
+    return from_hf_config(hf, count_mtp_blocks(src.keys()), source=str(path))
+
+
+def _check_native(src: SafetensorsDir, expected: Shapes) -> None:
+    """A native directory must hold exactly the tensors its config.yaml implies."""
+    for name, (shape, _) in expected.items():
+        if name not in src:
+            raise ConversionError(f"tensor '{name}' is missing from {src.directory}")
+        if src.shape(name) != shape:
+            raise ConversionError(f"tensor '{name}' in {src.directory} has shape {list(src.shape(name))}, "
+                                  f"but its {NATIVE_CONFIG} implies {list(shape)}")
+    extra = sorted(src.keys() - expected.keys())
+    if extra:
+        raise ConversionError(f"tensor '{extra[0]}' in {src.directory} is not part of the model its "
+                              f"{NATIVE_CONFIG} describes")
+
+
+@torch.no_grad()
+def _copy_into(model: Transformer, plans: list[TensorPlan]) -> None:
+    """Load each planned tensor straight into the model's parameter or buffer of that name."""
+    state = model.state_dict(keep_vars=True)
+    for plan in plans:
+        target = state[plan.name]
+        target.copy_(plan.load().to(dtype=target.dtype, device=target.device))
+
+
+def save_native(model: Transformer, directory: str | Path) -> Path:
+    """Write ``model`` as a native checkpoint: ``config.yaml`` (its ModelConfig) + ``model.safetensors``."""
+    state = model.state_dict()
+    plans = [TensorPlan(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in state.items()]
+    with atomic_directory(directory) as tmp:
+        (tmp / NATIVE_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(model.cfg)))
+        write_safetensors(tmp / NATIVE_WEIGHTS, plans, {"moesaic": "native"})
+    return Path(directory)
+
+
+def load_native(directory: str | Path) -> Transformer:
+    """Build the model a native checkpoint describes and load its tensors."""
+    cfg = read_native_config(directory)
+    model = Transformer(cfg)
+    src = SafetensorsDir(directory)
+    expected = _state_shapes(model)
+    _check_native(src, expected)
+    _copy_into(model, [TensorPlan(n, src.dtype(n), shape, lambda n=n: src.get(n)) for n, (shape, _) in expected.items()])
+    return model
+
+
+def load_hf_into(model: Transformer, directory: str | Path) -> None:
+    """Overwrite ``model``'s weights with a transformers DeepSeek-V4 checkpoint (``model.init_from``).
+
+    ConfigError names the first model field where ``model.cfg`` and the checkpoint's config.json
+    disagree; ConversionError names a missing, misshapen or unexpected tensor.
+    """
+    src = SafetensorsDir(directory)
+    check_same_architecture(model.cfg, read_hf_config(directory, src), str(directory))
+    _copy_into(model, native_plans(src, _state_shapes(model)))
+
+
+def import_hf(hf_dir: str | Path, native_dir: str | Path) -> Path:
+    """transformers DeepSeek-V4 checkpoint -> new native checkpoint directory, tensor by tensor."""
+    src = SafetensorsDir(hf_dir)
+    cfg = read_hf_config(hf_dir, src)
+    plans = native_plans(src, expected_state(cfg))
+    with atomic_directory(native_dir) as tmp:
+        (tmp / NATIVE_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        write_safetensors(tmp / NATIVE_WEIGHTS, plans, {"moesaic": "native"})
+    return Path(native_dir)
+
+
+def export_hf(native_dir: str | Path, hf_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Native checkpoint -> new transformers DeepSeek-V4 checkpoint directory, tensor by tensor.
+
+    ``DeepseekV4ForCausalLM.from_pretrained(hf_dir)`` then reproduces the model's logits; MTP
+    blocks are written under ``mtp.{i}.*``, which transformers skips.
+    """
+    cfg = read_native_config(native_dir)
+    src = SafetensorsDir(native_dir)
+    expected = expected_state(cfg)
+    _check_native(src, expected)
+    native = {name: (shape, src.dtype(name)) for name, (shape, _) in expected.items()}
+    dtype = str(src.dtype("embed.weight")).removeprefix("torch.")
+    hf_config = to_hf_config(cfg, dtype)
+    with atomic_directory(hf_dir) as tmp:
+        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
+        write_sharded(tmp, hf_plans(src.get, native), max_shard_bytes)
+    return Path(hf_dir)
+
+
+def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
+    """Convert either way, by what ``src`` is (config.json: transformers; config.yaml: native); returns the direction."""
+    if (Path(src) / HF_CONFIG).is_file():
+        import_hf(src, dst)
+        return "transformers -> native"
+    if (Path(src) / NATIVE_CONFIG).is_file():
+        export_hf(src, dst, max_shard_bytes)
+        return "native -> transformers"
+    raise ConfigError(f"{src} is neither a transformers checkpoint ({HF_CONFIG}) nor a moesaic one ({NATIVE_CONFIG})")
