@@ -25,13 +25,16 @@ Why not DeepSpeed's Ulysses (``DistributedAttention`` / ``_SeqAllToAll``): it sc
 exchange asserts ``num_kv_heads >= sp`` (V4 has 1), so the single K = V head would have to be
 all-gathered anyway (S x c per rank) besides the compressor's input, and the all-to-alls of q and of
 the output add 2 (sp-1)/sp^2 x S x H x c received values per rank and layer. Here a rank receives
-(sp-1)/sp x S/m x c of entries (+ index keys) and (window + m) rows of halo: about 2 H m / sp times
+(sp-1)/sp x S/m x c of entries (+ index keys) and the other shards' tails (window - 1 key rows, m
+input rows each; an all-gather, where point-to-point would move one tail): about 2 H m / sp times
 less (64x for V4-Flash's CSA layers at sp = 8: H = 64, m = 4), no head-divisibility constraint, and
 the same attention FLOPs per rank (the kernel scores every entry for every query, so shards are
 balanced; under Ulysses each rank would instead run all S queries for H/sp heads).
 
 All exchanges are autograd-aware all-gathers (``all_gather_single_autograd``; its backward
 reduce-scatters, so a row's gradient from a later shard returns to the rank that computed it).
+Every rank must issue the same collectives, in backward too: the first shard's halos are empty
+tensors that still enter its graph (``Compressor.forward`` takes an empty ``before``), never skipped.
 Decoding with a KV cache runs on whole sequences: use ``whole_sequence`` around generation.
 """
 
