@@ -8,22 +8,25 @@ expert stay replicated. Expert parallelism borrows data-parallel ranks: every ra
 its own data, and an expert's gradient collects the tokens of the ``ep`` ranks of its group.
 
 How DeepSpeed is told. The groups are DeepSpeed's own (``groups._create_expert_and_data_parallel``,
-named ``ep_size_{ep}``: expert-parallel groups of consecutive ranks, expert-data-parallel groups
-of ranks ``ep`` apart), and the expert parameters carry DeepSpeed's MoE tags (``allreduce=False``,
-``group_name``). That alone makes ``_broadcast_model`` and the optimizer-group split per-group, but
-the engine switches its MoE paths (ZeRO-1/2 expert partitioning and reduction over the
-expert-data-parallel group, ZeRO-0's expert all-reduce, the MoE checkpoint layout) on
-``has_moe_layers``, which it sets only on finding an instance of ``deepspeed.moe.layer.MoE`` (or
-of AutoEP's layer, which replaces the whole MoE and has no bias balancing). There is no other
-switch, so ``ShardedExperts`` is also a ``deepspeed.moe.layer.MoE``: it inherits only the type
-(DeepSpeed's ``__init__``, gate and capacity-based dispatch are never run; ``forward`` is
-``GroupedExperts.forward``) and provides the attributes the engine reads (``num_experts``,
-``num_local_experts``, ``expert_group_name``, ``ep_size``). Making the experts module the
-DeepSpeed layer, rather than adding an empty marker elsewhere, is what scopes DeepSpeed's
-expert-key filter to the routed experts: ``mp_rank_00_model_states.pt`` keeps the router and the
-shared expert and drops the per-rank expert slices, which go to per-expert files instead
-(``parallel/portable.py``). DeepSpeed builds nothing for this layer, which is why the trainer
-rejects ZeRO-0 (its clip norm averages per-rank norms) and ZeRO-3 (native MoE refused) under EP.
+named ``ep_size_{ep}``: expert-parallel groups of consecutive ranks, expert-data-parallel groups of
+ranks ``ep`` apart), and the expert parameters carry DeepSpeed's MoE tags (``allreduce=False``,
+``group_name``). The tags alone steer ``_broadcast_model`` and the optimizer-group split
+(``split_expert_param_groups``), but the engine switches its MoE paths (ZeRO-1/2 expert
+partitioning and reduction over the expert-data-parallel group, ZeRO-0's expert all-reduce, the MoE
+checkpoint layout) on ``has_moe_layers``, which it sets only on finding an instance of
+``deepspeed.moe.layer.MoE`` (or of AutoEP's layer, which replaces the whole MoE and has no bias
+balancing). There is no other switch, so ``ShardedExperts`` is also a ``deepspeed.moe.layer.MoE``:
+it inherits only the type (DeepSpeed's ``__init__``, gate and capacity-based dispatch are never
+run; ``forward`` is ``GroupedExperts.forward``) and provides the attributes the engine reads
+(``num_experts``, ``num_local_experts``, ``expert_group_name``, ``ep_size``). Making the experts
+module the DeepSpeed layer, rather than adding an empty marker elsewhere, is what scopes
+DeepSpeed's expert-key filter to the routed experts: ``mp_rank_00_model_states.pt`` keeps the
+router and the shared expert and drops the per-rank expert slices, which go to per-expert files
+instead (``parallel/portable.py``).
+
+Limits, checked by the config: ZeRO-0's fp32 clipping averages per-rank norms, which is wrong once
+ranks hold different experts, and ZeRO-3 refuses native MoE; so EP runs ZeRO-1/2, whose norm sums
+the squares of every partition and so counts each expert once (tested against one process).
 """
 
 from __future__ import annotations

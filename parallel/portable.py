@@ -142,8 +142,9 @@ def module_loader(ckpt: Path) -> Callable[..., None]:
         result = dst.load_state_dict({k: v for k, v in src.items() if not k.startswith(prefixes)}, strict=False)
         expected = {f"{name}.{w}" for name, _ in experts for w in EXPERT_WEIGHTS}
         if result.unexpected_keys or set(result.missing_keys) != expected:
-            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing "
-                               f"{sorted(set(result.missing_keys) - expected)}, unexpected {sorted(result.unexpected_keys)}")
+            missing = sorted(set(result.missing_keys) - expected)
+            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, "
+                               f"unexpected {sorted(result.unexpected_keys)}")
         with torch.no_grad():
             for layer, (name, m) in enumerate(experts):
                 gids = _global_ids(m)

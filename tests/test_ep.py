@@ -102,8 +102,8 @@ def _reference(cfg, batches: list[torch.Tensor]) -> list[dict]:
         for r in model.routers():
             r.update_bias(r.load_counts)
             r.reset_load_counts()
-        records.append({"loss": loss, "norm": norm, "params": {k: v.detach().clone() for k, v in model.named_parameters()},
-                        "bias": [r.expert_bias.clone() for r in model.routers()]})
+        records.append({"loss": loss, "norm": norm, "bias": [r.expert_bias.clone() for r in model.routers()],
+                        "params": {k: v.detach().clone() for k, v in model.named_parameters()}})
     return records
 
 
@@ -169,7 +169,8 @@ def _check_engine(ep: int, zero: int, batches: list[torch.Tensor], ref: list[dic
         diffs = {"loss (relative)": abs(loss / ref[step]["loss"] - 1),
                  "grad norm (relative)": abs(float(engine.get_global_grad_norm()) / ref[step]["norm"] - 1),
                  "params": _max_diff(_full_params(model), ref[step]["params"]),
-                 "bias": max((r.expert_bias - b).abs().max().item() for r, b in zip(model.routers(), ref[step]["bias"]))}
+                 "bias": max((r.expert_bias - b).abs().max().item()
+                             for r, b in zip(model.routers(), ref[step]["bias"]))}
         for key, d in diffs.items():
             assert d <= TOL, f"{tag} step {step}: {key} differs from one process by {d:.3g}"
             worst[key] = max(worst.get(key, 0.0), d)
