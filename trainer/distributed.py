@@ -56,8 +56,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         _init_under_torchrun(backend)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts a group that already exists
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
