@@ -250,10 +250,12 @@ def test_tiny_compressed_model_trains() -> None:
     (["model.attention.hca_ratio=48"], "data.seq_len=128 must be divisible by model.attention.hca_ratio=48"),
     (["model.attention.index_head_dim=8"], "model.attention.index_head_dim=8 must be >= rope_head_dim=16"),
     (["model.attention.rope_head_dim=15"], "model.attention.rope_head_dim=15 must be even"),
-    (["model.attention.csa_ratio=1"], "model.attention.csa_ratio=1 and hca_ratio=128 must be > 1"),
+    (["model.attention.csa_ratio=1"], "model.attention.csa_ratio=1 and hca_ratio=16 must be > 1"),
 ])
 def test_bad_shapes_are_config_errors(overrides: list[str], message: str) -> None:
-    layout = "model.layer_types=[swa,csa,hca,csa]"
-    assert load_config("tiny", [layout]).model.layer_types == ["swa", "csa", "hca", "csa"]
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-        load_config("tiny", [layout, *overrides])
+    base = ["model.layer_types=[swa,csa,hca,csa]", "data.seq_len=128", "model.attention.csa_ratio=4",
+            "model.attention.hca_ratio=16", "model.attention.rope_head_dim=16", "model.attention.index_head_dim=32",
+            "model.attention.index_topk=8"]
+    assert load_config("tiny", base).model.layer_types == ["swa", "csa", "hca", "csa"]  # valid as it stands
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [*base, *overrides])
