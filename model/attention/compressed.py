@@ -50,9 +50,14 @@ def visible_entries(positions: torch.Tensor, num_entries: int, ratio: int) -> to
 
 
 def gather_entries(entries: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """entries [B, N, c] picked by idx [B, S, k] (-1 reads row 0, to be masked) -> [B, S, k, c]."""
-    batch = torch.arange(idx.shape[0], device=idx.device).view(-1, 1, 1)
-    return entries[batch, idx.clamp(min=0)]
+    """entries [B, N, c] picked by idx [B, S, k] (-1 reads row 0, to be masked) -> [B, S, k, c].
+
+    index_select on the flattened rows: its backward (index_add) is about twice as fast on CPU as
+    that of advanced indexing (an accumulating index_put).
+    """
+    B, N, c = entries.shape
+    rows = idx.clamp(min=0) + N * torch.arange(B, device=idx.device).view(-1, 1, 1)  # [B,S,k]
+    return entries.reshape(B * N, c).index_select(0, rows.flatten()).view(*idx.shape, c)
 
 
 def selected_index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
