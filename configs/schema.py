@@ -142,7 +142,7 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     ep: int = 1  # expert-parallel degree
-    sp: int = 1  # Ulysses sequence-parallel degree
+    sp: int = 1  # sequence-parallel degree: each rank holds a contiguous shard of every sequence
 
 
 @dataclass
