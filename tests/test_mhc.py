@@ -202,3 +202,19 @@ def test_gradients_reach_every_mhc_parameter() -> None:
     for name, p in model.named_parameters():
         if "hc_" in name:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_prefill_then_decode_with_mhc_equals_the_full_forward() -> None:
+    """The decode caches carry only attention state: the streams are rebuilt from each token's embedding."""
+    a = AttentionConfig(num_heads=2, head_dim=16, rope_head_dim=8, q_lora_rank=16, o_groups=2, o_lora_rank=8,
+                        window=8, csa_ratio=4, hca_ratio=8, index_heads=16, index_head_dim=16, index_topk=3)
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(4, num_layers=3, layer_types=["swa", "csa", "hca"], attention=a,
+                                 moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=32, num_hash_layers=1))).eval()
+    ids = torch.randint(0, 64, (2, 36))
+    with torch.no_grad():
+        full = model(ids).logits
+        caches = model.make_caches(2)
+        steps = [model(ids[:, :28], caches=caches).logits]
+        steps += [model(ids[:, t:t + 1], caches=caches).logits for t in range(28, 36)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
