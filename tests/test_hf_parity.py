@@ -30,12 +30,13 @@ from moesaic.model.moe.router import hash_routing_table
 VOCAB, SEQ = 96, 48
 
 
-def make_cfg(layer_types: list[str], yarn: float = 1.0, mtp_layers: int = 1) -> ModelConfig:
+def make_cfg(layer_types: list[str], yarn: float = 1.0, mtp_layers: int = 1,
+             score_func: str = "sqrtsoftplus") -> ModelConfig:
     a = AttentionConfig(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
                         window=8, csa_ratio=4, hca_ratio=8, index_heads=16, index_head_dim=16, index_topk=3,
                         yarn_factor=yarn, yarn_original_max_position=32, query_chunk=16)
     moe = MoEConfig(num_experts=8, top_k=2, intermediate_size=24, num_hash_layers=1, routed_scaling_factor=2.5,
-                    swiglu_limit=1.0)  # a low clamp limit, so the clamp is active
+                    swiglu_limit=1.0, score_func=score_func)  # a low clamp limit, so the clamp is active
     return ModelConfig(vocab_size=VOCAB, hidden_size=48, num_layers=len(layer_types), layer_types=layer_types,
                        hc_mult=4, mtp_layers=mtp_layers, attention=a, moe=moe)
 
@@ -43,6 +44,7 @@ def make_cfg(layer_types: list[str], yarn: float = 1.0, mtp_layers: int = 1) -> 
 CONFIGS = {
     "swa+hash+mhc+mtp": make_cfg(["swa", "swa"]),
     "swa/csa/hca+yarn": make_cfg(["swa", "csa", "hca", "csa"], yarn=4.0),
+    "sigmoid scores": make_cfg(["hca", "swa"], mtp_layers=0, score_func="sigmoid"),
 }
 
 
@@ -205,10 +207,10 @@ def test_corrupted_or_mismatched_checkpoints_fail_clearly_and_write_nothing(tmp_
 
 def test_export_refuses_what_transformers_cannot_express(tmp_path: Path) -> None:
     for change, message in [({"hc_mult": 1}, "model.hc_mult=1"), ({"ffn_types": ["dense", "moe"]}, "ffn_types"),
-                            ({"tie_embeddings": True}, "tie_embeddings")]:
+                            ({"tie_embeddings": True}, "tie_embeddings"), ({"score_func": "softmax"}, "score_func")]:
         cfg = make_cfg(["swa", "swa"])
         for key, value in change.items():
-            setattr(cfg, key, value)
+            setattr(cfg.moe if key == "score_func" else cfg, key, value)
         with pytest.raises(ConfigError, match=message):
             to_hf_config(cfg)
 

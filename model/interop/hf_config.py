@@ -21,6 +21,7 @@ HF_LAYER_TYPES = {"swa": "sliding_attention", "csa": "compressed_sparse_attentio
                   "hca": "heavily_compressed_attention"}
 _LAYER_TYPES = {hf: ours for ours, hf in HF_LAYER_TYPES.items()}
 HASH_MOE, MOE = "hash_moe", "moe"
+SCORE_FUNCS = ("sqrtsoftplus", "sigmoid")  # transformers 5.14 has no "softmax" router activation
 
 
 def _require(cond: bool, message: str) -> None:
@@ -38,6 +39,8 @@ def check_exportable(cfg: ModelConfig) -> None:
     _require(m.num_shared_experts == 1, f"model.moe.num_shared_experts={m.num_shared_experts}: "
                                         "DeepSeek-V4 has exactly one shared expert")
     _require(m.norm_topk_prob, "model.moe.norm_topk_prob=false: DeepSeek-V4 always normalises the top-k gates")
+    _require(m.score_func in SCORE_FUNCS, f"model.moe.score_func='{m.score_func}': transformers' DeepSeek-V4 "
+                                          f"builds only {' and '.join(SCORE_FUNCS)} routers")
     _require(not cfg.tie_embeddings, "model.tie_embeddings=true: DeepSeek-V4 checkpoints have an untied head")
     a = cfg.attention
     _require(int(a.head_dim * (a.rope_head_dim / a.head_dim)) == a.rope_head_dim,
@@ -169,6 +172,13 @@ def _layer_types(r: _Reader, num_layers: int, rates: dict[str, int]) -> list[str
     return [_LAYER_TYPES[t] for t in names[:num_layers]]
 
 
+def _score_func(r: _Reader) -> str:
+    score_func = r.get("scoring_func", "sqrtsoftplus")
+    _require(score_func in SCORE_FUNCS, f"{r.source}: scoring_func='{score_func}' is not supported "
+                                        f"(transformers builds {' and '.join(SCORE_FUNCS)} routers)")
+    return score_func
+
+
 def _num_hash_layers(r: _Reader, num_layers: int) -> int:
     if "mlp_layer_types" not in r.hf:
         return min(num_layers, int(r.get("num_hash_layers", 3)))  # transformers' default is 3
@@ -212,7 +222,7 @@ def from_hf_config(hf: dict[str, Any], mtp_layers: int, source: str = "config.js
     moe = MoEConfig(
         num_experts=int(r.get("n_routed_experts")), top_k=int(r.get("num_experts_per_tok")),
         intermediate_size=int(r.get("moe_intermediate_size")), num_shared_experts=1,
-        score_func=r.get("scoring_func", "sqrtsoftplus"), norm_topk_prob=True,
+        score_func=_score_func(r), norm_topk_prob=True,
         routed_scaling_factor=float(r.get("routed_scaling_factor")), swiglu_limit=float(r.get("swiglu_limit", 0.0)),
         num_hash_layers=_num_hash_layers(r, num_layers))
     return ModelConfig(
