@@ -45,7 +45,11 @@ def read_native_config(directory: str | Path) -> ModelConfig:
     if not path.is_file():
         raise ConfigError(f"{directory} is not a moesaic checkpoint: {NATIVE_CONFIG} is missing")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+        loaded = OmegaConf.load(path)
+        if "model" in loaded:
+            raise ConfigError(f"{directory} holds a run config ({NATIVE_CONFIG} with a 'model:' section), not a "
+                              f"native checkpoint; a training checkpoint exports via save_native(model, dir) first")
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
