@@ -232,7 +232,9 @@ def test_chunked_selection_equals_unchunked_exactly() -> None:
     for chunk in (1, 3, 16):
         ix.query_chunk = chunk
         idx_c, val_c = ix.select(q_lat, x, keys, positions, M)
-        assert torch.equal(idx_c, idx) and torch.equal(val_c, val)
+        assert torch.equal(idx_c, idx)
+        # Scores agree to rounding only: each chunk scores only the entries it can see (a narrower GEMM).
+        torch.testing.assert_close(val_c, val, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("topk", [3, 16])

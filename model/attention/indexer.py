@@ -27,6 +27,12 @@ from ..rope import RotaryEmbedding
 from .compressor import Compressor, CompressorState, rope_tail
 
 
+def _sortable_bits(x: torch.Tensor) -> torch.Tensor:
+    """int64 [same shape] ordered as fp32 x (no NaN): equal floats, -0.0 and +0.0 included, get equal values."""
+    bits = (x.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip magnitude bits
+
+
 class Indexer(nn.Module):
     """Lightning indexer of one CSA layer; parameter names follow the official checkpoints."""
 
@@ -63,8 +69,10 @@ class Indexer(nn.Module):
     @staticmethod
     def scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Unmasked index scores I [B, S, N] from ``queries`` output and keys [B, N, c_I]."""
-        dots = torch.einsum("bshc,bnc->bshn", q, keys.float()).relu()  # [B, S, H, N]
-        return (dots * w.unsqueeze(-1)).sum(dim=2)  # [B, S, N]
+        B, S, H, c = q.shape
+        dots = torch.matmul(q.reshape(B, S * H, c), keys.float().transpose(1, 2)).relu_()  # [B, S*H, N]
+        scores = torch.matmul(w.reshape(B * S, 1, H), dots.view(B * S, H, -1))  # [B*S, 1, N]: head-weighted sum
+        return scores.view(B, S, -1)
 
     def select(self, q_lat: torch.Tensor, x: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,25 +80,33 @@ class Indexer(nn.Module):
 
         q_lat [B, S, q_lora_rank], x [B, S, D], keys [B, N, c_I], positions [S] long (absolute).
         Returns (topk_idx [B, S, k] long, -1 where fewer than k entries are visible;
-        topk_scores [B, S, k], -inf at those -1 picks), k = min(index_topk, N). The [S, N] score
-        matrix is built ``query_chunk`` queries at a time, so memory is O(chunk * H * N); the
+        topk_scores [B, S, k], -inf at those -1 picks), k = min(index_topk, N), in descending score
+        order. Scores are built ``query_chunk`` queries at a time and only against the entries some
+        query of the chunk can see, so memory is O(chunk * H * N) and the work half of S x N; the
         projections are computed once for all queries so that chunking cannot change any score.
         """
         k = min(self.topk, keys.shape[1])
         q, w = self.queries(q_lat, x, positions)  # [B, S, H, c_I], [B, S, H]
-        entry = torch.arange(keys.shape[1], device=keys.device)  # [N]
-        idx_chunks, score_chunks = [], []
-        for lo in range(0, q.shape[1], self.query_chunk):
-            hi = lo + self.query_chunk
-            visible = (positions[lo:hi] + 1) // ratio  # [s] entries a query may use
-            score = self.scores(q[:, lo:hi], w[:, lo:hi], keys)  # [B, s, N]
-            score = score.masked_fill(entry >= visible[:, None], float("-inf"))  # [B, s, N]
-            # A stable descending sort keeps equal scores in entry order: ties go to lower indices.
-            top, idx = score.sort(dim=-1, descending=True, stable=True)  # [B, s, N]
-            top, idx = top[..., :k], idx[..., :k]  # [B, s, k]
-            idx_chunks.append(idx.masked_fill(idx >= visible[:, None], -1))
-            score_chunks.append(top)
-        return torch.cat(idx_chunks, dim=1), torch.cat(score_chunks, dim=1)
+        B, S = q.shape[:2]
+        visible = (positions + 1) // ratio  # [S] entries each query may use
+        starts = range(0, S, self.query_chunk)
+        limits = torch.stack([visible[lo:lo + self.query_chunk].max() for lo in starts]).tolist()  # one sync
+        top_idx = torch.full((B, S, k), -1, dtype=torch.long, device=q.device)
+        top_scores = torch.full((B, S, k), float("-inf"), device=q.device)
+        for lo, n in zip(starts, limits):
+            hi, n = lo + self.query_chunk, min(n, keys.shape[1])
+            if n == 0:
+                continue
+            entry = torch.arange(n, device=keys.device)  # [n]
+            score = self.scores(q[:, lo:hi], w[:, lo:hi], keys[:, :n])  # [B, s, n]
+            score = score.masked_fill(entry >= visible[lo:hi, None], float("-inf"))
+            # Exact top-k with ties to the lower entry (module docstring): topk over unique int64 keys
+            # (score's order in the high 32 bits, reversed entry index in the low 32 bits).
+            order = (_sortable_bits(score) << 32) | (n - 1 - entry)  # [B, s, n]
+            picked = (n - 1) - (order.topk(min(k, n), dim=-1).values & 0xFFFFFFFF)  # [B, s, <=k], descending
+            top_scores[:, lo:hi, :picked.shape[-1]] = score.gather(-1, picked)
+            top_idx[:, lo:hi, :picked.shape[-1]] = picked.masked_fill(picked >= visible[lo:hi, None], -1)
+        return top_idx, top_scores
 
     def forward(self, q_lat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training / stateless prefill over positions 0..S-1: (topk_idx, topk_scores, keys)."""
