@@ -17,8 +17,9 @@ def tiny_cfg(window: int = 8, query_chunk: int = 5, **attn) -> ModelConfig:
     return ModelConfig(vocab_size=64, hidden_size=48, num_layers=1, ffn_types=["dense"], attention=a)
 
 
-def naive_attention(q, kv, sink, window, scale, extra_kv=None, extra_visible=None):
-    """Full [S, T] scores with a window mask, a sink column appended then dropped (MODEL_SPEC §2.4).
+def naive_probs(q, kv, sink, window, scale, extra_kv=None, extra_visible=None):
+    """Full [B, H, S, T (+ N)] softmax probabilities with a window mask and a sink column dropped
+    after the softmax (MODEL_SPEC §2.4).
 
     q [B,S,H,c] are the last S positions of kv [B,T,c]; extra_kv [B,N,c] with extra_visible [B,S,N].
     """
@@ -29,14 +30,17 @@ def naive_attention(q, kv, sink, window, scale, extra_kv=None, extra_visible=Non
     visible = (k_row <= q_row) & (k_row > q_row - window)  # [S,T]
     scores = torch.einsum("bshc,btc->bhst", q, kv) * scale
     scores = scores.masked_fill(~visible, float("-inf"))
-    values = kv
     if extra_kv is not None:
         ex = torch.einsum("bshc,bnc->bhsn", q, extra_kv) * scale
         scores = torch.cat([scores, ex.masked_fill(~extra_visible[:, None], float("-inf"))], dim=-1)
-        values = torch.cat([kv, extra_kv], dim=1)
     scores = torch.cat([scores, sink.view(1, H, 1, 1).expand(B, H, S, 1)], dim=-1)
-    probs = scores.softmax(dim=-1)[..., :-1]  # drop the sink column
-    return torch.einsum("bhsk,bkc->bshc", probs, values)
+    return scores.softmax(dim=-1)[..., :-1]  # drop the sink column
+
+
+def naive_attention(q, kv, sink, window, scale, extra_kv=None, extra_visible=None):
+    """The reference output: ``naive_probs`` times the window keys and extra entries as values."""
+    values = kv if extra_kv is None else torch.cat([kv, extra_kv], dim=1)
+    return torch.einsum("bhsk,bkc->bshc", naive_probs(q, kv, sink, window, scale, extra_kv, extra_visible), values)
 
 
 def _inputs(B, S, T, H, c, seed=0):
@@ -69,7 +73,7 @@ def test_window_kernel_matches_naive(S, past, window, chunk):
     B, H, c = 2, 3, 16
     q, kv, sink = _inputs(B, S, past + S, H, c)
     scale = c ** -0.5
-    out = window_attention(q, kv, sink, window, scale, chunk)
+    out, _ = window_attention(q, kv, sink, window, scale, chunk)
     ref = naive_attention(q, kv, sink, window, scale)
     _assert_same_with_grads(out, ref, (q, kv, sink))
 
@@ -90,11 +94,17 @@ def test_compressed_entries_join_the_same_softmax(mode, chunk):
             visible[b, s, idx[b, s][idx[b, s] >= 0]] = True
     extra = CompressedKV(extra_kv, idx=idx) if mode == "idx" else CompressedKV(extra_kv, mask=visible)
     scale = c ** -0.5
-    out = window_attention(q, kv, sink, window, scale, chunk, extra)
+    out, mass = window_attention(q, kv, sink, window, scale, chunk, extra)
     ref = naive_attention(q, kv, sink, window, scale, extra_kv, visible)
     _assert_same_with_grads(out, ref, (q, kv, sink, extra_kv))
+    if mode == "idx":  # each pick's probability summed over heads, from the same softmax
+        ref_probs = naive_probs(q, kv, sink, window, scale, extra_kv, visible)[..., S:]  # [B,H,S,N]
+        ref_mass = ref_probs.sum(dim=1).gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)  # [B,S,k]
+        torch.testing.assert_close(mass, ref_mass, atol=1e-6, rtol=1e-6)
+    else:
+        assert mass is None
     # The extra entries must matter, or the comparison above proves nothing about them.
-    assert (out - window_attention(q, kv, sink, window, scale, chunk)).abs().max() > 1e-2
+    assert (out - window_attention(q, kv, sink, window, scale, chunk)[0]).abs().max() > 1e-2
 
 
 def test_compressed_kv_needs_exactly_one_selector():
@@ -212,3 +222,21 @@ def test_official_parameter_names():
     assert names == {"wq_a.weight", "q_norm.weight", "wq_b.weight", "wkv.weight", "kv_norm.weight",
                      "wo_a.weight", "wo_b.weight", "attn_sink"}
     assert attn.attn_sink.dtype == torch.float32 and not attn.attn_sink.any()
+
+
+@pytest.mark.parametrize("mode", ["idx", "mask"])
+def test_backward_keeps_no_probabilities(mode):
+    """Flash-style: what autograd keeps is the inputs, the output and one fp32 number per query-head,
+    not the [S, keys] probabilities or the gathered [S, k, c] entries."""
+    B, S, H, c, N, window, k, chunk = 1, 256, 4, 8, 64, 32, 16, 64
+    q, kv, sink = _inputs(B, S, S, H, c)
+    entries = torch.randn(B, N, c, requires_grad=True)
+    idx = torch.stack([torch.randperm(N)[:k] for _ in range(S)]).view(B, S, k)
+    extra = (CompressedKV(entries, idx=idx) if mode == "idx"
+             else CompressedKV(entries, mask=torch.ones(1, S, N, dtype=torch.bool)))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, _ = window_attention(q, kv, sink, window, 0.5, chunk, extra)
+    inputs = {t.data_ptr() for t in (q, kv, sink, entries, extra.idx if mode == "idx" else extra.mask)}
+    new_numel = sum(t.numel() for t in saved if t.data_ptr() not in inputs)
+    assert new_numel == out.numel() + B * S * H  # the output and the per-row log-sum-exp

@@ -171,8 +171,8 @@ def test_kernel_statistics_match_a_naive_softmax() -> None:
     visible = (torch.arange(N) < ((torch.arange(S) + 1) // 3).unsqueeze(-1)).unsqueeze(0)  # [1, S, N]
     extra = CompressedKV(entries, mask=visible)
     stats = AttentionStats()
-    out = window_attention(q, kv, sink, W, 0.5, 3, extra, stats)  # chunks of 3 queries
-    assert torch.equal(out, window_attention(q, kv, sink, W, 0.5, 3, extra))
+    out, _ = window_attention(q, kv, sink, W, 0.5, 3, extra, stats)  # chunks of 3 queries
+    assert torch.equal(out, window_attention(q, kv, sink, W, 0.5, 3, extra)[0])
     got = {name: (total / count).item() for name, (total, count) in stats.means.items()}
     got["max_logit"] = stats.maxima["max_logit"].item()
     want = naive_stats(q, kv, sink, W, 0.5, entries, visible)

@@ -9,7 +9,8 @@ official checkpoint.
 
 Compressed layers (CSA/HCA) subclass ``SlidingWindowAttention``: they set ``compressed = True``
 (which selects ``compress_rope_theta`` + YaRN), override ``compressed_entries`` to return a
-``CompressedKV`` for the kernel (see ``kernels.py`` for the interface) plus their aux loss, and
+``CompressedKV`` for the kernel (see ``kernels.py`` for the interface) plus a function that turns
+the kernel's per-entry attention mass into their aux loss (CSA's indexer loss needs it), and
 override ``make_cache`` if they keep more decode state than the window.
 
 Statistics: while the trainer sets ``stats`` to an ``AttentionStats`` (log steps only), the kernel
@@ -20,7 +21,7 @@ object in ``compressed_entries`` (it is None otherwise, and then nothing extra i
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from moesaic.model.sequence import WHOLE, WholeSequence
 
 from .cache import SWACache
 from .kernels import AttentionStats, CompressedKV, window_attention
+
+AuxLoss = Callable[[Optional[torch.Tensor]], torch.Tensor]
+"""A layer's aux loss given the kernel's head-summed mass on the selected entries [B,S,k] (or None)."""
 
 
 class SlidingWindowAttention(nn.Module):
@@ -73,13 +77,13 @@ class SlidingWindowAttention(nn.Module):
         return SWACache(batch_size, self.window, self.head_dim, dtype=dtype, device=device)
 
     def compressed_entries(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
-                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], torch.Tensor]:
-        """Hook for CSA/HCA: extra entries for the kernel and an aux loss; SWA has neither.
+                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], AuxLoss]:
+        """Hook for CSA/HCA: extra entries for the kernel and their ``AuxLoss``; SWA has neither.
 
         x [B,S,D] is the normed layer input, qr [B,S,q_lora_rank] the query latent (indexer input),
         q [B,S,H,c] the rotated queries, positions [S] their absolute positions.
         """
-        return None, x.new_zeros(())
+        return None, lambda mass: x.new_zeros(())
 
     def window_keys(self, kv: torch.Tensor) -> torch.Tensor:
         """kv [B,S,c] preceded by the window's keys on preceding shards (none on one device) -> [B, past + S, c]."""
@@ -101,11 +105,11 @@ class SlidingWindowAttention(nn.Module):
             keys = cache.extend(kv)  # [B, past + S, c]
         else:
             keys = self.window_keys(kv)
-        o = window_attention(q, keys, self.attn_sink, self.window, self.softmax_scale, self.query_chunk, extra,
-                             self.stats)
+        o, mass = window_attention(q, keys, self.attn_sink, self.window, self.softmax_scale, self.query_chunk,
+                                   extra, self.stats)
         o = rope_tail(o, cos[:, None], sin[:, None], self.rope_dim, inverse=True)  # [B,S,H,c]
 
         o = o.reshape(B, S, self.o_groups, -1)  # [B,S,g,H*c/g]
         wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)  # [g, d_g, H*c/g]
         o = torch.einsum("bsgd,grd->bsgr", o, wo_a)  # [B,S,g,d_g]
-        return self.wo_b(o.flatten(2)), aux_loss
+        return self.wo_b(o.flatten(2)), aux_loss(mass)

@@ -13,12 +13,9 @@ t < m-1 see none and rely on the window and the sink.
   query, passed as indices, so the kernel gathers k entries per query: O(S k) memory.
 
 Indexer training signal (V3.2's sparse-stage KL, UNCONFIRMED for V4; see ``indexer.py``): the
-target is the main attention's probability on each selected entry, summed over heads. Those
-probabilities are recomputed for the k selected entries only, without autograd, by re-forming
-the query's window and selected-entry logits and normalising with their log-sum-exp together with
-the sink, i.e. the main softmax's own normaliser: O(chunk x (window + k) x H) memory, nothing kept
-for backward. Recomputing is needed because the hook runs before the kernel (and the kernel
-exposes no normaliser); it costs about one forward pass of the window logits. The indexer's own
+target is the main attention's probability on each selected entry, summed over heads, which the
+kernel returns from the softmax it computes anyway (so the loss is formed after the kernel, through
+the ``AuxLoss`` the hook returns). The indexer's own
 scores are recomputed with autograd for the selected entries only, per query chunk and again in
 backward (selection itself runs without autograd), so neither an [S, N] block nor the [S, k, c_I]
 gathered keys are kept for backward. With a decode cache the layer is in inference and returns
@@ -30,17 +27,15 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from moesaic.configs.schema import ModelConfig
-from moesaic.model.rope import rope_tail
 
-from .backbone import SlidingWindowAttention
+from .backbone import AuxLoss, SlidingWindowAttention
 from .cache import CompressedCache, CompressedStream, SWACache
 from .compressor import Compressor
 from .indexer import Indexer, indexer_kl_loss
-from .kernels import CompressedKV
+from .kernels import CompressedKV, gather_entries
 
 
 def visible_entries(positions: torch.Tensor, num_entries: int, ratio: int) -> torch.Tensor:
@@ -49,53 +44,10 @@ def visible_entries(positions: torch.Tensor, num_entries: int, ratio: int) -> to
     return (entry < ((positions + 1) // ratio).unsqueeze(-1)).unsqueeze(0)
 
 
-def gather_entries(entries: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """entries [B, N, c] picked by idx [B, S, k] (-1 reads row 0, to be masked) -> [B, S, k, c].
-
-    index_select on the flattened rows: its backward (index_add) is about twice as fast on CPU as
-    that of advanced indexing (an accumulating index_put).
-    """
-    B, N, c = entries.shape
-    rows = idx.clamp(min=0) + N * torch.arange(B, device=idx.device).view(-1, 1, 1)  # [B,S,k]
-    return entries.reshape(B * N, c).index_select(0, rows.flatten()).view(*idx.shape, c)
-
-
 def selected_index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``Indexer.scores`` for the picks only: q [B,S,H_I,c_I], w [B,S,H_I], keys [B,N,c_I], idx [B,S,k] -> [B,S,k]."""
     dots = torch.einsum("bshc,bskc->bshk", q, gather_entries(keys, idx)).relu()  # [B,S,H_I,k]
     return torch.einsum("bshk,bsh->bsk", dots, w)
-
-
-@torch.no_grad()
-def selected_attention_mass(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: torch.Tensor,
-                            idx: torch.Tensor, window: int, scale: float, query_chunk: int) -> torch.Tensor:
-    """Head-summed main-attention probability of each selected entry, [B, S, k] fp32 (0 at -1 picks).
-
-    q [B,S,H,c] and kv [B, P+S, c] (the queries' positions, preceded by P <= window - 1 earlier
-    keys, as ``window_keys`` returns them), sink [H], entries [B,N,c], idx [B,S,k]: the same inputs
-    as the kernel's. Query t's window keys are read through a strided view (key j of the view is
-    t - window + 1 + j, relative to the first query; rows before -P are padding), so only
-    window + k logits per query and head are formed.
-    """
-    B, S, H, _ = q.shape
-    past = kv.shape[1] - S
-    padded = F.pad(kv, (0, 0, window - 1 - past, 0))  # [B, S + window - 1, c]; row r holds position r - window + 1
-    offsets = torch.arange(window, device=q.device)
-    masses = []
-    for s in range(0, S, query_chunk):
-        e = min(s + query_chunk, S)
-        qc = q[:, s:e].float() * scale  # [B,C,H,c]
-        keys = padded[:, s:e + window - 1].unfold(1, window, 1)  # [B,C,c,window] view
-        win = torch.einsum("bqhc,bqcw->bqhw", qc, keys.float())  # [B,C,H,window]
-        padding = torch.arange(s, e, device=q.device).unsqueeze(1) - window + 1 + offsets < -past  # [C,window]
-        win = win.masked_fill(padding[:, None], float("-inf"))
-        picks = idx[:, s:e]  # [B,C,k]
-        sel = torch.einsum("bqhc,bqkc->bqhk", qc, gather_entries(entries, picks).float())  # [B,C,H,k]
-        sel = sel.masked_fill(picks.unsqueeze(2) < 0, float("-inf"))
-        sinks = sink.float().view(1, 1, H, 1).expand(B, e - s, H, 1)
-        lse = torch.cat([win, sel, sinks], dim=-1).logsumexp(dim=-1, keepdim=True)  # [B,C,H,1]
-        masses.append((sel - lse).exp().sum(dim=2))  # [B,C,k]
-    return torch.cat(masses, dim=1)
 
 
 class _CompressedAttention(SlidingWindowAttention):
@@ -148,9 +100,10 @@ class HeavilyCompressedAttention(_CompressedAttention):
         super().__init__(cfg, layer_idx, cfg.attention.hca_ratio)
 
     def compressed_entries(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
-                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], torch.Tensor]:
+                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], AuxLoss]:
         entries = self._main_entries(x, cache)  # [B,N,c]
-        return CompressedKV(entries, mask=visible_entries(positions, entries.shape[1], self.ratio)), x.new_zeros(())
+        extra = CompressedKV(entries, mask=visible_entries(positions, entries.shape[1], self.ratio))
+        return extra, lambda mass: x.new_zeros(())
 
 
 class CompressedSparseAttention(_CompressedAttention):
@@ -169,7 +122,7 @@ class CompressedSparseAttention(_CompressedAttention):
         return main, CompressedStream(self.indexer.compressor, batch_size, torch.float32, device)
 
     def compressed_entries(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
-                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], torch.Tensor]:
+                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], AuxLoss]:
         entries = self._main_entries(x, cache)  # [B,N,c]
         if cache is None:
             keys = self._whole(self.indexer.keys, x)  # [B,N,c_I]
@@ -179,23 +132,19 @@ class CompressedSparseAttention(_CompressedAttention):
             idx, _ = self.indexer.select(qr, x, keys, positions, self.ratio)  # [B,S,k]
         extra = CompressedKV(entries, idx=idx)
         if cache is not None or self.indexer_loss_coef == 0:
-            return extra, x.new_zeros(())
-        return extra, self.indexer_loss_coef * self._indexer_loss(x, qr, q, positions, entries, keys, idx)
+            return extra, lambda mass: x.new_zeros(())
+        return extra, lambda mass: self.indexer_loss_coef * self._indexer_loss(x, qr, positions, keys, idx, mass)
 
-    def _indexer_loss(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
-                      entries: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """KL from the main attention's head-summed mass on the selected entries to the indexer's softmax."""
+    def _indexer_loss(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+                      idx: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        """KL from the main attention's head-summed mass on the selected entries (the kernel's ``mass``
+        [B,S,k]) to the indexer's softmax over them."""
         q_i, w_i = self.indexer.queries(qr, x, positions)  # [B,S,H_I,c_I], [B,S,H_I]
         # Per query chunk and recomputed in backward, so the gathered keys [S, k, c_I] are never all kept.
         chunk = self.query_chunk
         index_scores = torch.cat([checkpoint(selected_index_scores, q_i[:, s:s + chunk], w_i[:, s:s + chunk], keys,
                                              idx[:, s:s + chunk], use_reentrant=False)
                                   for s in range(0, x.shape[1], chunk)], dim=1)  # [B,S,k]
-        with torch.no_grad():
-            cos, sin = self.rope(positions)
-            kv = self.window_keys(rope_tail(self.kv_norm(self.wkv(x)), cos, sin, self.rope_dim))  # as in forward
-            mass = selected_attention_mass(q, kv, self.attn_sink, entries, idx, self.window, self.softmax_scale,
-                                           self.query_chunk)
-            valid = idx >= 0
-            queries = self.sequence.sum(valid.any(dim=-1).sum())  # the mean runs over the whole sequence
+        valid = idx >= 0
+        queries = self.sequence.sum(valid.any(dim=-1).sum())  # the mean runs over the whole sequence
         return indexer_kl_loss(index_scores, mass, valid, queries)

@@ -1,6 +1,6 @@
 """The core attention of every DeepSeek-V4 layer: one softmax over window keys, compressed entries and a sink.
 
-``window_attention(q, kv, sink, window, scale, query_chunk, extra=None)`` is the only kernel the
+``window_attention(q, kv, sink, window, scale, query_chunk, extra=None) -> (out, mass)`` is the only kernel the
 attention layers call (MODEL_SPEC §2.4, §2.7, §3.3). Keys and values are the same single shared
 head (MQA, K = V), so queries of all heads read the same ``kv`` rows.
 
@@ -23,7 +23,11 @@ The softmax runs in fp32 over [window keys ; extra entries ; sink] and the outpu
 sum(p_j * v_j) over window keys and extra entries (the sink has no value).
 
 Memory is linear in S: queries are processed in chunks of ``query_chunk``; a chunk of C queries
-scores only its C + window - 1 candidate keys and its own extra entries, never S x S.
+scores only its C + window - 1 candidate keys and its own extra entries, never S x S. Like flash
+attention, the forward keeps only each row's log-sum-exp and the backward rebuilds a chunk's
+probabilities from it, so neither the probabilities nor the gathered [S, k, c] entries are stored
+for backward (the backward costs one more forward's logits). The kernel also returns each selected
+entry's head-summed probability, the CSA indexer's training target, which it has at no extra cost.
 
 Statistics (opt-in, for the trainer's log steps): given ``stats``, an ``AttentionStats``, the kernel
 adds the mean softmax mass on the window keys, the compressed entries and the sink, and the max
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 class AttentionStats:
@@ -83,57 +88,159 @@ class CompressedKV:
             raise ValueError("CompressedKV needs exactly one of idx (selected entries) or mask (visible entries)")
 
 
-def _extra_scores(q: torch.Tensor, extra: CompressedKV, s: int,
-                  e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits of queries q [B,C,H,c] (rows s..e) against their extra entries.
+class _Chunk:
+    """One query chunk's logits, rebuilt identically by the forward and the backward pass.
 
-    Returns (scores [B,C,H,K], visible [B|1,C,1,K], values [B,C,K,c] or [B,N,c]).
+    ``window`` [B,C,H,K] and ``extra`` [B,C,H,k|N] are fp32 logits with -inf where a key is not
+    visible; ``keys`` [B,K,c] are the chunk's window rows of kv (starting at row ``lo``),
+    ``values`` the extra entries' rows ([B,C,k,c] gathered, or all [B,N,c] for a mask).
     """
-    if extra.idx is not None:
-        idx = extra.idx[:, s:e]  # [B,C,k]
-        valid = idx >= 0
-        rows = idx.clamp(min=0)
-        batch = torch.arange(idx.shape[0], device=idx.device).view(-1, 1, 1)
-        values = extra.kv[batch, rows]  # [B,C,k,c]
-        scores = torch.einsum("bqhc,bqkc->bqhk", q, values)
-        return scores, valid.unsqueeze(2), values
-    scores = torch.einsum("bqhc,bnc->bqhn", q, extra.kv)
-    return scores, extra.mask[:, s:e].unsqueeze(2), extra.kv
+
+    def __init__(self, qc: torch.Tensor, kv: torch.Tensor, extra: Optional[CompressedKV], s: int, e: int,
+                 past: int, window: int) -> None:
+        self.lo = max(0, past + s - window + 1)  # first key row any query of the chunk can see
+        self.keys = kv[:, self.lo:past + e]  # [B,K,c]
+        q_row = torch.arange(past + s, past + e, device=kv.device).unsqueeze(1)
+        k_row = torch.arange(self.lo, past + e, device=kv.device).unsqueeze(0)
+        visible = (k_row <= q_row) & (k_row > q_row - window)  # [C,K]
+        self.window = torch.einsum("bqhc,bkc->bqhk", qc, self.keys).float().masked_fill(~visible[:, None],
+                                                                                         float("-inf"))
+        self.extra: Optional[torch.Tensor] = None
+        if extra is None:
+            return
+        if extra.idx is not None:
+            idx = extra.idx[:, s:e]  # [B,C,k]
+            self.values = gather_entries(extra.kv, idx)  # [B,C,k,c]
+            self.extra = torch.einsum("bqhc,bqkc->bqhk", qc, self.values).float()
+            self.extra = self.extra.masked_fill((idx < 0).unsqueeze(2), float("-inf"))
+        else:
+            self.values = extra.kv  # [B,N,c]
+            self.extra = torch.einsum("bqhc,bnc->bqhn", qc, extra.kv).float()
+            self.extra = self.extra.masked_fill(~extra.mask[:, s:e].unsqueeze(2), float("-inf"))
+
+    def values_times(self, probs: torch.Tensor) -> torch.Tensor:
+        """sum_j probs_j v_j for probs [B,C,H,k|N] over the extra entries -> [B,C,H,c]."""
+        if self.values.dim() == 4:
+            return torch.einsum("bqhk,bqkc->bqhc", probs, self.values)
+        return torch.einsum("bqhn,bnc->bqhc", probs, self.values)
+
+
+def _flat_rows(idx: torch.Tensor, num_entries: int) -> torch.Tensor:
+    """idx [B,S,k] into [B, N, c] entries -> flat row numbers [B*S*k] of the [B*N, c] view (-1 reads row 0)."""
+    batch = torch.arange(idx.shape[0], device=idx.device).view(-1, 1, 1)
+    return (idx.clamp(min=0) + num_entries * batch).flatten()
+
+
+def gather_entries(entries: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """entries [B, N, c] picked by idx [B, S, k] (-1 reads row 0, to be masked) -> [B, S, k, c].
+
+    index_select on the flattened rows: on CPU it and its backward (index_add) are about twice as
+    fast as advanced indexing and its accumulating index_put.
+    """
+    B, N, c = entries.shape
+    return entries.reshape(B * N, c).index_select(0, _flat_rows(idx, N)).view(*idx.shape, c)
+
+
+class _WindowAttention(torch.autograd.Function):
+    """Flash-style: forward keeps each row's log-sum-exp, backward rebuilds the chunk's probabilities.
+
+    Nothing of size [S, keys] or the gathered [S, k, c] entries is kept for backward: only the
+    inputs, the output and lse [B,S,H] fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
+                idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], window: int, scale: float,
+                query_chunk: int, stats: Optional[AttentionStats]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        B, S, H, _ = q.shape
+        past = kv.shape[1] - S
+        extra = None if entries is None else CompressedKV(entries, idx=idx, mask=mask)
+        out = q.new_empty(q.shape)
+        lse = q.new_empty(B, S, H, dtype=torch.float32)
+        mass = q.new_empty(B, S, idx.shape[-1], dtype=torch.float32) if idx is not None else None
+        sinks = sink.float().view(1, 1, H, 1)
+        for s in range(0, S, query_chunk):
+            e = min(s + query_chunk, S)
+            chunk = _Chunk(q[:, s:e] * scale, kv, extra, s, e, past, window)  # scaling q leaves the sink as is
+            parts = [chunk.window] + ([chunk.extra] if extra is not None else [])
+            parts.append(sinks.expand(B, e - s, H, 1))
+            logits = torch.cat(parts, dim=-1)  # [B,C,H,K (+k|N) + 1]
+            lse[:, s:e] = logits.logsumexp(dim=-1)
+            probs = (logits - lse[:, s:e, :, None]).exp()
+            n_win = chunk.keys.shape[1]
+            if stats is not None:
+                _record(stats, parts, probs, n_win)
+            o = torch.einsum("bqhk,bkc->bqhc", probs[..., :n_win].to(kv.dtype), chunk.keys)
+            if extra is not None:
+                ex_probs = probs[..., n_win:-1]
+                o = o + chunk.values_times(ex_probs.to(kv.dtype))
+                if mass is not None:
+                    mass[:, s:e] = ex_probs.sum(dim=2)
+            out[:, s:e] = o
+        ctx.save_for_backward(q, kv, sink, entries, idx, mask, out, lse)
+        ctx.window, ctx.scale, ctx.query_chunk = window, scale, query_chunk
+        if mass is not None:
+            ctx.mark_non_differentiable(mass)
+        return out, mass
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out: torch.Tensor, _d_mass: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+        q, kv, sink, entries, idx, mask, out, lse = ctx.saved_tensors
+        B, S, H, _ = q.shape
+        past = kv.shape[1] - S
+        extra = None if entries is None else CompressedKV(entries, idx=idx, mask=mask)
+        d_q = torch.empty_like(q)
+        d_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+        d_entries = None if entries is None else torch.zeros(entries.shape, dtype=torch.float32, device=kv.device)
+        d_sink = torch.zeros(H, dtype=torch.float32, device=kv.device)
+        sinks = sink.float().view(1, 1, H, 1)
+        # delta = sum_j p_j dP_j = d_out . out per row: the softmax backward without the probabilities.
+        delta = (d_out.float() * out.float()).sum(dim=-1)  # [B,S,H]
+        for s in range(0, S, ctx.query_chunk):
+            e = min(s + ctx.query_chunk, S)
+            qc = q[:, s:e] * ctx.scale
+            chunk = _Chunk(qc, kv, extra, s, e, past, ctx.window)
+            row_lse, row_delta = lse[:, s:e, :, None], delta[:, s:e, :, None]  # [B,C,H,1]
+            do = d_out[:, s:e]  # [B,C,H,c]
+            p_win = (chunk.window - row_lse).exp()  # [B,C,H,K]
+            ds_win = p_win * (torch.einsum("bqhc,bkc->bqhk", do, chunk.keys).float() - row_delta)
+            d_sink -= ((sinks - row_lse).exp() * row_delta).sum(dim=(0, 1, 3))
+            ds_win, p_win = ds_win.to(kv.dtype), p_win.to(kv.dtype)
+            d_qc = torch.einsum("bqhk,bkc->bqhc", ds_win, chunk.keys).float()
+            d_kv[:, chunk.lo:past + e] += (torch.einsum("bqhk,bqhc->bkc", ds_win, qc)
+                                           + torch.einsum("bqhk,bqhc->bkc", p_win, do))
+            if extra is not None:
+                p_ex = (chunk.extra - row_lse).exp()  # [B,C,H,k|N]
+                d_values = (torch.einsum("bqhc,bqkc->bqhk", do, chunk.values) if idx is not None
+                            else torch.einsum("bqhc,bnc->bqhn", do, chunk.values))
+                ds_ex = (p_ex * (d_values.float() - row_delta)).to(kv.dtype)
+                p_ex = p_ex.to(kv.dtype)
+                d_qc += chunk.values_times(ds_ex).float()
+                if idx is not None:
+                    grads = (torch.einsum("bqhk,bqhc->bqkc", ds_ex, qc)
+                             + torch.einsum("bqhk,bqhc->bqkc", p_ex, do))  # [B,C,k,c]; 0 at -1 picks
+                    d_entries.view(-1, entries.shape[-1]).index_add_(0, _flat_rows(idx[:, s:e], entries.shape[1]),
+                                                                     grads.flatten(0, 2).float())
+                else:
+                    d_entries += (torch.einsum("bqhn,bqhc->bnc", ds_ex, qc)
+                                  + torch.einsum("bqhn,bqhc->bnc", p_ex, do)).float()
+            d_q[:, s:e] = (d_qc * ctx.scale).to(q.dtype)
+        d_entries = None if d_entries is None else d_entries.to(entries.dtype)
+        return d_q, d_kv.to(kv.dtype), d_sink.to(sink.dtype), d_entries, None, None, None, None, None, None
 
 
 def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, window: int, scale: float,
                      query_chunk: int, extra: Optional[CompressedKV] = None,
-                     stats: Optional[AttentionStats] = None) -> torch.Tensor:
-    """Sliding-window MQA with an attention sink and optional compressed entries; q [B,S,H,c] -> [B,S,H,c]."""
-    B, S, H, _ = q.shape
-    T = kv.shape[1]
-    past = T - S  # rows of kv before the first query
-    if past < 0:
+                     stats: Optional[AttentionStats] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Sliding-window MQA with an attention sink and optional compressed entries.
+
+    q [B,S,H,c] -> (out [B,S,H,c], mass): ``mass`` [B,S,k] fp32, for selected entries (``extra.idx``)
+    only, is each pick's softmax probability summed over heads (0 at -1 picks; no gradient), the
+    CSA indexer's training target; None otherwise.
+    """
+    S, T = q.shape[1], kv.shape[1]
+    if T < S:
         raise ValueError(f"kv has {T} rows but there are {S} queries; kv must end at the queries' positions")
-    outs = []
-    for s in range(0, S, query_chunk):
-        e = min(s + query_chunk, S)
-        lo = max(0, past + s - window + 1)  # first key row any query of the chunk can see
-        keys = kv[:, lo:past + e]  # [B,K,c]
-        qc = q[:, s:e] * scale  # [B,C,H,c]; scaling q scales every key logit but not the sink
-        scores = torch.einsum("bqhc,bkc->bqhk", qc, keys)  # [B,C,H,K]
-        q_row = torch.arange(past + s, past + e, device=kv.device).unsqueeze(1)
-        k_row = torch.arange(lo, past + e, device=kv.device).unsqueeze(0)
-        visible = (k_row <= q_row) & (k_row > q_row - window)  # [C,K]
-        parts = [scores.float().masked_fill(~visible[:, None], float("-inf"))]
-        if extra is not None:
-            ex_scores, ex_visible, ex_values = _extra_scores(qc, extra, s, e)
-            parts.append(ex_scores.float().masked_fill(~ex_visible, float("-inf")))
-        parts.append(sink.float().view(1, 1, H, 1).expand(B, e - s, H, 1))
-        probs = torch.cat(parts, dim=-1).softmax(dim=-1)
-        n_win = keys.shape[1]
-        if stats is not None:
-            _record(stats, parts, probs, n_win)
-        probs = probs.to(kv.dtype)
-        out = torch.einsum("bqhk,bkc->bqhc", probs[..., :n_win], keys)
-        if extra is not None:
-            ex_probs = probs[..., n_win:-1]
-            pattern = "bqhk,bqkc->bqhc" if extra.idx is not None else "bqhn,bnc->bqhc"
-            out = out + torch.einsum(pattern, ex_probs, ex_values)
-        outs.append(out)
-    return torch.cat(outs, dim=1)
+    entries, idx, mask = (None, None, None) if extra is None else (extra.kv, extra.idx, extra.mask)
+    return _WindowAttention.apply(q, kv, sink, entries, idx, mask, window, scale, query_chunk, stats)
