@@ -27,27 +27,20 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from moesaic.configs.schema import ModelConfig
 
 from .backbone import AuxLoss, SlidingWindowAttention
 from .cache import CompressedCache, CompressedStream, SWACache
 from .compressor import Compressor
-from .indexer import Indexer, indexer_kl_loss
-from .kernels import CompressedKV, gather_entries
+from .indexer import Indexer, indexer_kl_loss, selected_scores
+from .kernels import CompressedKV
 
 
 def visible_entries(positions: torch.Tensor, num_entries: int, ratio: int) -> torch.Tensor:
     """[1, S, N] bool: entry w is visible to the query at position t iff w < (t + 1) // ratio."""
     entry = torch.arange(num_entries, device=positions.device)
     return (entry < ((positions + 1) // ratio).unsqueeze(-1)).unsqueeze(0)
-
-
-def selected_index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``Indexer.scores`` for the picks only: q [B,S,H_I,c_I], w [B,S,H_I], keys [B,N,c_I], idx [B,S,k] -> [B,S,k]."""
-    dots = torch.einsum("bshc,bskc->bshk", q, gather_entries(keys, idx)).relu()  # [B,S,H_I,k]
-    return torch.einsum("bshk,bsh->bsk", dots, w)
 
 
 class _CompressedAttention(SlidingWindowAttention):
@@ -140,11 +133,7 @@ class CompressedSparseAttention(_CompressedAttention):
         """KL from the main attention's head-summed mass on the selected entries (the kernel's ``mass``
         [B,S,k]) to the indexer's softmax over them."""
         q_i, w_i = self.indexer.queries(qr, x, positions)  # [B,S,H_I,c_I], [B,S,H_I]
-        # Per query chunk and recomputed in backward, so the gathered keys [S, k, c_I] are never all kept.
-        chunk = self.query_chunk
-        index_scores = torch.cat([checkpoint(selected_index_scores, q_i[:, s:s + chunk], w_i[:, s:s + chunk], keys,
-                                             idx[:, s:s + chunk], use_reentrant=False)
-                                  for s in range(0, x.shape[1], chunk)], dim=1)  # [B,S,k]
+        index_scores = selected_scores(q_i, w_i, keys, idx, self.query_chunk)  # [B,S,k]
         valid = idx >= 0
         queries = self.sequence.sum(valid.any(dim=-1).sum())  # the mean runs over the whole sequence
         return indexer_kl_loss(index_scores, mass, valid, queries)

@@ -21,10 +21,12 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ...configs.schema import ModelConfig
 from ..rope import RotaryEmbedding
 from .compressor import Compressor, CompressorState, rope_tail
+from .kernels import add_gathered_grad, gather_entries
 
 
 def _sortable_bits(x: torch.Tensor) -> torch.Tensor:
@@ -128,6 +130,45 @@ class Indexer(nn.Module):
             keys = torch.cat([keys, new_key.to(keys.dtype)], dim=1)  # [B, N+1, c_I]
         positions = torch.tensor([pos], device=x_t.device)  # [1]
         return (*self.select(q_lat_t, x_t, keys, positions, self.ratio), keys)
+
+
+class _SelectedScores(torch.autograd.Function):
+    """``Indexer.scores`` at the picks only, chunk by chunk; backward regathers the keys, so neither the
+    [S, k, c_I] gathered keys nor per-chunk full-size gradients exist (each chunk's gradient is
+    written into one [S, ...] buffer)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        scores = q.new_empty(idx.shape, dtype=torch.float32)
+        for s in range(0, q.shape[1], chunk):
+            dots = torch.einsum("bshc,bskc->bshk", q[:, s:s + chunk], gather_entries(keys, idx[:, s:s + chunk]))
+            scores[:, s:s + chunk] = torch.einsum("bshk,bsh->bsk", dots.relu(), w[:, s:s + chunk])
+        ctx.save_for_backward(q, w, keys, idx)
+        ctx.chunk = chunk
+        return scores
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_scores: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        q, w, keys, idx = ctx.saved_tensors
+        d_q, d_w, d_keys = torch.empty_like(q), torch.empty_like(w), torch.zeros_like(keys)
+        for s in range(0, q.shape[1], ctx.chunk):
+            sl = slice(s, s + ctx.chunk)
+            picked = gather_entries(keys, idx[:, sl])  # [B,C,k,c_I]
+            dots = torch.einsum("bshc,bskc->bshk", q[:, sl], picked)  # [B,C,H,k]
+            d_w[:, sl] = torch.einsum("bshk,bsk->bsh", dots.relu(), d_scores[:, sl])
+            d_dots = (dots > 0) * w[:, sl, :, None] * d_scores[:, sl, None, :]  # [B,C,H,k]
+            d_q[:, sl] = torch.einsum("bshk,bskc->bshc", d_dots, picked)
+            add_gathered_grad(d_keys, idx[:, sl], torch.einsum("bshk,bshc->bskc", d_dots, q[:, sl]))
+        return d_q, d_w, d_keys, None, None
+
+
+def selected_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor,
+                    chunk: int) -> torch.Tensor:
+    """``Indexer.scores`` for the picks only, differentiable: q [B,S,H,c_I], w [B,S,H], keys [B,N,c_I],
+    idx [B,S,k] (-1 picks give garbage, to be masked) -> [B,S,k] fp32, built ``chunk`` queries at a time."""
+    return _SelectedScores.apply(q, w, keys.float(), idx, chunk)
 
 
 def indexer_kl_loss(index_scores: torch.Tensor, main_probs: torch.Tensor, valid: torch.Tensor,

@@ -152,6 +152,13 @@ def gather_entries(entries: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return entries.reshape(B * N, c).index_select(0, _flat_rows(idx, N)).view(*idx.shape, c)
 
 
+def add_gathered_grad(grad_entries: torch.Tensor, idx: torch.Tensor, grads: torch.Tensor) -> None:
+    """The adjoint of ``gather_entries``: adds grads [B,S,k,c] into grad_entries [B,N,c] at idx rows, in place
+    (-1 picks add to row 0, so their grads must be 0)."""
+    B, N, c = grad_entries.shape
+    grad_entries.view(B * N, c).index_add_(0, _flat_rows(idx, N), grads.reshape(-1, c).to(grad_entries.dtype))
+
+
 class _WindowAttention(torch.autograd.Function):
     """Flash-style: forward keeps each row's log-sum-exp, backward rebuilds the chunk's probabilities.
 
@@ -230,8 +237,7 @@ class _WindowAttention(torch.autograd.Function):
                 d_qc += chunk.values_times(ds_p[:, :, :H]).float()
                 if idx is not None:
                     grads = torch.einsum("bqhk,bqhc->bqkc", ds_p, q_do)  # [B,C,k,c]; 0 at -1 picks
-                    d_entries.view(-1, entries.shape[-1]).index_add_(0, _flat_rows(idx[:, s:e], entries.shape[1]),
-                                                                     grads.flatten(0, 2).float())
+                    add_gathered_grad(d_entries, idx[:, s:e], grads)
                 else:
                     d_entries += torch.einsum("bqhn,bqhc->bnc", ds_p, q_do).float()
             d_q[:, s:e] = (d_qc * ctx.scale).to(q.dtype)
