@@ -35,6 +35,35 @@ def _sortable_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip magnitude bits
 
 
+def _order_keys(scores: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """Unique int64 keys [same shape] that order (score descending, then entry ascending) as plain integers:
+    the score's order in the high 32 bits, the reversed entry number in the low 32 bits."""
+    return (_sortable_bits(scores) << 32) | (0xFFFFFFFF - entries)
+
+
+def _entries_of(keys: torch.Tensor) -> torch.Tensor:
+    return 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
+def _exact_topk(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Entries [B, s, k] of the k largest scores of score [B, s, n], ties going to the lower entry, ordered
+    by (score descending, entry ascending): the same picks as a stable descending sort.
+
+    A float topk picks arbitrarily among entries tied at the k-th score, so the (few) rows where such a
+    tie leaves an entry out are redone over exact int64 keys; -inf ties are invisible entries (the
+    caller marks them -1), so they need no redo.
+    """
+    top, picked = score.topk(k, dim=-1)  # [B, s, k]
+    kth = top[..., -1:]  # [B, s, 1]
+    redo = ((score == kth).sum(dim=-1) > (top == kth).sum(dim=-1)) & (kth[..., 0] > float("-inf"))  # [B, s]
+    if redo.any():
+        rows = score[redo]  # [R, n]
+        entry = torch.arange(rows.shape[-1], device=rows.device)
+        picked[redo] = _entries_of(_order_keys(rows, entry).topk(k, dim=-1).values)
+    order = _order_keys(score.gather(-1, picked), picked).sort(dim=-1, descending=True).values
+    return _entries_of(order)
+
+
 class Indexer(nn.Module):
     """Lightning indexer of one CSA layer; parameter names follow the official checkpoints."""
 
@@ -71,8 +100,13 @@ class Indexer(nn.Module):
     @staticmethod
     def scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Unmasked index scores I [B, S, N] from ``queries`` output and keys [B, N, c_I]."""
+        return Indexer._scores_t(q, w, keys.float().transpose(1, 2).contiguous())
+
+    @staticmethod
+    def _scores_t(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
+        """``scores`` from transposed fp32 keys [B, c_I, N] (a contiguous [c_I, N] block is the fast GEMM operand)."""
         B, S, H, c = q.shape
-        dots = torch.matmul(q.reshape(B, S * H, c), keys.float().transpose(1, 2)).relu_()  # [B, S*H, N]
+        dots = torch.matmul(q.reshape(B, S * H, c), keys_t).relu_()  # [B, S*H, N]
         scores = torch.matmul(w.reshape(B * S, 1, H), dots.view(B * S, H, -1))  # [B*S, 1, N]: head-weighted sum
         return scores.view(B, S, -1)
 
@@ -92,20 +126,21 @@ class Indexer(nn.Module):
         B, S = q.shape[:2]
         visible = (positions + 1) // ratio  # [S] entries each query may use
         starts = range(0, S, self.query_chunk)
-        limits = torch.stack([visible[lo:lo + self.query_chunk].max() for lo in starts]).tolist()  # one sync
+        spans = torch.stack([torch.stack([visible[lo:lo + self.query_chunk].min(), visible[lo:lo + self.query_chunk].max()])
+                             for lo in starts]).tolist()  # [(fewest, most) visible entries per chunk]: one sync
         top_idx = torch.full((B, S, k), -1, dtype=torch.long, device=q.device)
         top_scores = torch.full((B, S, k), float("-inf"), device=q.device)
-        for lo, n in zip(starts, limits):
+        keys_t = keys.float().transpose(1, 2).contiguous()  # [B, c_I, N]
+        for lo, (first, n) in zip(starts, spans):
             hi, n = lo + self.query_chunk, min(n, keys.shape[1])
             if n == 0:
                 continue
-            entry = torch.arange(n, device=keys.device)  # [n]
-            score = self.scores(q[:, lo:hi], w[:, lo:hi], keys[:, :n])  # [B, s, n]
-            score = score.masked_fill(entry >= visible[lo:hi, None], float("-inf"))
-            # Exact top-k with ties to the lower entry (module docstring): topk over unique int64 keys
-            # (score's order in the high 32 bits, reversed entry index in the low 32 bits).
-            order = (_sortable_bits(score) << 32) | (n - 1 - entry)  # [B, s, n]
-            picked = (n - 1) - (order.topk(min(k, n), dim=-1).values & 0xFFFFFFFF)  # [B, s, <=k], descending
+            score = self._scores_t(q[:, lo:hi], w[:, lo:hi], keys_t[..., :n])  # [B, s, n]
+            # Entries below the chunk's smallest limit are visible to all its queries: mask only the rest.
+            first = min(first, n)
+            entry = torch.arange(first, n, device=keys.device)  # [n - first]
+            score[..., first:].masked_fill_(entry >= visible[lo:hi, None], float("-inf"))
+            picked = _exact_topk(score, min(k, n))  # [B, s, <=k]
             top_scores[:, lo:hi, :picked.shape[-1]] = score.gather(-1, picked)
             top_idx[:, lo:hi, :picked.shape[-1]] = picked.masked_fill(picked >= visible[lo:hi, None], -1)
         return top_idx, top_scores
