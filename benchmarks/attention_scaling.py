@@ -7,8 +7,8 @@ peak memory at growing sequence lengths, batch 1, fp32, on whatever device torch
 Each (layer, length) case runs in a fresh subprocess so that peak memory is its own: peak =
 ``ru_maxrss`` after the timed runs minus ``ru_maxrss`` once the layer and its input exist and one
 short pass (256 tokens) has done the lazy imports (on CUDA: ``torch.cuda.max_memory_allocated``
-over the same span). Time is the median of ``--reps``
-forward + backward passes after one warm-up pass, by wall clock and by the process's CPU clock;
+over the same span). Time is the best (minimum) of ``--reps`` forward + backward passes after one
+warm-up pass, the run least disturbed by other processes, by wall clock and by the process's CPU clock;
 ``--clock`` picks the one the ratios use. On a shared machine, ``--threads 1 --clock cpu`` is the
 measure least disturbed by other processes. Ratios compare layers measured in the same run.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -81,14 +80,14 @@ def run_case(kind: str, seq_len: int, reps: int) -> dict:
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else peak_bytes(device)
     step(x)  # warm-up
     walls, cpus = zip(*(step(x) for _ in range(reps)))
-    return {"wall": statistics.median(walls), "cpu": statistics.median(cpus),
+    return {"wall": min(walls), "cpu": min(cpus),
             "peak_mib": (peak_bytes(device) - base) / 2**20}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch's default)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="the time the ratios use")
     parser.add_argument("--case", nargs=2, metavar=("LAYER", "SEQ_LEN"), help=argparse.SUPPRESS)
@@ -107,7 +106,7 @@ def main() -> None:
             results[kind, seq_len] = json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                                                text=True).stdout.splitlines()[-1])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; median of {args.reps} fwd+bwd, batch 1, fp32; "
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; best of {args.reps} fwd+bwd, batch 1, fp32; "
           f"ratios by {args.clock} time")
     print("| S | layer | wall s | cpu s | peak MiB | time / dense | memory / dense | time / time at S/2 |")
     print("|---|---|---|---|---|---|---|---|")

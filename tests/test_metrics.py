@@ -182,6 +182,22 @@ def test_kernel_statistics_match_a_naive_softmax() -> None:
     assert set(swa.means) == {"mass_window", "mass_sink"}
 
 
+def test_indexer_selection_statistics_on_known_picks() -> None:
+    """m = 4, 8 queries, 3 entries, top-2: distances, coverage and overlap counted by hand."""
+    cfg = ModelConfig(hidden_size=16, num_layers=1, layer_types=["csa"],
+                      attention=AttentionConfig(num_heads=2, head_dim=8, rope_head_dim=4, q_lora_rank=8, o_groups=1,
+                                                o_lora_rank=8, window=4, csa_ratio=4, index_heads=1,
+                                                index_head_dim=8, index_topk=2))
+    layer = Transformer(cfg).layers[0].attn
+    layer.stats = AttentionStats()
+    idx = torch.tensor([[[-1, -1]] * 3 + [[0, -1]] * 4 + [[1, 0]]])  # [1, 8, 2]; entry 2 is never picked
+    layer._record_selection(idx, torch.arange(8), num_entries=3)
+    got = {name: (total / count).item() for name, (total, count) in layer.stats.means.items()}
+    # Entry w ends at token 4w + 3: distances 0, 1, 2, 3 (t = 3..6, entry 0), then 0 and 4 (t = 7).
+    # Overlap: of the 6 picks of queries 1..7, 4 were also the previous query's (entry 0 at t = 4, 5, 6, 7).
+    assert got == pytest.approx({"index_distance": 10 / 6, "index_coverage": 2 / 3, "index_overlap": 4 / 6})
+
+
 def small_attention(**kw: object) -> Config:
     cfg = Config()
     cfg.data.seq_len = 8

@@ -223,7 +223,7 @@ class MetricsPanel:
         # One sum all-reduce: router counts [L*E], router sums [L*2], then (sum, count) per attention mean.
         moe = [torch.stack([r.stat_counts for r in self.routers]).flatten(),
                torch.stack([r.stat_sums for r in self.routers]).flatten()] if self.routers else []
-        means = [torch.stack([total, torch.tensor(float(count), device=self.device)])
+        means = [torch.stack([total, torch.as_tensor(count, dtype=torch.float32, device=self.device)])
                  for _, stats in attn for total, count in stats.means.values()]
         summed = all_reduce_sum(torch.cat([torch.zeros(0, device=self.device), *moe, *means])).cpu()
         # One max all-reduce: peak memory, then the attention maxima.

@@ -123,10 +123,34 @@ class CompressedSparseAttention(_CompressedAttention):
             keys = cache.index.absorb(self.indexer.compressor, x.detach(), cache.pos)
         with torch.no_grad():
             idx, _ = self.indexer.select(qr, x, keys, positions, self.ratio)  # [B,S,k]
+        if self.stats is not None:
+            self._record_selection(idx, positions, keys.shape[1])
         extra = CompressedKV(entries, idx=idx)
         if cache is not None or self.indexer_loss_coef == 0:
             return extra, lambda mass: x.new_zeros(())
         return extra, lambda mass: self.indexer_loss_coef * self._indexer_loss(x, qr, positions, keys, idx, mass)
+
+    @torch.no_grad()
+    def _record_selection(self, idx: torch.Tensor, positions: torch.Tensor, num_entries: int) -> None:
+        """The indexer's selection statistics for a log step (docs/metrics.md), from idx [B,S,k] at positions [S].
+
+        index_distance: tokens from a pick's last token to the query, mean over picks; index_coverage:
+        fraction of the (sequence, entry) pairs picked by at least one query of the sequence;
+        index_overlap: fraction of a query's picks that the previous query also picked.
+        """
+        valid = idx >= 0  # [B,S,k]
+        distance = positions.view(1, -1, 1) - ((idx + 1) * self.ratio - 1)  # [B,S,k]; entry w ends at (w+1)m-1
+        self.stats.add_mean("index_distance", distance.masked_fill(~valid, 0).sum(), valid.sum())
+        hits = idx.new_zeros(idx.shape[0], num_entries + 1)  # [B, N + 1]; column N collects the -1 picks
+        hits.scatter_(1, idx.masked_fill(~valid, num_entries).flatten(1), 1)
+        covered = self.sequence.sum(hits[:, :num_entries]) > 0  # [B, N]: picked anywhere in the sequence
+        self.stats.add_mean("index_coverage", covered.sum(), covered.numel())
+        rows = torch.cat([self.sequence.preceding(idx, 1), idx], dim=1)  # [B, S (+1 from the previous shard), k]
+        shared = idx.new_zeros(())
+        for lo in range(0, rows.shape[1] - 1, self.query_chunk):  # [chunk, k, k] comparisons at a time
+            prev, cur = rows[:, lo:lo + self.query_chunk], rows[:, lo + 1:lo + 1 + self.query_chunk]
+            shared = shared + ((cur.unsqueeze(-1) == prev[:, :cur.shape[1]].unsqueeze(-2)).any(-1) & (cur >= 0)).sum()
+        self.stats.add_mean("index_overlap", shared, (rows[:, 1:] >= 0).sum())
 
     def _indexer_loss(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                       idx: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:

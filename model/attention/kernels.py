@@ -58,10 +58,11 @@ class AttentionStats:
     """
 
     def __init__(self) -> None:
-        self.means: dict[str, tuple[torch.Tensor, int]] = {}
+        self.means: dict[str, tuple[torch.Tensor, int | torch.Tensor]] = {}
         self.maxima: dict[str, torch.Tensor] = {}
 
-    def add_mean(self, name: str, total: torch.Tensor, count: int) -> None:
+    def add_mean(self, name: str, total: torch.Tensor, count: int | torch.Tensor) -> None:
+        """Add ``total`` over ``count`` items (a tensor count stays on the device: no sync)."""
         old_total, old_count = self.means.get(name, (0.0, 0))
         self.means[name] = (total.detach().float() + old_total, old_count + count)
 
