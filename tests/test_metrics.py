@@ -273,21 +273,31 @@ def test_logging_fields_are_validated(override: str, field: str) -> None:
 
 
 @pytest.mark.multiproc
-def test_moe_metrics_equal_across_ep_layouts(tmp_path: Path) -> None:
-    """Counts are summed over the world, so 2 processes with parallel.ep=2 log what 1 process logs."""
+def test_metrics_equal_across_ep_and_sp_layouts(tmp_path: Path) -> None:
+    """Counts and means are summed over the world, so 2 processes with parallel.ep=2, or with
+    parallel.sp=2 (each rank holding half of every sequence), log what 1 process logs."""
     common = FAST + [f"data.cache_dir={tmp_path / 'cache'}", "model.ffn_types=[moe,moe]", "train.steps=2",
+                     "model.layer_types=[csa,hca]", "model.attention.hca_ratio=8", "model.attention.index_topk=4",
                      "train.sample_tokens=0", "logging.moe_heatmap_every=1", "train.eval_every=100"]
     train(common + [f"run_dir={tmp_path / 'one'}"])
     train(common + [f"run_dir={tmp_path / 'ep2'}", "parallel.ep=2"], nproc=2)
+    train(common + [f"run_dir={tmp_path / 'sp2'}", "parallel.sp=2"], nproc=2)
     rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-            for name in ("one", "ep2")}
-    assert [r["step"] for r in rows["one"]] == [r["step"] for r in rows["ep2"]] == [1, 2]
-    for one, ep2 in zip(rows["one"], rows["ep2"]):
-        assert one["moe/expert_load"] == ep2["moe/expert_load"]  # exact: integer counts, identical routing
+            for name in ("one", "ep2", "sp2")}
+    assert [r["step"] for r in rows["one"]] == [r["step"] for r in rows["ep2"]] == [r["step"] for r in rows["sp2"]]
+    assert [r["step"] for r in rows["one"]] == [1, 2]
+    for one, ep2, sp2 in zip(rows["one"], rows["ep2"], rows["sp2"]):
+        assert one["moe/expert_load"] == ep2["moe/expert_load"] == sp2["moe/expert_load"]  # exact: integer counts
         assert set(ep2) == set(one) | {"moe/ep_load/max", "moe/ep_load/p90", "moe_layers/L00/ep_load",
                                        "moe_layers/L01/ep_load"}
+        assert set(sp2) == set(one)
         moe_keys = {k for k in one if k.startswith(("moe/", "moe_layers/")) and k != "moe/expert_load"}
         assert {k: ep2[k] for k in moe_keys} == pytest.approx({k: one[k] for k in moe_keys}, rel=1e-6)
+        # Attention means (masses, the CSA indexer's selection) pool per-rank sums of different query sets.
+        attn_keys = {k for k in one if k.startswith(("attn/", "attn_layers/"))}
+        assert "attn_layers/L00/index_overlap" in attn_keys
+        for other in (ep2, sp2):
+            assert {k: other[k] for k in attn_keys} == pytest.approx({k: one[k] for k in attn_keys}, rel=1e-5)
         loads = torch.tensor(one["moe/expert_load"]["load"])
         want = balance_metrics(loads, ep=2)["ep_load"].tolist()
         assert [ep2["moe_layers/L00/ep_load"], ep2["moe_layers/L01/ep_load"]] == pytest.approx(want)
