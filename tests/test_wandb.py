@@ -7,45 +7,24 @@ from __future__ import annotations
 
 import json
 import re
-import struct
+import signal
 import subprocess
+import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from omegaconf import OmegaConf
 from wandb.proto import wandb_internal_pb2 as pb
 
+from moesaic.trainer.wandb_records import logged_steps, offline_files, records
 from trainrun import FAST, command, env
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
-BLOCK, HEADER = 32768, 7  # the .wandb file is a LevelDB-style log of 32 KiB blocks after a 7-byte header
-FULL, FIRST, LAST = 1, 2, 4
-
 # Steps of the run below: train.steps=6 stopped at 3 and resumed, log_every=2, eval_every=3,
 # moe_heatmap_every=2. The last step of each invocation is a log and an eval step.
 EXPECTED_STEPS = {"log": {2, 3, 4, 6}, "eval": {3, 6}, "first": {2, 4}, "heatmap": {2, 4, 6}}
 CONDITIONS = {"": True, "moe": True, "seq-aux": True, "peak": True, "ep>1": False, "csa/hca": True, "csa": True}
 LAYERS, MOE_LAYERS, CSA_LAYERS, CONTEXTS = ["L00", "L01"], ["L00", "L01"], ["L00"], ["4k"]
-
-
-def records(path: Path) -> Iterator[pb.Record]:
-    """Records of a .wandb file: chunks (crc32 u32, length u16, type u8, data) that never cross a block."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a wandb record log"
-    pos, pending = HEADER, b""
-    while pos + HEADER <= len(data):
-        left = BLOCK - pos % BLOCK
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER]) if left >= HEADER else (0, 0, 0)
-        if kind == 0:  # block padding
-            pos += left
-            continue
-        chunk, pos = data[pos + HEADER:pos + HEADER + length], pos + HEADER + length
-        pending = chunk if kind in (FULL, FIRST) else pending + chunk
-        if kind in (FULL, LAST):
-            record = pb.Record()
-            record.ParseFromString(pending)
-            yield record
 
 
 def documented_keys() -> dict[str, tuple[str, str, str]]:
@@ -82,7 +61,7 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[st
 
 def history(run_dir: Path) -> tuple[str, list[pb.Record], list[tuple[int, dict]]]:
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    files = sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    files = offline_files(run_dir, run_id)
     runs, rows = [], []
     for f in files:
         for r in records(f):
@@ -142,3 +121,33 @@ def test_every_documented_key_is_logged_at_its_steps_and_nothing_else(resumed_ru
     loads = [r["moe/expert_load"] for r in jsonl if "moe/expert_load" in r]
     assert all(h["layers"] == [0, 1] and sum(h["load"][0]) == pytest.approx(4) for h in loads)
 
+
+
+def test_steps_logged_after_the_last_checkpoint_of_a_killed_run_are_not_logged_twice(tmp_path: Path) -> None:
+    """SIGKILL after the step-15 checkpoint and some later logged steps; the resumed run redoes those steps
+    (same values) and wandb, across both offline folders, holds every step exactly once."""
+    run_dir = tmp_path / "run"
+    common = FAST + [f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir}", "logging.wandb=offline",
+                     "train.steps=30", "train.log_every=1", "train.eval_every=100", "checkpoint.every=15"]
+    proc = subprocess.Popen(command(common), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jsonl, deadline = run_dir / "metrics.jsonl", time.time() + 300
+    logged: list[int] = []
+    while proc.poll() is None and time.time() < deadline and not any(15 < s < 20 for s in logged):
+        time.sleep(0.02)
+        logged = [json.loads(r)["step"] for r in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    time.sleep(1.0)  # the wandb service is a separate process: let it write what it was handed
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (run_dir / "checkpoints" / "step_00000030").exists()  # so steps 16.. are redone
+    killed_at = max(json.loads(r)["step"] for r in jsonl.read_text().splitlines())
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert max(logged_steps(run_dir, run_id)) > 15, "the killed run's wandb holds no step to be redone"
+    resumed = subprocess.run(command(common + ["checkpoint.resume=auto"]), env=env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, runs, rows = history(run_dir)
+    assert len(runs) == 2
+    steps = [step for step, _ in rows]
+    assert sorted(steps) == list(range(1, 31)), f"wandb steps {steps} (killed after logging step {killed_at})"
+    assert [json.loads(r)["step"] for r in jsonl.read_text().splitlines()] == list(range(1, 31))

@@ -2,6 +2,8 @@
 
 Only the main rank constructs a ``MetricSinks``. Every row carries ``step`` = the optimizer step,
 and wandb is always given ``step=`` explicitly, because offline resume restarts wandb's own counter.
+After a crash, the resumed run redoes the steps between the last checkpoint and the crash; the JSONL
+drops and rewrites them, and wandb is not sent the steps it already holds (``wandb_records``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configs import Config, to_yaml
+from .wandb_records import logged_steps
 
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -39,12 +42,13 @@ class MetricSinks:
     def __init__(self, cfg: Config, run_dir: Path, resume_step: int | None) -> None:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            # Rows past the checkpoint were produced by the interrupted run and will be redone.
+            # Rows past the checkpoint came from the interrupted run and are redone (with the same values).
             rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
             self.path.write_text("".join(r + "\n" for r in rows))
         self.file = self.path.open("a")
         self.run = None
         self.mode = wandb_mode(cfg.logging.wandb)
+        self.in_wandb: set[int] = set()  # steps wandb already holds (from a crashed invocation): not resent
         if self.mode != "disabled":
             self.run = self._init_wandb(cfg, run_dir)
 
@@ -55,11 +59,16 @@ class MetricSinks:
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-        return wandb.init(
+        if self.mode == "offline":
+            self.in_wandb = logged_steps(run_dir, run_id)
+        run = wandb.init(
             project=cfg.logging.project, name=cfg.logging.run_name or run_dir.name, group=cfg.logging.group,
             tags=list(cfg.logging.tags), id=run_id, resume="allow", dir=str(run_dir), mode=self.mode,
             config=OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))),
         )
+        if self.mode == "online":
+            self.in_wandb = set(range(run.step))  # the server's history ends before run.step
+        return run
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Values are numbers, or objects with ``to_json()`` and ``to_wandb(key) -> {key: value}``
@@ -68,11 +77,12 @@ class MetricSinks:
                                 if not (isinstance(v, float) and math.isnan(v))}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        if self.run is not None:
-            payload: dict[str, Any] = {}
-            for key, value in metrics.items():
-                payload.update(value.to_wandb(key) if hasattr(value, "to_wandb") else {key: value})
-            self.run.log(payload, step=step)
+        if self.run is None or step in self.in_wandb:
+            return
+        payload: dict[str, Any] = {}
+        for key, value in metrics.items():
+            payload.update(value.to_wandb(key) if hasattr(value, "to_wandb") else {key: value})
+        self.run.log(payload, step=step)
 
     def close(self) -> str | None:
         """Finish wandb and return the ``wandb sync`` command for offline runs."""
