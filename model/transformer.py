@@ -18,6 +18,7 @@ from moesaic.configs.schema import ModelConfig
 
 from . import mhc
 from .block import Block
+from .loss import linear_cross_entropy
 from .mtp import MTPBlock
 from .norm import RMSNorm
 from .sequence import WHOLE, WholeSequence
@@ -25,7 +26,7 @@ from .sequence import WHOLE, WholeSequence
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B,S,V]
+    logits: Optional[torch.Tensor]  # [B,S,V]; None when labels were given (the head is fused into the loss)
     loss: Optional[torch.Tensor]  # lm_loss + aux_loss (+ mtp_loss_coef * mtp_loss); None without labels
     lm_loss: Optional[torch.Tensor]  # mean cross-entropy over labels != -100; None without labels
     aux_loss: torch.Tensor  # sum of the layers' auxiliary losses (MoE balance, indexer), scalar
@@ -72,24 +73,28 @@ class Transformer(nn.Module):
             aux_loss = aux_loss + layer_aux
         h = mhc.head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.hc) \
             if self.hc.n > 1 else x
-        logits = self.head(self.norm(h))
+        h = self.norm(h)
         if labels is None:
-            return ModelOutput(logits=logits, loss=None, lm_loss=None, aux_loss=aux_loss)
-        lm_loss = self._cross_entropy(logits, labels)
+            return ModelOutput(logits=self.head(h), loss=None, lm_loss=None, aux_loss=aux_loss)
+        # With labels the head is fused into the loss (model/loss.py): no [B, S, V] logits are formed.
+        lm_loss = self._mean_loss(linear_cross_entropy(h, self.head.weight, labels), labels)
         if not self.mtp:
-            return ModelOutput(logits=logits, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
+            return ModelOutput(logits=None, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
         mtp_loss, mtp_aux = self._mtp_loss(x, input_ids, labels)
         aux_loss = aux_loss + mtp_aux
         loss = lm_loss + aux_loss + self.cfg.mtp_loss_coef * mtp_loss
-        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, mtp_loss=mtp_loss)
+        return ModelOutput(logits=None, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, mtp_loss=mtp_loss)
+
+    def _mean_loss(self, total: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over labels != -100 of a summed loss; sum / count so a batch with every label ignored gives
+        0, not NaN. On a shard of the sequences the count is the whole sequences': the shards' losses add
+        up to the mean."""
+        return total / self.sequence.sum((labels != -100).sum()).clamp(min=1)
 
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean over labels != -100; sum / count so a batch with every label ignored gives 0, not NaN.
-
-        On a shard of the sequences the count is the whole sequences': the shards' losses add up to the mean.
-        """
+        """``_mean_loss`` of the cross-entropy of logits [B,S,V] (the MTP depths' heads)."""
         total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        return total / self.sequence.sum((labels != -100).sum()).clamp(min=1)
+        return self._mean_loss(total, labels)
 
     def _mtp_loss(self, x: torch.Tensor, input_ids: torch.Tensor,
                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

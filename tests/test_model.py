@@ -10,6 +10,7 @@ import torch
 
 from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
 from moesaic.model import ModelOutput, Transformer
+from moesaic.model.loss import linear_cross_entropy
 
 WINDOW = 8
 # Attention layouts the cache and causality tests run on; the compressed ones cross many CSA (4)
@@ -35,7 +36,8 @@ def test_loss_at_init_is_log_vocab_and_backward_reaches_every_parameter():
     model = tiny_model()
     ids = torch.randint(0, 256, (4, 40), generator=torch.Generator().manual_seed(1))
     out = model(ids, labels=ids)
-    assert isinstance(out, ModelOutput) and out.logits.shape == (4, 40, 256)
+    assert isinstance(out, ModelOutput) and out.logits is None  # the head is fused into the loss
+    assert model(ids).logits.shape == (4, 40, 256)
     # Logits have std ~ init_std * sqrt(D) = 0.14 at init, so the loss is log(V) + ~0.01.
     assert abs(out.lm_loss.item() - math.log(256)) < 0.05
     assert out.aux_loss.item() == 0.0 and torch.equal(out.loss, out.lm_loss + out.aux_loss)
@@ -52,7 +54,7 @@ def test_lm_loss_ignores_masked_labels():
     labels[0, :5] = -100
     out = model(ids, labels=labels)
     keep = labels != -100
-    expected = torch.nn.functional.cross_entropy(out.logits[keep], labels[keep])
+    expected = torch.nn.functional.cross_entropy(model(ids).logits[keep], labels[keep])
     torch.testing.assert_close(out.lm_loss, expected)
     assert model(ids).loss is None
     assert model(ids, labels=torch.full_like(ids, -100)).lm_loss.item() == 0.0  # no NaN from 0 / 0
@@ -157,3 +159,21 @@ def test_moe_layers_plug_in():
     assert len(model.routers()) == 2
     routed = sum(p.numel() for layer in model.layers[1:] for p in layer.ffn.experts.parameters())
     assert model.num_params(active_only=True) == model.num_params() - routed // 2
+
+
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_fused_head_loss_equals_logits_then_cross_entropy(chunk):
+    """linear_cross_entropy == F.cross_entropy(h @ W^T) in value and in the gradients of h and W, to 1e-6,
+    with ignored labels and a chunk that does not divide the tokens; without gradients too."""
+    g = torch.Generator().manual_seed(0)
+    h, weight = torch.randn(3, 7, 16, generator=g, requires_grad=True), torch.randn(50, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    labels[0, :4] = -100
+    got = linear_cross_entropy(h, weight, labels, chunk)
+    want = torch.nn.functional.cross_entropy((h @ weight.T).flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                             reduction="sum")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(got * 0.3, (h, weight)), torch.autograd.grad(want * 0.3, (h, weight))):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, weight, labels, chunk), want, atol=1e-6, rtol=1e-6)

@@ -161,7 +161,9 @@ def _check_model(topology, extra: tuple[str, ...], worst: dict) -> None:
     grads = {n: p.grad.clone() for n, p in sharded.named_parameters()}
     for g in grads.values():
         dist.all_reduce(g, group=topology.sp_group)
-    diffs = {"logits": (out.logits - ref.logits[:, mine]).abs().max().item(),
+    with torch.no_grad():
+        logits_diff = (sharded(inputs).logits - whole(blocks[:, :-1]).logits[:, mine]).abs().max().item()
+    diffs = {"logits": logits_diff,
              "loss (relative)": abs(shares[0].item() / ref.loss.item() - 1),
              "aux loss (relative)": abs(shares[1].item() / ref.aux_loss.item() - 1),
              "gradients": max((grads[n] - p.grad).abs().max().item() for n, p in whole.named_parameters())}
