@@ -117,20 +117,23 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if callable(getattr(m, "update_bias", None))]
 
     def num_params(self, active_only: bool = False) -> int:
-        """Parameter count; ``active_only`` counts top_k of num_experts routed experts per MoE layer.
+        """Parameter count of the whole model; ``active_only`` counts top_k of num_experts routed experts
+        per MoE layer. Under expert parallelism a rank holds num_local_experts of each layer's experts:
+        the count still covers all of them (the same number on every rank and layout).
 
         Relies on the MoE keeping its routed experts under ``ffn.experts`` (the official name).
         """
-        total = sum(p.numel() for p in self.parameters())
-        if not active_only:
-            return total
+        total = float(sum(p.numel() for p in self.parameters()))
         moe = self.cfg.moe
-        inactive = 0.0
         for layer in [*self.layers, *self.mtp]:
             if layer.is_moe:
-                routed = sum(p.numel() for p in layer.ffn.experts.parameters())
-                inactive += routed * (1 - moe.top_k / moe.num_experts)
-        return total - round(inactive)
+                experts = layer.ffn.experts
+                local = sum(p.numel() for p in experts.parameters())
+                routed = local * experts.num_experts / experts.num_local_experts  # every rank's share
+                total += routed - local
+                if active_only:
+                    total -= routed * (1 - moe.top_k / moe.num_experts)
+        return round(total)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,

@@ -31,8 +31,6 @@ the squares of every partition and so counts each expert once (tested against on
 
 from __future__ import annotations
 
-import deepspeed
-import torch
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
@@ -67,12 +65,10 @@ class ShardedExperts(DeepSpeedMoE, GroupedExperts):
 def expert_group_name(ep: int) -> str:
     """Name of DeepSpeed's expert-parallel and expert-data-parallel groups of degree ``ep``, created once.
 
-    DeepSpeed's group helpers need ``deepspeed.comm``, which otherwise starts only inside
-    ``deepspeed.initialize``, after the model must already be sharded: a default process group
-    made by torch directly (``init_distributed`` under torchrun) is adopted here, not re-created.
+    DeepSpeed's group helpers need ``deepspeed.comm`` started, which ``trainer.distributed.init_distributed``
+    does before the model is built (``deepspeed.initialize`` would start it only after the model
+    must already be sharded).
     """
-    if not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
     name = f"ep_size_{ep}"
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep)

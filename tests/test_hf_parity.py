@@ -224,8 +224,13 @@ def test_cli_convert_both_ways(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert "native -> transformers" in out and "transformers -> native" in out
     assert cli(["convert", str(tmp_path / "hf"), str(tmp_path / "back")]) == 2
     assert "moesaic: error:" in capsys.readouterr().err
+    back = load_native(tmp_path / "back").eval()
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+    # Logits to rounding only: attention.query_chunk (a moesaic runtime knob, not in transformers'
+    # config) comes back as its default, which changes the kernel's query blocks.
     with torch.no_grad():
-        assert torch.equal(load_native(tmp_path / "back").eval()(ids()).logits, model(ids()).logits)
+        torch.testing.assert_close(back(ids()).logits, model(ids()).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_training_starts_from_init_from(tmp_path: Path) -> None:

@@ -291,6 +291,8 @@ def test_metrics_equal_across_ep_and_sp_layouts(tmp_path: Path) -> None:
         assert set(ep2) == set(one) | {"moe/ep_load/max", "moe/ep_load/p90", "moe_layers/L00/ep_load",
                                        "moe_layers/L01/ep_load"}
         assert set(sp2) == set(one)
+        if "perf/flops_per_token" in one:  # counts every expert, not a rank's share
+            assert one["perf/flops_per_token"] == ep2["perf/flops_per_token"] == sp2["perf/flops_per_token"]
         moe_keys = {k for k in one if k.startswith(("moe/", "moe_layers/")) and k != "moe/expert_load"}
         assert {k: ep2[k] for k in moe_keys} == pytest.approx({k: one[k] for k in moe_keys}, rel=1e-6)
         # Attention means (masses, the CSA indexer's selection) pool per-rank sums of different query sets.

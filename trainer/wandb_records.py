@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from wandb.proto import wandb_internal_pb2 as pb
 
 BLOCK, HEADER = 32768, 7
 FULL, FIRST, LAST = 1, 2, 4
 
 
-def records(path: Path) -> Iterator["pb.Record"]:  # noqa: F821 (wandb's protobuf module, imported lazily)
+def records(path: Path) -> Iterator[pb.Record]:
     """The records of one .wandb file, in order; a torn last record (a killed writer) is dropped."""
     from wandb.proto import wandb_internal_pb2 as pb
 
