@@ -13,7 +13,7 @@ from trainrun import FAST, final_params, latest, train
 
 def test_validation_loss_beats_unigram_baseline(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    out = train(FAST + [f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=150",
+    out = train(FAST + [f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=200",
                         "train.eval_every=50", "train.eval_batches=4", "train.log_every=10", "train.lr=5e-3"])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r["val/loss"] for r in rows if "val/loss" in r]
