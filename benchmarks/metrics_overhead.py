@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from moesaic.configs import load_config
-from moesaic.model.attention import kernels
+from moesaic.model.attention import CompressedSparseAttention, kernels
 from moesaic.model.moe import Router
 from moesaic.trainer.distributed import destroy, init_distributed
 from moesaic.trainer.loop import Trainer
@@ -100,6 +100,8 @@ def main() -> None:
         spent.clear()
         Router._accumulate_stats = timed("router statistics, every forward", Router._accumulate_stats)
         kernels._record = timed("attention statistics, armed forwards", kernels._record)
+        CompressedSparseAttention._record_selection = timed("attention statistics, armed forwards",
+                                                            CompressedSparseAttention._record_selection)
         panel.arm = timed("arm + collect (reduce, compute, reset)", panel.arm)
         panel.collect = timed("arm + collect (reduce, compute, reset)", panel.collect)
         times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
