@@ -16,10 +16,10 @@ Indexer training signal (V3.2's sparse-stage KL, UNCONFIRMED for V4; see ``index
 target is the main attention's probability on each selected entry, summed over heads, which the
 kernel returns from the softmax it computes anyway (so the loss is formed after the kernel, through
 the ``AuxLoss`` the hook returns). The indexer's own
-scores are recomputed with autograd for the selected entries only, per query chunk and again in
-backward (selection itself runs without autograd), so neither an [S, N] block nor the [S, k, c_I]
-gathered keys are kept for backward. With a decode cache the layer is in inference and returns
-no aux loss.
+scores are recomputed differentiably for the selected entries only (``indexer.selected_scores``:
+per query chunk, regathering the keys in backward; selection itself runs without autograd), so
+neither an [S, N] block nor the [S, k, c_I] gathered keys are kept for backward. With a decode
+cache the layer is in inference and returns no aux loss.
 """
 
 from __future__ import annotations
