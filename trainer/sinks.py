@@ -48,7 +48,10 @@ class MetricSinks:
         self.file = self.path.open("a")
         self.run = None
         self.mode = wandb_mode(cfg.logging.wandb)
-        self.in_wandb: set[int] = set()  # steps wandb already holds (from a crashed invocation): not resent
+        # Steps wandb already holds (from a crashed invocation), not resent: offline the steps in the
+        # earlier record logs, online every step before the server's run.step.
+        self.in_wandb: set[int] = set()
+        self.wandb_resumes_at = 0
         if self.mode != "disabled":
             self.run = self._init_wandb(cfg, run_dir)
 
@@ -67,7 +70,7 @@ class MetricSinks:
             config=OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))),
         )
         if self.mode == "online":
-            self.in_wandb = set(range(run.step))  # the server's history ends before run.step
+            self.wandb_resumes_at = run.step
         return run
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -77,7 +80,7 @@ class MetricSinks:
                                 if not (isinstance(v, float) and math.isnan(v))}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        if self.run is None or step in self.in_wandb:
+        if self.run is None or step < self.wandb_resumes_at or step in self.in_wandb:
             return
         payload: dict[str, Any] = {}
         for key, value in metrics.items():
