@@ -35,7 +35,8 @@ from .cache import SWACache
 from .kernels import AttentionStats, CompressedKV, window_attention
 
 AuxLoss = Callable[[Optional[torch.Tensor]], torch.Tensor]
-"""A layer's aux loss given the kernel's head-summed mass on the selected entries [B,S,k] (or None)."""
+"""A layer's aux loss given the kernel's head-summed mass on the selected entries [B,S,k] (or None);
+``compressed_entries`` returns None instead when the layer has no aux loss."""
 
 
 class SlidingWindowAttention(nn.Module):
@@ -77,13 +78,13 @@ class SlidingWindowAttention(nn.Module):
         return SWACache(batch_size, self.window, self.head_dim, dtype=dtype, device=device)
 
     def compressed_entries(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
-                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], AuxLoss]:
+                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], Optional[AuxLoss]]:
         """Hook for CSA/HCA: extra entries for the kernel and their ``AuxLoss``; SWA has neither.
 
         x [B,S,D] is the normed layer input, qr [B,S,q_lora_rank] the query latent (indexer input),
         q [B,S,H,c] the rotated queries, positions [S] their absolute positions.
         """
-        return None, lambda mass: x.new_zeros(())
+        return None, None
 
     def window_keys(self, kv: torch.Tensor) -> torch.Tensor:
         """kv [B,S,c] preceded by the window's keys on preceding shards (none on one device) -> [B, past + S, c]."""
@@ -112,4 +113,4 @@ class SlidingWindowAttention(nn.Module):
         o = o.reshape(B, S, self.o_groups, -1)  # [B,S,g,H*c/g]
         wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)  # [g, d_g, H*c/g]
         o = torch.einsum("bsgd,grd->bsgr", o, wo_a)  # [B,S,g,d_g]
-        return self.wo_b(o.flatten(2)), aux_loss(mass)
+        return self.wo_b(o.flatten(2)), x.new_zeros(()) if aux_loss is None else aux_loss(mass)

@@ -93,10 +93,9 @@ class HeavilyCompressedAttention(_CompressedAttention):
         super().__init__(cfg, layer_idx, cfg.attention.hca_ratio)
 
     def compressed_entries(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
-                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], AuxLoss]:
+                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], Optional[AuxLoss]]:
         entries = self._main_entries(x, cache)  # [B,N,c]
-        extra = CompressedKV(entries, mask=visible_entries(positions, entries.shape[1], self.ratio))
-        return extra, lambda mass: x.new_zeros(())
+        return CompressedKV(entries, mask=visible_entries(positions, entries.shape[1], self.ratio)), None
 
 
 class CompressedSparseAttention(_CompressedAttention):
@@ -115,7 +114,7 @@ class CompressedSparseAttention(_CompressedAttention):
         return main, CompressedStream(self.indexer.compressor, batch_size, torch.float32, device)
 
     def compressed_entries(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
-                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], AuxLoss]:
+                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], Optional[AuxLoss]]:
         entries = self._main_entries(x, cache)  # [B,N,c]
         if cache is None:
             keys = self._whole(self.indexer.keys, x)  # [B,N,c_I]
@@ -127,7 +126,7 @@ class CompressedSparseAttention(_CompressedAttention):
             self._record_selection(idx, positions, keys.shape[1])
         extra = CompressedKV(entries, idx=idx)
         if cache is not None or self.indexer_loss_coef == 0:
-            return extra, lambda mass: x.new_zeros(())
+            return extra, None
         return extra, lambda mass: self.indexer_loss_coef * self._indexer_loss(x, qr, positions, keys, idx, mass)
 
     @torch.no_grad()
