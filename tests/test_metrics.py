@@ -215,7 +215,7 @@ def test_attention_flops_count_only_the_keys_each_query_sees() -> None:
     assert attention_flops_per_token(cfg, "swa") == pytest.approx(per_key * window)
     assert attention_flops_per_token(cfg, "hca") == pytest.approx(per_key * (window + entries))
     index = 2 * 3 * 4
-    loss = 2 * 2 * 8 * (window + selected) + 3 * index * selected
+    loss = 3 * index * selected  # the indexer's scores of its picks, forward + backward
     assert attention_flops_per_token(cfg, "csa") == pytest.approx(per_key * (window + selected) + index * entries + loss)
     no_loss = small_attention(indexer_loss_coef=0.0)
     assert attention_flops_per_token(no_loss, "csa") == pytest.approx(per_key * (window + selected) + index * entries)

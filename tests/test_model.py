@@ -166,7 +166,8 @@ def test_fused_head_loss_equals_logits_then_cross_entropy(chunk):
     """linear_cross_entropy == F.cross_entropy(h @ W^T) in value and in the gradients of h and W, to 1e-6,
     with ignored labels and a chunk that does not divide the tokens; without gradients too."""
     g = torch.Generator().manual_seed(0)
-    h, weight = torch.randn(3, 7, 16, generator=g, requires_grad=True), torch.randn(50, 16, generator=g, requires_grad=True)
+    h = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
     labels = torch.randint(0, 50, (3, 7), generator=g)
     labels[0, :4] = -100
     got = linear_cross_entropy(h, weight, labels, chunk)

@@ -137,8 +137,8 @@ def attention_flops_per_token(cfg: Config, kind: str) -> float:
         keys += selected
         index_key = 2 * a.index_heads * a.index_head_dim
         extra = index_key * entries
-        if a.indexer_loss_coef > 0:  # recomputed window + selected logits, and index scores with grads
-            extra += 2 * a.num_heads * a.head_dim * keys + 3 * index_key * selected
+        if a.indexer_loss_coef > 0:  # index scores of the picks, with grads (the target mass comes from the kernel)
+            extra += 3 * index_key * selected
     elif kind == "hca":
         keys += _mean_visible(seq, lambda t: torch.div(t + 1, a.hca_ratio, rounding_mode="floor"))
     return per_key * keys + extra

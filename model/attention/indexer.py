@@ -126,8 +126,9 @@ class Indexer(nn.Module):
         B, S = q.shape[:2]
         visible = (positions + 1) // ratio  # [S] entries each query may use
         starts = range(0, S, self.query_chunk)
-        spans = torch.stack([torch.stack([visible[lo:lo + self.query_chunk].min(), visible[lo:lo + self.query_chunk].max()])
-                             for lo in starts]).tolist()  # [(fewest, most) visible entries per chunk]: one sync
+        chunks = [visible[lo:lo + self.query_chunk] for lo in starts]
+        spans = torch.stack([torch.stack([v.min(), v.max()]) for v in chunks]).tolist()  # (fewest, most) visible
+        # entries per chunk, in one host sync
         top_idx = torch.full((B, S, k), -1, dtype=torch.long, device=q.device)
         top_scores = torch.full((B, S, k), float("-inf"), device=q.device)
         keys_t = keys.float().transpose(1, 2).contiguous()  # [B, c_I, N]
