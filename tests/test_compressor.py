@@ -9,7 +9,8 @@ import torch
 
 from moesaic.configs.schema import AttentionConfig, ModelConfig
 from moesaic.model.attention.compressor import Compressor, state_bytes
-from moesaic.model.attention.indexer import Indexer, indexer_kl_loss, selected_scores
+from moesaic.model.attention._topk_cpu import relu_weighted_topk
+from moesaic.model.attention.indexer import Indexer, _exact_topk, indexer_kl_loss, selected_scores
 from moesaic.model.rope import RotaryEmbedding
 
 D, C, RD, EPS = 32, 16, 8, 1e-6
@@ -196,8 +197,13 @@ def test_index_scores_match_naive_einsum() -> None:
     torch.testing.assert_close(scores[idx >= 0], ref[idx >= 0], atol=1e-6, rtol=1e-6)
 
 
-def test_topk_ties_break_toward_lower_index() -> None:
+PATHS = pytest.mark.parametrize("fused", [True, False], ids=["compiled", "torch-ops"])
+
+
+@PATHS
+def test_topk_ties_break_toward_lower_index(fused: bool) -> None:
     ix = make_indexer(topk=5)
+    ix.fused_topk = fused
     S = 48
     q_lat, x = inputs(S, zero_queries=(20, 33, 47))
     keys = torch.randn(2, S // M, IDX_DIM)
@@ -210,7 +216,7 @@ def test_topk_ties_break_toward_lower_index() -> None:
     idx, val = ix.select(q_lat, x, keys, positions, M)
     ref_idx, ref_val = naive_topk(scores, 5)
     assert torch.equal(idx, ref_idx)
-    assert torch.equal(val, ref_val)
+    torch.testing.assert_close(val, ref_val, atol=1e-6, rtol=1e-6)  # the compiled path sums heads in order
     # The ties are real: the k-th pick often equals the best unpicked visible score.
     boundary_ties = 0
     for b in range(2):
@@ -223,8 +229,10 @@ def test_topk_ties_break_toward_lower_index() -> None:
     assert (idx[:, 47] == torch.arange(5)).all()  # all 12 visible scores are 0: the 5 lowest indices
 
 
-def test_chunked_selection_equals_unchunked_exactly() -> None:
+@PATHS
+def test_chunked_selection_equals_unchunked_exactly(fused: bool) -> None:
     ix = make_indexer(topk=5)
+    ix.fused_topk = fused
     q_lat, x = inputs(45, zero_queries=(11, 30))
     keys = ix.keys(x)
     positions = torch.arange(45)
@@ -237,9 +245,11 @@ def test_chunked_selection_equals_unchunked_exactly() -> None:
         torch.testing.assert_close(val_c, val, atol=1e-6, rtol=1e-6)
 
 
+@PATHS
 @pytest.mark.parametrize("topk", [3, 16])
-def test_selection_independent_of_sequence_length(topk: int) -> None:
+def test_selection_independent_of_sequence_length(topk: int, fused: bool) -> None:
     ix = make_indexer(topk=topk)
+    ix.fused_topk = fused
     q_lat, x = inputs(41, zero_queries=(9, 18, 29))
     short = 26
     idx_long, val_long = ix(q_lat, x)[:2]
@@ -251,9 +261,11 @@ def test_selection_independent_of_sequence_length(topk: int) -> None:
     assert (idx_long[:, :short, k:] == -1).all()  # a longer sequence only adds invisible picks
 
 
+@PATHS
 @pytest.mark.parametrize("S", [3, 4, 17, 40])
-def test_causal_mask(S: int) -> None:
+def test_causal_mask(S: int, fused: bool) -> None:
     ix = make_indexer(topk=6)
+    ix.fused_topk = fused
     idx = ix(*inputs(S))[0]
     t = torch.arange(S)[None, :, None]
     visible = (t + 1) // M
@@ -264,8 +276,10 @@ def test_causal_mask(S: int) -> None:
         assert len(set(picked)) == len(picked)
 
 
-def test_decode_steps_select_as_prefill() -> None:
+@PATHS
+def test_decode_steps_select_as_prefill(fused: bool) -> None:
     ix = make_indexer(topk=4)
+    ix.fused_topk = fused
     S, start = 37, 13
     q_lat, x = inputs(S, zero_queries=(15, 24))
     idx_full, val_full, keys_full = ix(q_lat, x)
@@ -278,6 +292,30 @@ def test_decode_steps_select_as_prefill() -> None:
         assert (idx_full[:, pos, k:] == -1).all()
         torch.testing.assert_close(val[:, 0], val_full[:, pos, :k], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(keys, keys_full, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n, k", [(5, 8), (64, 8), (300, 16), (1000, 64)])
+def test_compiled_selection_equals_torch_ops_on_exact_scores(n: int, k: int) -> None:
+    """The compiled CPU kernel against the torch ops it replaces (ReLU, head-weighted sum, mask, exact top-k):
+    integer-valued dots and weights make every score exact in both, so picks and scores must be identical,
+    with many ties (values in -3..3) and per-row visibility limits, some below k and some 0."""
+    gen = torch.Generator().manual_seed(n)
+    rows, heads = 40, 4
+    dots = torch.randint(-3, 4, (rows, heads, n), generator=gen).float()
+    w = torch.randint(-2, 3, (rows, heads), generator=gen).float()
+    limit = torch.randint(0, n + 1, (rows,), generator=gen)
+    limit[:3] = torch.tensor([0, 1, n])
+    picked, scores = torch.empty(rows, k, dtype=torch.long), torch.empty(rows, k)
+    relu_weighted_topk(dots.numpy(), w.numpy(), limit.numpy(), picked.numpy(), scores.numpy())
+    score = torch.einsum("rh,rhn->rn", w, dots.relu()).masked_fill(torch.arange(n) >= limit[:, None], float("-inf"))
+    want = _exact_topk(score[None], min(k, n))[0]  # [rows, <=k]
+    want = torch.cat([want, want.new_full((rows, k - want.shape[1]), n)], dim=1)  # pad as "invisible"
+    want = want.masked_fill(want >= limit[:, None], -1)
+    assert torch.equal(picked, want)
+    assert torch.equal(scores, score.gather(1, want.clamp(min=0)).masked_fill(want < 0, float("-inf")))
+    if n > k:  # the tie rule was exercised where it matters: the k-th score shared with an unpicked entry
+        tied = (score == scores[:, -1:]).sum(-1) > 1  # [rows]
+        assert (tied & (limit > k)).sum() >= 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +350,9 @@ def test_kl_loss_gradient_reaches_only_the_indexer() -> None:
     emb = torch.nn.Parameter(torch.randn(2, S, D))  # backbone stand-ins
     wq_a = torch.nn.Linear(D, QR, bias=False)
     main = torch.nn.Linear(D, 4, bias=False)
-    idx, scores, _ = ix(wq_a(emb), emb)
+    q_lat = wq_a(emb)
+    idx, _, keys = ix(q_lat, emb)  # selection: no gradient; the loss rescores the picks, as CSA does
+    scores = selected_scores(*ix.queries(q_lat, emb, torch.arange(S)), keys, idx, 8)
     valid = idx >= 0
     main_probs = main(emb).softmax(-1).masked_fill(~valid, 0)  # stand-in head-summed attention mass
     loss = indexer_kl_loss(scores, main_probs, valid)

@@ -29,6 +29,20 @@ from .compressor import Compressor, CompressorState, rope_tail
 from .kernels import add_gathered_grad, gather_entries
 
 
+_FUSED_QUERIES = 32  # queries per chunk on the compiled CPU path: their [32 H, N] dots stay in cache
+
+
+def _fused_topk(dots: torch.Tensor, w: torch.Tensor, limit: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU: (entries [R, k] long, scores [R, k]) of ``_topk_cpu.relu_weighted_topk`` for dots [R, H, n],
+    w [R, H] and limit [R] (numba is imported on first use)."""
+    from ._topk_cpu import relu_weighted_topk
+
+    entries, scores = dots.new_empty(dots.shape[0], k, dtype=torch.long), dots.new_empty(dots.shape[0], k)
+    relu_weighted_topk(dots.numpy(), w.contiguous().numpy(), limit.contiguous().numpy(), entries.numpy(),
+                       scores.numpy())
+    return entries, scores
+
+
 def _sortable_bits(x: torch.Tensor) -> torch.Tensor:
     """int64 [same shape] ordered as fp32 x (no NaN): equal floats, -0.0 and +0.0 included, get equal values."""
     bits = (x.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
@@ -77,6 +91,7 @@ class Indexer(nn.Module):
         self.compressor = Compressor(cfg.hidden_size, a.index_head_dim, a.csa_ratio, True, rope, a.rope_head_dim,
                                      cfg.rms_norm_eps)
         self.rope = rope
+        self.fused_topk = True  # the compiled CPU selection; False: the torch ops (as on GPU), for tests
 
     def keys(self, x: torch.Tensor, start: int = 0, before: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Index keys [B, S//m, c_I] of x [B, S, D] (input detached: see the module docstring).
@@ -110,9 +125,10 @@ class Indexer(nn.Module):
         scores = torch.matmul(w.reshape(B * S, 1, H), dots.view(B * S, H, -1))  # [B*S, 1, N]: head-weighted sum
         return scores.view(B, S, -1)
 
+    @torch.no_grad()
     def select(self, q_lat: torch.Tensor, x: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k causally visible entries per query.
+        """Top-k causally visible entries per query (no gradient: the loss rescores the picks).
 
         q_lat [B, S, q_lora_rank], x [B, S, D], keys [B, N, c_I], positions [S] long (absolute).
         Returns (topk_idx [B, S, k] long, -1 where fewer than k entries are visible;
@@ -120,21 +136,33 @@ class Indexer(nn.Module):
         order. Scores are built ``query_chunk`` queries at a time and only against the entries some
         query of the chunk can see, so memory is O(chunk * H * N) and the work half of S x N; the
         projections are computed once for all queries so that chunking cannot change any score.
+        On CPU the ReLU, head sum, mask and top-k of a chunk are one compiled pass (``_topk_cpu``).
         """
         k = min(self.topk, keys.shape[1])
         q, w = self.queries(q_lat, x, positions)  # [B, S, H, c_I], [B, S, H]
-        B, S = q.shape[:2]
+        B, S, H, c = q.shape
         visible = (positions + 1) // ratio  # [S] entries each query may use
-        starts = range(0, S, self.query_chunk)
-        chunks = [visible[lo:lo + self.query_chunk] for lo in starts]
-        spans = torch.stack([torch.stack([v.min(), v.max()]) for v in chunks]).tolist()  # (fewest, most) visible
-        # entries per chunk, in one host sync
+        fused = self.fused_topk and keys.device.type == "cpu"
+        chunk = _FUSED_QUERIES if fused else self.query_chunk
+        starts = range(0, S, chunk)
+        spans = torch.stack([torch.stack([v.min(), v.max()]) for v in visible.split(chunk)]).tolist()  # (fewest,
+        # most) visible entries per chunk, in one host sync
         top_idx = torch.full((B, S, k), -1, dtype=torch.long, device=q.device)
         top_scores = torch.full((B, S, k), float("-inf"), device=q.device)
         keys_t = keys.float().transpose(1, 2).contiguous()  # [B, c_I, N]
+        if fused:
+            buffer = q.new_empty(B * chunk * H * keys.shape[1])  # one chunk's dots, reused: stays in cache
         for lo, (first, n) in zip(starts, spans):
-            hi, n = lo + self.query_chunk, min(n, keys.shape[1])
+            hi, n = lo + chunk, min(n, keys.shape[1])
             if n == 0:
+                continue
+            if fused:
+                s = min(hi, S) - lo
+                dots = torch.bmm(q[:, lo:hi].reshape(B, s * H, c), keys_t[..., :n],
+                                 out=buffer[:B * s * H * n].view(B, s * H, n))  # [B, s*H, n]
+                picked, scores = _fused_topk(dots.view(B * s, H, n), w[:, lo:hi].reshape(B * s, H),
+                                             visible[lo:hi].repeat(B), k)  # [B*s, k] each
+                top_idx[:, lo:hi], top_scores[:, lo:hi] = picked.view(B, s, k), scores.view(B, s, k)
                 continue
             score = self._scores_t(q[:, lo:hi], w[:, lo:hi], keys_t[..., :n])  # [B, s, n]
             # Entries below the chunk's smallest limit are visible to all its queries: mask only the rest.

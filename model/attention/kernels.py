@@ -98,20 +98,22 @@ class CompressedKV:
 class _Chunk:
     """One query chunk's logits, rebuilt identically by the forward and the backward pass.
 
-    ``window`` [B,C,H,K] and ``extra`` [B,C,H,k|N] are fp32 logits with -inf where a key is not
-    visible; ``keys`` [B,K,c] are the chunk's window rows of kv (starting at row ``lo``),
+    ``rows`` [B,C,R,c] are dotted with the chunk's keys and entries; the first ``masked`` rows are the
+    scaled queries, whose logits get -inf where a key is not visible (the backward appends d_out as
+    rows H.., so the logits and dP come from one GEMM each). ``window`` [B,C,R,K] and ``extra``
+    [B,C,R,k|N] are fp32; ``keys`` [B,K,c] are the chunk's window rows of kv (starting at row ``lo``),
     ``values`` the extra entries' rows ([B,C,k,c] gathered, or all [B,N,c] for a mask).
     """
 
-    def __init__(self, qc: torch.Tensor, kv: torch.Tensor, extra: Optional[CompressedKV], s: int, e: int,
-                 past: int, window: int) -> None:
+    def __init__(self, rows: torch.Tensor, kv: torch.Tensor, extra: Optional[CompressedKV], s: int, e: int,
+                 past: int, window: int, masked: int) -> None:
         self.lo = max(0, past + s - window + 1)  # first key row any query of the chunk can see
         self.keys = kv[:, self.lo:past + e]  # [B,K,c]
         q_row = torch.arange(past + s, past + e, device=kv.device).unsqueeze(1)
         k_row = torch.arange(self.lo, past + e, device=kv.device).unsqueeze(0)
         visible = (k_row <= q_row) & (k_row > q_row - window)  # [C,K]
-        self.window = torch.einsum("bqhc,bkc->bqhk", qc, self.keys).float().masked_fill(~visible[:, None],
-                                                                                         float("-inf"))
+        self.window = torch.einsum("bqhc,bkc->bqhk", rows, self.keys).float()
+        self.window[:, :, :masked].masked_fill_(~visible[:, None], float("-inf"))
         self.extra: Optional[torch.Tensor] = None
         if extra is None:
             return
@@ -122,7 +124,8 @@ class _Chunk:
         else:
             self.values = extra.kv  # [B,N,c]
             hidden = ~extra.mask[:, s:e].unsqueeze(2)  # [B|1,C,1,N]
-        self.extra = self.values_logits(qc).float().masked_fill(hidden, float("-inf"))
+        self.extra = self.values_logits(rows).float()
+        self.extra[:, :, :masked].masked_fill_(hidden, float("-inf"))
 
     def values_logits(self, rows: torch.Tensor) -> torch.Tensor:
         """rows [B,C,H,c] dotted with each query's extra entries -> [B,C,H,k|N]."""
@@ -180,7 +183,7 @@ class _WindowAttention(torch.autograd.Function):
         sinks = sink.float().view(1, 1, H, 1)
         for s in range(0, S, query_chunk):
             e = min(s + query_chunk, S)
-            chunk = _Chunk(q[:, s:e] * scale, kv, extra, s, e, past, window)  # scaling q leaves the sink as is
+            chunk = _Chunk(q[:, s:e] * scale, kv, extra, s, e, past, window, H)  # scaling q leaves the sink as is
             parts = [chunk.window] + ([chunk.extra] if extra is not None else [])
             parts.append(sinks.expand(B, e - s, H, 1))
             logits = torch.cat(parts, dim=-1)  # [B,C,H,K (+k|N) + 1]
@@ -218,22 +221,20 @@ class _WindowAttention(torch.autograd.Function):
         delta = (d_out.float() * out.float()).sum(dim=-1)  # [B,S,H]
         for s in range(0, S, ctx.query_chunk):
             e = min(s + ctx.query_chunk, S)
-            qc = q[:, s:e] * ctx.scale
-            do = d_out[:, s:e]  # [B,C,H,c]
-            chunk = _Chunk(qc, kv, extra, s, e, past, ctx.window)
             # Rows [q*scale ; d_out] against the same keys/values: the logits (rebuilt) and dP in one GEMM
-            # each, and [dS ; P] against [q*scale ; d_out] for the key/value gradients (K = V).
-            q_do = torch.cat([qc, do], dim=2)  # [B,C,2H,c]
+            # each, and [dS ; P] against them for the key/value gradients (K = V).
+            q_do = torch.cat([q[:, s:e] * ctx.scale, d_out[:, s:e]], dim=2)  # [B,C,2H,c]
+            chunk = _Chunk(q_do, kv, extra, s, e, past, ctx.window, H)
             row_lse, row_delta = lse[:, s:e, :, None], delta[:, s:e, :, None]  # [B,C,H,1]
             d_sink -= ((sinks - row_lse).exp() * row_delta).sum(dim=(0, 1, 3))
-            p_win = (chunk.window - row_lse).exp()  # [B,C,H,K]
-            dp_win = torch.einsum("bqhc,bkc->bqhk", do, chunk.keys).float()
+            p_win = (chunk.window[:, :, :H] - row_lse).exp()  # [B,C,H,K]
+            dp_win = chunk.window[:, :, H:]
             ds_p = torch.cat([p_win * (dp_win - row_delta), p_win], dim=2).to(kv.dtype)  # [B,C,2H,K]: dS ; P
             d_qc = torch.einsum("bqhk,bkc->bqhc", ds_p[:, :, :H], chunk.keys).float()
             d_kv[:, chunk.lo:past + e] += torch.einsum("bqhk,bqhc->bkc", ds_p, q_do)
             if extra is not None:
-                p_ex = (chunk.extra - row_lse).exp()  # [B,C,H,k|N]
-                dp_ex = chunk.values_logits(do).float()
+                p_ex = (chunk.extra[:, :, :H] - row_lse).exp()  # [B,C,H,k|N]
+                dp_ex = chunk.extra[:, :, H:]
                 ds_p = torch.cat([p_ex * (dp_ex - row_delta), p_ex], dim=2).to(kv.dtype)  # [B,C,2H,k|N]
                 d_qc += chunk.values_times(ds_p[:, :, :H]).float()
                 if idx is not None:
