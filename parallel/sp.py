@@ -46,7 +46,11 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_gather_single_autograd
+
+try:
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+except ImportError:  # torch < 2.12 names it all_gather_tensor_autograd (renamed, same semantics)
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd as all_gather_single_autograd
 
 from moesaic.model.sequence import WholeSequence
 

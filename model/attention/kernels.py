@@ -22,15 +22,17 @@ head (MQA, K = V), so queries of all heads read the same ``kv`` rows.
 The softmax runs in fp32 over [window keys ; extra entries ; sink] and the output is
 sum(p_j * v_j) over window keys and extra entries (the sink has no value).
 
-Memory is linear in S: queries are processed in blocks of C = min(query_chunk, max(32, window/2));
-a block scores only its C + window - 1 candidate keys and its own extra entries, never S x S.
-Blocks are capped near half the window because a block forms (C + window - 1) / window times the
-window logits it needs: elementwise softmax work, not the GEMMs, dominates on CPU (at window 128,
-blocks of 64 queries ran ~1.4x faster than blocks of 256). Like flash
-attention, the forward keeps only each row's log-sum-exp and the backward rebuilds a chunk's
-probabilities from it, so neither the probabilities nor the gathered [S, k, c] entries are stored
-for backward (the backward costs one more forward's logits). The kernel also returns each selected
-entry's head-summed probability, the CSA indexer's training target, which it has at no extra cost.
+Memory is linear in S: queries are processed in blocks of C queries; a block scores only its
+C + window - 1 candidate keys and its own extra entries, never S x S. On CPU C = min(query_chunk,
+max(32, window/2)): a block forms (C + window - 1) / window times the window logits it needs, and
+that elementwise softmax work, not the GEMMs, dominates there (at window 128, blocks of 64 queries
+ran ~1.4x faster than blocks of 256). On GPU C = query_chunk: there kernel launches per block dominate.
+
+Like flash attention, the forward keeps only each row's log-sum-exp and the backward rebuilds a
+chunk's probabilities from it, so neither the probabilities nor the gathered [S, k, c] entries are
+stored for backward (the backward forms the logits again, together with dP in the same GEMMs). The
+kernel also returns each selected entry's head-summed probability, the CSA indexer's training
+target, which it has at no extra cost.
 
 Statistics (opt-in, for the trainer's log steps): given ``stats``, an ``AttentionStats``, the kernel
 adds the mean softmax mass on the window keys, the compressed entries and the sink, and the max
@@ -260,5 +262,5 @@ def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, wind
     if T < S:
         raise ValueError(f"kv has {T} rows but there are {S} queries; kv must end at the queries' positions")
     entries, idx, mask = (None, None, None) if extra is None else (extra.kv, extra.idx, extra.mask)
-    block = min(query_chunk, max(_MIN_BLOCK, window // 2))  # see the module docstring
+    block = query_chunk if q.is_cuda else min(query_chunk, max(_MIN_BLOCK, window // 2))  # module docstring
     return _WindowAttention.apply(q, kv, sink, entries, idx, mask, window, scale, block, stats)

@@ -1,0 +1,148 @@
+"""On a CUDA device moesaic computes what it computes on CPU, where the other tests hold it to references:
+the attention kernel, the indexer's selection (the torch ops there, the compiled kernel here), a whole
+model's loss and gradients, the decode cache, and bf16 training.
+
+CI has no GPU, so these skip there; on a GPU machine run ``python -m pytest -q tests/test_cuda.py``.
+fp32 comparisons run with TF32 off; tolerances are stated per test (GPU reductions sum in other orders).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import pytest
+import torch
+
+from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
+from moesaic.model import Transformer
+from moesaic.model.attention.kernels import CompressedKV, window_attention
+
+from test_attention_compressed import cached_logits
+from test_compressor import M, inputs, make_indexer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmuls() -> Iterator[None]:
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def v4_config(**overrides) -> ModelConfig:
+    """Every layer type, mHC with 4 streams, a hash-routed MoE layer, routed + shared experts and MTP."""
+    a = AttentionConfig(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
+                        window=8, query_chunk=16, csa_ratio=4, hca_ratio=8, index_heads=4, index_head_dim=16,
+                        index_topk=4)
+    fields = dict(vocab_size=128, hidden_size=48, num_layers=4, layer_types=["swa", "csa", "hca", "csa"],
+                  ffn_types=["moe"] * 4, hc_mult=4, mtp_layers=1, attention=a,
+                  moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=32, num_hash_layers=1))
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+@pytest.mark.parametrize("mode", [None, "idx", "mask"])
+def test_kernel_equals_cpu(mode: Optional[str]) -> None:
+    """window_attention's output, selected mass and gradients agree between CPU and CUDA to 1e-5 over several
+    query blocks, with selected (idx, -1 slots included) or masked compressed entries."""
+    g = torch.Generator().manual_seed(0)
+    B, S, H, c, N, k = 2, 300, 4, 32, 40, 8
+    tensors = [torch.randn(B, S, H, c, generator=g), torch.randn(B, S, c, generator=g), torch.randn(H, generator=g),
+               torch.randn(B, N, c, generator=g)]
+    idx = torch.randint(-1, N, (B, S, k), generator=g)
+    mask = torch.rand(B, S, N, generator=g) > 0.5
+    cot = torch.randn(B, S, H, c, generator=g)
+
+    def run(device: torch.device) -> list[torch.Tensor]:
+        q, kv, sink, entries = (t.to(device).requires_grad_() for t in tensors)
+        extra = {None: None, "idx": CompressedKV(entries, idx=idx.to(device)),
+                 "mask": CompressedKV(entries, mask=mask.to(device))}[mode]
+        out, mass = window_attention(q, kv, sink, window=16, scale=c**-0.5, query_chunk=64, extra=extra)
+        inputs_ = [q, kv, sink] + ([entries] if mode else [])
+        return [out, *torch.autograd.grad(out, inputs_, cot.to(device))] + ([mass] if mass is not None else [])
+
+    for want, got in zip(run(torch.device("cpu")), run(CUDA), strict=True):
+        torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_selection_equals_cpu() -> None:
+    """The indexer picks the same entries on CUDA (torch ops) as on CPU (compiled kernel), ties included:
+    queries with q_lat = 0 score every entry exactly 0."""
+    ix = make_indexer(topk=5)
+    q_lat, x = inputs(45, zero_queries=(11, 30))
+    idx, val, keys = ix(q_lat, x)
+    ix.to(CUDA)
+    idx_gpu, val_gpu, keys_gpu = ix(q_lat.to(CUDA), x.to(CUDA))
+    assert torch.equal(idx_gpu.cpu(), idx)
+    torch.testing.assert_close(val_gpu.cpu(), val, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(keys_gpu.cpu(), keys, atol=1e-5, rtol=1e-5)
+    assert (idx >= 0).any() and (idx[:, :M - 1] == -1).all()  # queries t < m - 1 see no entry
+
+
+def test_model_loss_and_gradients_as_accurate_as_cpu() -> None:
+    """A V4-shaped model's loss (LM + MTP + indexer + balance terms) and every gradient in fp32, CUDA and CPU,
+    against the same model in fp64 on CPU (its kernels' softmax still runs in fp32): the loss to 1e-5, and
+    per parameter CUDA's gradient error at most 4x CPU's + 2e-5 of the norm. Norm-wise and relative to CPU
+    because gradients summed over all tokens cancel: the mHC scales' fp32 error reaches ~4e-4 of their
+    norm on CPU too."""
+    torch.manual_seed(0)
+    model = Transformer(v4_config())
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(1))
+
+    def run(device: torch.device, dtype: torch.dtype) -> tuple[float, dict[str, torch.Tensor]]:
+        model.to(device, dtype).zero_grad(set_to_none=True)
+        out = model(ids.to(device), labels=ids.to(device))
+        out.loss.backward()
+        # Copies: model.to() moves the .grad tensors of the parameters along with them.
+        return out.loss.item(), {n: p.grad.to("cpu", torch.float64, copy=True) for n, p in model.named_parameters()
+                                 if p.grad is not None}
+
+    loss_ref, ref = run(torch.device("cpu"), torch.float64)
+    loss_cpu, grads_cpu = run(torch.device("cpu"), torch.float32)
+    loss_gpu, grads_gpu = run(CUDA, torch.float32)
+    assert abs(loss_gpu - loss_ref) <= 1e-5 and abs(loss_cpu - loss_ref) <= 1e-5
+    assert grads_gpu.keys() == grads_cpu.keys() == ref.keys() and len(ref) > 50
+
+    def error(grads: dict[str, torch.Tensor], name: str) -> float:
+        return ((grads[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-30)).item()
+
+    errors = {name: (error(grads_gpu, name), error(grads_cpu, name)) for name in ref}
+    print("largest gradient errors vs fp64 (cuda, cpu):", sorted(errors.items(), key=lambda kv: -kv[1][0])[:3])
+    for name, (gpu, cpu) in errors.items():
+        assert gpu <= 4 * cpu + 2e-5, f"{name}: cuda error {gpu:.3g} vs cpu error {cpu:.3g} of the fp64 gradient"
+
+
+def test_prefill_then_decode_equals_full_forward_on_cuda() -> None:
+    """The decode cache on CUDA: prefill(35) + 6 decode steps give the full forward's logits to 1e-5."""
+    torch.manual_seed(0)
+    model = Transformer(v4_config(mtp_layers=0)).to(CUDA).eval()
+    ids = torch.randint(0, 128, (2, 41), generator=torch.Generator().manual_seed(2)).to(CUDA)
+    with torch.no_grad():
+        full = model(ids).logits
+    torch.testing.assert_close(cached_logits(model, ids, [35] + [1] * 6), full, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_training_on_cuda() -> None:
+    """bf16 weights and activations: the initial loss is within 2 % of fp32's, and 40 AdamW steps on one batch
+    bring it down by more than 1.5 nats, every loss finite."""
+    torch.manual_seed(0)
+    model = Transformer(v4_config()).to(CUDA)
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(3)).to(CUDA)
+    with torch.no_grad():
+        loss_fp32 = model(ids, labels=ids).loss.item()
+    model.to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    print("bf16 losses", [round(v, 3) for v in losses[::5]], "fp32 initial", round(loss_fp32, 4))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert abs(losses[0] - loss_fp32) < 0.02 * loss_fp32
+    assert losses[-1] < losses[0] - 1.5
