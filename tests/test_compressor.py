@@ -192,7 +192,7 @@ def test_index_scores_match_naive_einsum() -> None:
     positions = torch.arange(23)
     torch.testing.assert_close(ix.scores(*ix.queries(q_lat, x, positions), keys), naive_scores(ix, q_lat, x, keys),
                                atol=1e-6, rtol=1e-6)
-    idx, scores = ix.select(q_lat, x, keys, positions, M)
+    idx, scores = ix.select(*ix.queries(q_lat, x, positions), keys, positions, M)
     ref = naive_scores(ix, q_lat, x, keys).gather(-1, idx.clamp_min(0))
     torch.testing.assert_close(scores[idx >= 0], ref[idx >= 0], atol=1e-6, rtol=1e-6)
 
@@ -213,7 +213,7 @@ def test_topk_ties_break_toward_lower_index(fused: bool) -> None:
         ix.weights_proj.weight[1] = 0  # a dead head
     positions = torch.arange(S)
     scores = ix.scores(*ix.queries(q_lat, x, positions), keys)
-    idx, val = ix.select(q_lat, x, keys, positions, M)
+    idx, val = ix.select(*ix.queries(q_lat, x, positions), keys, positions, M)
     ref_idx, ref_val = naive_topk(scores, 5)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(val, ref_val, atol=1e-6, rtol=1e-6)  # the compiled path sums heads in order
@@ -236,10 +236,10 @@ def test_chunked_selection_equals_unchunked_exactly(fused: bool) -> None:
     q_lat, x = inputs(45, zero_queries=(11, 30))
     keys = ix.keys(x)
     positions = torch.arange(45)
-    idx, val = ix.select(q_lat, x, keys, positions, M)
+    idx, val = ix.select(*ix.queries(q_lat, x, positions), keys, positions, M)
     for chunk in (1, 3, 16):
         ix.query_chunk = chunk
-        idx_c, val_c = ix.select(q_lat, x, keys, positions, M)
+        idx_c, val_c = ix.select(*ix.queries(q_lat, x, positions), keys, positions, M)
         assert torch.equal(idx_c, idx)
         # Scores agree to rounding only: each chunk scores only the entries it can see (a narrower GEMM).
         torch.testing.assert_close(val_c, val, atol=1e-6, rtol=1e-6)
@@ -374,7 +374,7 @@ def test_selected_scores_equal_dense_scores_at_the_picks(chunk: int) -> None:
     keys = ix.keys(x).detach().requires_grad_()
     q, w = (t.detach().requires_grad_() for t in ix.queries(q_lat, x, positions))
     with torch.no_grad():
-        idx, _ = ix.select(q_lat, x, keys, positions, M)  # [B,S,k], -1 where fewer than k are visible
+        idx, _ = ix.select(*ix.queries(q_lat, x, positions), keys, positions, M)  # [B,S,k], -1 where fewer than k are visible
     valid = idx >= 0
     got = selected_scores(q, w, keys, idx, chunk).masked_fill(~valid, 0.0)
     want = ix.scores(q, w, keys).gather(-1, idx.clamp(min=0)).masked_fill(~valid, 0.0)

@@ -120,14 +120,14 @@ class CompressedSparseAttention(_CompressedAttention):
             keys = self._whole(self.indexer.keys, x)  # [B,N,c_I]
         else:
             keys = cache.index.absorb(self.indexer.compressor, x.detach(), cache.pos)
-        with torch.no_grad():
-            idx, _ = self.indexer.select(qr, x, keys, positions, self.ratio)  # [B,S,k]
+        q_i, w_i = self.indexer.queries(qr, x, positions)  # [B,S,H_I,c_I], [B,S,H_I]: for selection and loss
+        idx, _ = self.indexer.select(q_i, w_i, keys, positions, self.ratio)  # [B,S,k]
         if self.stats is not None:
             self._record_selection(idx, positions, keys.shape[1])
         extra = CompressedKV(entries, idx=idx)
         if cache is not None or self.indexer_loss_coef == 0:
             return extra, None
-        return extra, lambda mass: self.indexer_loss_coef * self._indexer_loss(x, qr, positions, keys, idx, mass)
+        return extra, lambda mass: self.indexer_loss_coef * self._indexer_loss(q_i, w_i, keys, idx, mass)
 
     @torch.no_grad()
     def _record_selection(self, idx: torch.Tensor, positions: torch.Tensor, num_entries: int) -> None:
@@ -151,11 +151,10 @@ class CompressedSparseAttention(_CompressedAttention):
             shared = shared + ((cur.unsqueeze(-1) == prev[:, :cur.shape[1]].unsqueeze(-2)).any(-1) & (cur >= 0)).sum()
         self.stats.add_mean("index_overlap", shared, (rows[:, 1:] >= 0).sum())
 
-    def _indexer_loss(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
-                      idx: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    def _indexer_loss(self, q_i: torch.Tensor, w_i: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor,
+                      mass: torch.Tensor) -> torch.Tensor:
         """KL from the main attention's head-summed mass on the selected entries (the kernel's ``mass``
-        [B,S,k]) to the indexer's softmax over them."""
-        q_i, w_i = self.indexer.queries(qr, x, positions)  # [B,S,H_I,c_I], [B,S,H_I]
+        [B,S,k]) to the indexer's softmax over them (index queries q_i, w_i from ``Indexer.queries``)."""
         index_scores = selected_scores(q_i, w_i, keys, idx, self.query_chunk)  # [B,S,k]
         valid = idx >= 0
         queries = self.sequence.sum(valid.any(dim=-1).sum())  # the mean runs over the whole sequence

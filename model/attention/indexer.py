@@ -126,20 +126,19 @@ class Indexer(nn.Module):
         return scores.view(B, S, -1)
 
     @torch.no_grad()
-    def select(self, q_lat: torch.Tensor, x: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k causally visible entries per query (no gradient: the loss rescores the picks).
 
-        q_lat [B, S, q_lora_rank], x [B, S, D], keys [B, N, c_I], positions [S] long (absolute).
+        q, w: ``queries`` at positions [S] long (absolute); keys [B, N, c_I].
         Returns (topk_idx [B, S, k] long, -1 where fewer than k entries are visible;
         topk_scores [B, S, k], -inf at those -1 picks), k = min(index_topk, N), in descending score
         order. Scores are built ``query_chunk`` queries at a time and only against the entries some
-        query of the chunk can see, so memory is O(chunk * H * N) and the work half of S x N; the
-        projections are computed once for all queries so that chunking cannot change any score.
-        On CPU the ReLU, head sum, mask and top-k of a chunk are one compiled pass (``_topk_cpu``).
+        query of the chunk can see, so memory is O(chunk * H * N) and the work half of S x N; q and w
+        come projected for all queries at once, so chunking cannot change any score. On CPU the
+        ReLU, head sum, mask and top-k of 32-query chunks are one compiled pass (``_topk_cpu``).
         """
         k = min(self.topk, keys.shape[1])
-        q, w = self.queries(q_lat, x, positions)  # [B, S, H, c_I], [B, S, H]
         B, S, H, c = q.shape
         visible = (positions + 1) // ratio  # [S] entries each query may use
         fused = self.fused_topk and keys.device.type == "cpu"
@@ -178,7 +177,7 @@ class Indexer(nn.Module):
         """Training / stateless prefill over positions 0..S-1: (topk_idx, topk_scores, keys)."""
         keys = self.keys(x)  # [B, S//m, c_I]
         positions = torch.arange(x.shape[1], device=x.device)  # [S]
-        return (*self.select(q_lat, x, keys, positions, self.ratio), keys)
+        return (*self.select(*self.queries(q_lat, x, positions), keys, positions, self.ratio), keys)
 
     @torch.no_grad()
     def step(self, state: CompressorState, keys: torch.Tensor, q_lat_t: torch.Tensor, x_t: torch.Tensor,
@@ -193,7 +192,7 @@ class Indexer(nn.Module):
         if new_key is not None:
             keys = torch.cat([keys, new_key.to(keys.dtype)], dim=1)  # [B, N+1, c_I]
         positions = torch.tensor([pos], device=x_t.device)  # [1]
-        return (*self.select(q_lat_t, x_t, keys, positions, self.ratio), keys)
+        return (*self.select(*self.queries(q_lat_t, x_t, positions), keys, positions, self.ratio), keys)
 
 
 class _SelectedScores(torch.autograd.Function):
