@@ -65,6 +65,27 @@ def test_mappings_and_stream_update_match_the_spec_token_by_token() -> None:
             torch.testing.assert_close(new[b, t], expect, rtol=5e-6, atol=5e-6)
 
 
+def test_compiled_cpu_mixing_equals_the_matmuls() -> None:
+    """collapse/expand on fp32 CPU streams (compiled loops, ``_mhc_cpu``) against the same functions on fp64
+    (per-token matmuls: the path GPUs and other dtypes take): values and all gradients to 1e-5. comb is a
+    permuted view, as ``sinkhorn`` returns it."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(2, 7, N, D, generator=g), torch.randn(2, 7, D, generator=g)
+    pre, post = torch.rand(2, 7, N, generator=g), torch.rand(2, 7, N, generator=g)
+    comb = torch.rand(N, N, 2, 7, generator=g).permute(2, 3, 0, 1)  # [2,7,N,N], not contiguous
+    w_out, w_col = torch.randn(2, 7, N, D, generator=g), torch.randn(2, 7, D, generator=g)
+
+    def run(dtype: torch.dtype) -> list[torch.Tensor]:
+        xs, ys, pres, posts, combs = (t.to(dtype).requires_grad_() for t in (x, y, pre, post, comb))
+        out, col = mhc.expand(ys, xs, posts, combs), mhc.collapse(xs, pres)
+        loss = (out * w_out.to(dtype)).sum() + (col * w_col.to(dtype)).sum()
+        return [out, col, *torch.autograd.grad(loss, (xs, ys, pres, posts, combs))]
+
+    assert mhc._compiled(x) and not mhc._compiled(x.double())
+    for got, want in zip(run(torch.float32), run(torch.float64), strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 def assert_doubly_stochastic(comb: torch.Tensor, what: str) -> None:
     rows, cols = comb.sum(dim=-1), comb.sum(dim=-2)
     print(f"{what}: max |row sum - 1| {(rows - 1).abs().max():.1e}, max |col sum - 1| {(cols - 1).abs().max():.1e}")
@@ -86,6 +107,14 @@ def test_comb_is_doubly_stochastic() -> None:
     for std in (1.0, 2.0):
         rows = mhc.sinkhorn(torch.randn(4096, N, N) * std, 20, 1e-6).sum(dim=-1)
         print(f"logits N(0, {std}): max |row sum - 1| after 20 iterations {(rows - 1).abs().max():.1e}")
+
+
+def test_mix_handwritten_backward_passes_gradcheck() -> None:
+    """The mapping projection phi . x~ / rms(x~): its written-out backward against finite differences (fp64)."""
+    g = torch.Generator().manual_seed(5)
+    flat = torch.randn(2, 5, N * 8, dtype=torch.float64, generator=g).requires_grad_()
+    fn = torch.randn((2 + N) * N, N * 8, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: mhc._Mix.apply(a, b, 1e-6), (flat, fn))
 
 
 @pytest.mark.parametrize("iters", [1, 2, 20])
