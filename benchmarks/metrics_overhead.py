@@ -130,7 +130,7 @@ def report(args: argparse.Namespace, cfg, trainer: Trainer, device: torch.device
               f"(quartiles {q1:+.2f}% .. {q3:+.2f}%)", end="")
     windows = len(times[True])
     spent["extra logging (sinks.log on - off)"] = spent.pop("log on") - spent.pop("log off")
-    print(f"\n\n| attributed panel work, per on window | CPU ms | % of an off window |\n|---|---|---|")
+    print("\n\n| attributed panel work, per on window | CPU ms | % of an off window |\n|---|---|---|")
     for name, seconds in [*spent.items(), ("total", sum(spent.values()))]:
         print(f"| {name} | {1e3 * seconds / windows:.2f} | {100 * seconds / windows / med[False][0]:.3f}% |")
 
