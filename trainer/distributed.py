@@ -7,6 +7,7 @@ place: the accelerator is chosen before DeepSpeed is imported, and the shared-me
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import socket
@@ -91,6 +92,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def destroy() -> None:
-    """Tear the group down explicitly: gloo sometimes aborts at interpreter exit otherwise."""
+    """Tear the groups down explicitly, then drop what still references their work: gloo sometimes aborts
+    at interpreter exit ("terminate called without an active exception") when its worker threads
+    release tensors while Python is finalising (pytorch/pytorch#179291)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
