@@ -396,10 +396,12 @@ class Trainer:
             if self.step % cfg.train.eval_every == 0 or last:
                 val_loss = self.evaluate()
                 metrics["val/loss"] = val_loss
-            if self.step % cfg.checkpoint.every == 0 or last:
-                path = self.save()
+            # Log before checkpointing: once the checkpoint exists a resume starts after this step, so
+            # its metrics must already be written (a resume from an older checkpoint drops the rows past it).
             if sinks is not None and metrics:
                 sinks.log(self.step, metrics)
+            if self.step % cfg.checkpoint.every == 0 or last:
+                path = self.save()
             if self._stop_requested():
                 if path is None or path.name != ckpt_io.tag_for(self.step):
                     path = self.save()
