@@ -49,9 +49,12 @@ def relu_weighted_topk(dots: np.ndarray, weights: np.ndarray, limit: np.ndarray,
     rows, heads, n = dots.shape
     k = out_entries.shape[1]
     zero = np.float32(0.0)
+    row = np.empty(max(n, 1), dtype=np.float32)  # one row's scores, reused by every row
+    bits = row.view(np.int32)
+    keys = np.empty(max(n, 1), dtype=np.int64)  # (score, -entry) ordered as integers, as the torch path's keys
     for r in range(rows):
         m = min(limit[r], n)
-        row = np.zeros(max(m, 1), dtype=np.float32)  # [m]; heads summed in order: a fixed rounding, never -0.0
+        row[:m] = zero  # heads summed in order below: a fixed rounding, never -0.0
         for h in range(heads):
             wh = weights[r, h]
             for j in range(m):
@@ -67,8 +70,6 @@ def relu_weighted_topk(dots: np.ndarray, weights: np.ndarray, limit: np.ndarray,
                 for j in range(i * g, (i + 1) * g):
                     group_max = row[j] if row[j] > group_max else group_max
                 tau = min(tau, group_max)
-        bits = row.view(np.int32)
-        keys = np.empty(m, dtype=np.int64)  # (score, -entry) ordered as integers, as the torch path's keys
         count = 0
         for j in range(m):  # branch-free compaction of the entries at or above tau
             b = np.int64(bits[j])

@@ -130,7 +130,7 @@ class _Chunk:
         self.extra[:, :, :masked].masked_fill_(hidden, float("-inf"))
 
     def values_logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows [B,C,H,c] dotted with each query's extra entries -> [B,C,H,k|N]."""
+        """rows [B,C,R,c] dotted with each query's extra entries -> [B,C,R,k|N]."""
         if self.values.dim() == 4:
             return torch.einsum("bqhc,bqkc->bqhk", rows, self.values)
         return torch.einsum("bqhc,bnc->bqhn", rows, self.values)
