@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moesaic.configs.schema import AttentionConfig, ModelConfig
-from moesaic.model.attention import CompressedKV, SWACache, build_attention, window_attention
+from moesaic.model.attention import CompressedKV, SWACache, build_attention, kernels, window_attention
 
 
 def tiny_cfg(window: int = 8, query_chunk: int = 5, **attn) -> ModelConfig:
@@ -43,6 +43,14 @@ def naive_attention(q, kv, sink, window, scale, extra_kv=None, extra_visible=Non
     return torch.einsum("bhsk,bkc->bshc", naive_probs(q, kv, sink, window, scale, extra_kv, extra_visible), values)
 
 
+@pytest.fixture(params=[True, False], ids=["compiled", "torch-ops"])
+def kernel_path(request, monkeypatch):
+    """Runs a test on both CPU implementations of ``window_attention``: the compiled loops and the torch ops
+    (the GPU path)."""
+    monkeypatch.setattr(kernels, "use_compiled", request.param)
+    return request.param
+
+
 def _inputs(B, S, T, H, c, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, S, H, c, generator=g).requires_grad_()
@@ -69,7 +77,7 @@ def _assert_same_with_grads(out, ref, tensors, tol=1e-6):
     (13, 6, 4, 5),  # past keys before the queries, as with a decode cache
     (1, 8, 8, 1024),  # one decode step over a full window
 ])
-def test_window_kernel_matches_naive(S, past, window, chunk):
+def test_window_kernel_matches_naive(S, past, window, chunk, kernel_path):
     B, H, c = 2, 3, 16
     q, kv, sink = _inputs(B, S, past + S, H, c)
     scale = c ** -0.5
@@ -80,7 +88,7 @@ def test_window_kernel_matches_naive(S, past, window, chunk):
 
 @pytest.mark.parametrize("mode", ["idx", "mask"])
 @pytest.mark.parametrize("chunk", [4, 64])
-def test_compressed_entries_join_the_same_softmax(mode, chunk):
+def test_compressed_entries_join_the_same_softmax(mode, chunk, kernel_path):
     B, S, H, c, N, window, k = 2, 19, 2, 16, 6, 4, 3
     q, kv, sink = _inputs(B, S, S, H, c, seed=1)
     g = torch.Generator().manual_seed(2)
@@ -130,7 +138,7 @@ class _MaxNumel(TorchDispatchMode):
         return out
 
 
-def test_kernel_memory_is_linear_in_sequence_length():
+def test_kernel_memory_is_linear_in_sequence_length(kernel_path):
     B, S, H, c, window, chunk = 1, 512, 1, 4, 16, 32
     q, kv, sink = _inputs(B, S, S, H, c)
     with _MaxNumel() as mode:
@@ -225,7 +233,7 @@ def test_official_parameter_names():
 
 
 @pytest.mark.parametrize("mode", ["idx", "mask"])
-def test_backward_keeps_no_probabilities(mode):
+def test_backward_keeps_no_probabilities(mode, kernel_path):
     """Flash-style: what autograd keeps is the inputs, the output and one fp32 number per query-head,
     not the [S, keys] probabilities or the gathered [S, k, c] entries."""
     B, S, H, c, N, window, k, chunk = 1, 256, 4, 8, 64, 32, 16, 64

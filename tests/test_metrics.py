@@ -14,6 +14,7 @@ import torch
 from moesaic.configs import Config, ConfigError, load_config, validate
 from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
 from moesaic.model import Transformer
+from moesaic.model.attention import kernels
 from moesaic.model.attention.kernels import AttentionStats, CompressedKV, window_attention
 from moesaic.model.kv_accounting import dense_kv_bytes, layer_kv_bytes
 from moesaic.model.moe import Router
@@ -163,7 +164,9 @@ def naive_stats(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, window: i
             "max_logit": top}
 
 
-def test_kernel_statistics_match_a_naive_softmax() -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-ops"])
+def test_kernel_statistics_match_a_naive_softmax(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "use_compiled", compiled)
     torch.manual_seed(0)
     B, S, H, c, W, N = 2, 10, 3, 8, 4, 3
     q, kv, entries = torch.randn(B, S, H, c), torch.randn(B, S, c), torch.randn(B, N, c)

@@ -27,6 +27,10 @@ C + window - 1 candidate keys and its own extra entries, never S x S. On CPU C =
 max(32, window/2)): a block forms (C + window - 1) / window times the window logits it needs, and
 that elementwise softmax work, not the GEMMs, dominates there (at window 128, blocks of 64 queries
 ran ~1.4x faster than blocks of 256). On GPU C = query_chunk: there kernel launches per block dominate.
+On CPU in fp32 (``use_compiled``) the same function runs as compiled per-query loops instead
+(``_window_cpu``): each query scores only its own window keys and entries, read in place, and its
+backward adds straight into their gradients (the 8k-token model step of ``benchmarks/vs_hf_reference.py``
+spent 2.8 s in the torch path's blocks and 0.8 s in the compiled one, one thread).
 
 Like flash attention, the forward keeps only each row's log-sum-exp and the backward rebuilds a
 chunk's probabilities from it, so neither the probabilities nor the gathered [S, k, c] entries are
@@ -249,6 +253,70 @@ class _WindowAttention(torch.autograd.Function):
         return d_q, d_kv.to(kv.dtype), d_sink.to(sink.dtype), d_entries, None, None, None, None, None, None
 
 
+class _CompiledWindowAttention(torch.autograd.Function):
+    """``_WindowAttention`` on CPU in fp32 through ``_window_cpu``: same inputs, outputs and saved tensors."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
+                idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], window: int, scale: float,
+                stats: Optional[AttentionStats]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        from ._window_cpu import forward
+
+        B, S, H, c = q.shape
+        out, lse = torch.empty_like(q), q.new_empty(B, S, H)
+        mass = q.new_empty(B, S, idx.shape[-1] if idx is not None else 0)
+        totals = torch.tensor([0.0, 0.0, 0.0, float("-inf")], dtype=torch.float64) if stats is not None else None
+        forward(*_numpy(q, kv, sink, *_extra_arrays(q, entries, idx, mask)), window, scale,
+                out.numpy(), lse.numpy(), mass.numpy(), _numpy(totals if totals is not None else torch.empty(0))[0])
+        if totals is not None:
+            _record_totals(stats, totals, B * S * H, entries is not None)
+        ctx.save_for_backward(q, kv, sink, entries, idx, mask, out, lse)
+        ctx.window, ctx.scale = window, scale
+        if idx is None:
+            return out, None
+        ctx.mark_non_differentiable(mass)
+        return out, mass
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out: torch.Tensor, _d_mass: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+        from ._window_cpu import backward
+
+        q, kv, sink, entries, idx, mask, out, lse = ctx.saved_tensors
+        arrays = _extra_arrays(q, entries, idx, mask)
+        d_q, d_kv, d_sink = torch.empty_like(q), torch.zeros_like(kv), torch.zeros_like(sink)
+        d_entries = torch.zeros_like(arrays[0])
+        backward(*_numpy(q, kv, sink, *arrays), ctx.window, ctx.scale, *_numpy(out, lse, d_out),
+                 d_q.numpy(), d_kv.numpy(), d_entries.numpy(), d_sink.numpy())
+        return d_q, d_kv, d_sink, d_entries if entries is not None else None, None, None, None, None, None
+
+
+def _numpy(*tensors: torch.Tensor) -> list:
+    return [t.detach().contiguous().numpy() for t in tensors]
+
+
+def _extra_arrays(q: torch.Tensor, entries: Optional[torch.Tensor], idx: Optional[torch.Tensor],
+                  mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entries, idx, mask) for ``_window_cpu``: what a call lacks becomes an empty trailing axis, so the
+    compiled functions see one set of array types."""
+    B, S, _, c = q.shape
+    return (entries if entries is not None else q.new_empty(B, 0, c),
+            idx if idx is not None else torch.empty(B, S, 0, dtype=torch.long),
+            mask if mask is not None else torch.empty(1, S, 0, dtype=torch.bool))
+
+
+def _record_totals(stats: AttentionStats, totals: torch.Tensor, query_heads: int, has_extra: bool) -> None:
+    """``_record`` from the compiled kernel's sums [window, compressed, sink] and max logit."""
+    stats.add_mean("mass_window", totals[0], query_heads)
+    if has_extra:
+        stats.add_mean("mass_compressed", totals[1], query_heads)
+    stats.add_mean("mass_sink", totals[2], query_heads)
+    stats.add_max("max_logit", totals[3])
+
+
+use_compiled = True  # the compiled CPU kernel for fp32 on CPU; False: the torch ops (as on GPU), for tests
+
+
 def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, window: int, scale: float,
                      query_chunk: int, extra: Optional[CompressedKV] = None,
                      stats: Optional[AttentionStats] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -262,5 +330,8 @@ def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, wind
     if T < S:
         raise ValueError(f"kv has {T} rows but there are {S} queries; kv must end at the queries' positions")
     entries, idx, mask = (None, None, None) if extra is None else (extra.kv, extra.idx, extra.mask)
+    if use_compiled and q.device.type == "cpu" and all(t.dtype == torch.float32 for t in (q, kv, sink)) and (
+            entries is None or entries.dtype == torch.float32):
+        return _CompiledWindowAttention.apply(q, kv, sink, entries, idx, mask, window, scale, stats)
     block = query_chunk if q.is_cuda else min(query_chunk, max(_MIN_BLOCK, window // 2))  # module docstring
     return _WindowAttention.apply(q, kv, sink, entries, idx, mask, window, scale, block, stats)

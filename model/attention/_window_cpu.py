@@ -1,0 +1,146 @@
+"""``window_attention`` on CPU in fp32 as compiled per-query loops (numba; ``kernels.py`` imports this
+module on first CPU use).
+
+The torch path processes a block of queries as batched GEMMs over its window keys and gathered
+entries: every query of a block scores all C + window - 1 keys of the block (and masks most), the
+selected entries are first copied out ([C, k, c] per block) and their gradients scattered back, and
+each of those steps is a pass over memory. Here each query scores exactly its own candidates,
+reading window rows and entry rows in place, and its backward adds straight into the key and entry
+gradients: (window + k) x H dot products of length c per query, nothing else.
+
+Arrays (all C-contiguous; fp32 unless noted), with an empty trailing axis for what a call lacks:
+q, out, d_out, d_q [B, S, H, c]; kv, d_kv [B, T, c] (query i at row T - S + i); sink [H];
+entries, d_entries [B, N, c]; idx [B, S, k] int64 (-1 = unused slot) or [B, S, 0];
+mask [B or 1, S, N] bool or [1, S, 0]; lse [B, S, H]; mass [B, S, k] or [B, S, 0];
+stats [4] float64: sums of window, compressed and sink probabilities, and the max logit (or [0]).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# As in ``model/_mhc_cpu.py``: reassociation vectorises the length-c dot products (a fixed order).
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@numba.njit(cache=True)
+def _candidates(idx: np.ndarray, mask: np.ndarray, b: int, t: int, rows: np.ndarray, slots: np.ndarray) -> int:
+    """Query (b, t)'s extra entries: their rows into rows[:n] (and idx slots into slots[:n]); returns n."""
+    n = 0
+    if idx.shape[2] > 0:
+        for j in range(idx.shape[2]):
+            if idx[b, t, j] >= 0:
+                rows[n], slots[n] = idx[b, t, j], j
+                n += 1
+    elif mask.shape[2] > 0:
+        mb = b if mask.shape[0] > 1 else 0
+        for w in range(mask.shape[2]):
+            if mask[mb, t, w]:
+                rows[n] = w
+                n += 1
+    return n
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def forward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray, idx: np.ndarray,
+            mask: np.ndarray, window: int, scale: float, out: np.ndarray, lse: np.ndarray, mass: np.ndarray,
+            stats: np.ndarray) -> None:
+    """out, lse (and mass, stats when sized) of every query: one softmax over window keys, entries, sink."""
+    B, S, H, c = q.shape
+    past = kv.shape[1] - S
+    extra = max(idx.shape[2], mask.shape[2])
+    rows, slots = np.empty(extra, np.int64), np.empty(extra, np.int64)
+    qs = np.empty((H, c), np.float32)
+    p = np.empty((H, window + extra), np.float32)  # logits, then probabilities
+    for b in range(B):
+        for t in range(S):
+            lo = max(0, past + t - window + 1)
+            nw = past + t - lo + 1
+            ne = _candidates(idx, mask, b, t, rows, slots)
+            for h in range(H):
+                for d in range(c):
+                    qs[h, d] = q[b, t, h, d] * scale
+            for j in range(nw + ne):
+                src, r = (kv, lo + j) if j < nw else (entries, rows[j - nw])
+                for h in range(H):
+                    s = np.float32(0.0)
+                    for d in range(c):
+                        s += qs[h, d] * src[b, r, d]
+                    p[h, j] = s
+            for h in range(H):
+                top = p[h, 0]
+                for j in range(1, nw + ne):
+                    top = max(top, p[h, j])
+                if stats.shape[0] > 0:
+                    stats[3] = max(stats[3], top)
+                m = max(top, sink[h])
+                z = np.exp(sink[h] - m)
+                for j in range(nw + ne):
+                    p[h, j] = np.exp(p[h, j] - m)
+                    z += p[h, j]
+                lse[b, t, h] = m + np.log(z)
+                for j in range(nw + ne):
+                    p[h, j] /= z
+                if stats.shape[0] > 0:
+                    for j in range(nw + ne):
+                        stats[0 if j < nw else 1] += p[h, j]
+                    stats[2] += np.exp(sink[h] - lse[b, t, h])
+                for d in range(c):
+                    out[b, t, h, d] = 0.0
+            for j in range(nw + ne):
+                src, r = (kv, lo + j) if j < nw else (entries, rows[j - nw])
+                for h in range(H):
+                    pj = p[h, j]
+                    for d in range(c):
+                        out[b, t, h, d] += pj * src[b, r, d]
+            if mass.shape[2] > 0:
+                for j in range(mass.shape[2]):
+                    mass[b, t, j] = 0.0
+                for j in range(ne):
+                    for h in range(H):
+                        mass[b, t, slots[j]] += p[h, nw + j]
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def backward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray, idx: np.ndarray,
+             mask: np.ndarray, window: int, scale: float, out: np.ndarray, lse: np.ndarray, d_out: np.ndarray,
+             d_q: np.ndarray, d_kv: np.ndarray, d_entries: np.ndarray, d_sink: np.ndarray) -> None:
+    """d_q (written), d_kv, d_entries and d_sink (added to) from the forward's lse: probabilities are
+    rebuilt per query, dS = P (dP - delta) with delta = d_out . out; K = V, so a key row's gradient is
+    its key role (dS scaled q) plus its value role (P d_out)."""
+    B, S, H, c = q.shape
+    past = kv.shape[1] - S
+    extra = max(idx.shape[2], mask.shape[2])
+    rows, slots = np.empty(extra, np.int64), np.empty(extra, np.int64)
+    qs, dq = np.empty((H, c), np.float32), np.empty((H, c), np.float32)
+    delta, ds, pj = np.empty(H, np.float32), np.empty(H, np.float32), np.empty(H, np.float32)
+    for b in range(B):
+        for t in range(S):
+            lo = max(0, past + t - window + 1)
+            nw = past + t - lo + 1
+            ne = _candidates(idx, mask, b, t, rows, slots)
+            for h in range(H):
+                s = np.float32(0.0)
+                for d in range(c):
+                    qs[h, d] = q[b, t, h, d] * scale
+                    dq[h, d] = 0.0
+                    s += d_out[b, t, h, d] * out[b, t, h, d]
+                delta[h] = s
+                d_sink[h] -= np.exp(sink[h] - lse[b, t, h]) * s
+            for j in range(nw + ne):
+                src, grad, r = (kv, d_kv, lo + j) if j < nw else (entries, d_entries, rows[j - nw])
+                for h in range(H):
+                    logit, dp = np.float32(0.0), np.float32(0.0)
+                    for d in range(c):
+                        logit += qs[h, d] * src[b, r, d]
+                        dp += d_out[b, t, h, d] * src[b, r, d]
+                    pj[h] = np.exp(logit - lse[b, t, h])
+                    ds[h] = pj[h] * (dp - delta[h])
+                for h in range(H):
+                    for d in range(c):
+                        dq[h, d] += ds[h] * src[b, r, d]
+                        grad[b, r, d] += ds[h] * qs[h, d] + pj[h] * d_out[b, t, h, d]
+            for h in range(H):
+                for d in range(c):
+                    d_q[b, t, h, d] = dq[h, d] * scale
