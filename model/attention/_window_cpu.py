@@ -43,6 +43,25 @@ def _candidates(idx: np.ndarray, mask: np.ndarray, b: int, t: int, rows: np.ndar
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
+def _score(qs: np.ndarray, key: np.ndarray, p: np.ndarray, j: int) -> None:
+    """p[h, j] = qs[h] . key for every head."""
+    for h in range(qs.shape[0]):
+        s = np.float32(0.0)
+        for d in range(key.shape[0]):
+            s += qs[h, d] * key[d]
+        p[h, j] = s
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _accumulate(p: np.ndarray, j: int, value: np.ndarray, o: np.ndarray) -> None:
+    """o[h] += p[h, j] value for every head."""
+    for h in range(o.shape[0]):
+        pj = p[h, j]
+        for d in range(value.shape[0]):
+            o[h, d] += pj * value[d]
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
 def forward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray, idx: np.ndarray,
             mask: np.ndarray, window: int, scale: float, out: np.ndarray, lse: np.ndarray, mass: np.ndarray,
             stats: np.ndarray) -> None:
@@ -51,7 +70,7 @@ def forward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray
     past = kv.shape[1] - S
     extra = max(idx.shape[2], mask.shape[2])
     rows, slots = np.empty(extra, np.int64), np.empty(extra, np.int64)
-    qs = np.empty((H, c), np.float32)
+    qs, o = np.empty((H, c), np.float32), np.empty((H, c), np.float32)
     p = np.empty((H, window + extra), np.float32)  # logits, then probabilities
     for b in range(B):
         for t in range(S):
@@ -61,13 +80,11 @@ def forward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray
             for h in range(H):
                 for d in range(c):
                     qs[h, d] = q[b, t, h, d] * scale
-            for j in range(nw + ne):
-                src, r = (kv, lo + j) if j < nw else (entries, rows[j - nw])
-                for h in range(H):
-                    s = np.float32(0.0)
-                    for d in range(c):
-                        s += qs[h, d] * src[b, r, d]
-                    p[h, j] = s
+                    o[h, d] = 0.0
+            for j in range(nw):
+                _score(qs, kv[b, lo + j], p, j)
+            for j in range(ne):
+                _score(qs, entries[b, rows[j]], p, nw + j)
             for h in range(H):
                 top = p[h, 0]
                 for j in range(1, nw + ne):
@@ -86,20 +103,36 @@ def forward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray
                     for j in range(nw + ne):
                         stats[0 if j < nw else 1] += p[h, j]
                     stats[2] += np.exp(sink[h] - lse[b, t, h])
-                for d in range(c):
-                    out[b, t, h, d] = 0.0
-            for j in range(nw + ne):
-                src, r = (kv, lo + j) if j < nw else (entries, rows[j - nw])
-                for h in range(H):
-                    pj = p[h, j]
-                    for d in range(c):
-                        out[b, t, h, d] += pj * src[b, r, d]
+            for j in range(nw):
+                _accumulate(p, j, kv[b, lo + j], o)
+            for j in range(ne):
+                _accumulate(p, nw + j, entries[b, rows[j]], o)
+            out[b, t] = o
             if mass.shape[2] > 0:
                 for j in range(mass.shape[2]):
                     mass[b, t, j] = 0.0
                 for j in range(ne):
                     for h in range(H):
                         mass[b, t, slots[j]] += p[h, nw + j]
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _key_grad(qs: np.ndarray, do: np.ndarray, lse: np.ndarray, delta: np.ndarray, key: np.ndarray,
+              dq: np.ndarray, d_key: np.ndarray, ds: np.ndarray, pj: np.ndarray) -> None:
+    """One candidate key (= value) of one query: dq[h] += dS_h key, d_key += sum_h dS_h qs[h] + P_h do[h]."""
+    H, c = qs.shape
+    for h in range(H):
+        logit, dp = np.float32(0.0), np.float32(0.0)
+        for d in range(c):
+            logit += qs[h, d] * key[d]
+            dp += do[h, d] * key[d]
+        pj[h] = np.exp(logit - lse[h])
+        ds[h] = pj[h] * (dp - delta[h])
+    for h in range(H):
+        a, w = ds[h], pj[h]
+        for d in range(c):
+            dq[h, d] += a * key[d]
+            d_key[d] += a * qs[h, d] + w * do[h, d]
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
@@ -128,19 +161,10 @@ def backward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarra
                     s += d_out[b, t, h, d] * out[b, t, h, d]
                 delta[h] = s
                 d_sink[h] -= np.exp(sink[h] - lse[b, t, h]) * s
-            for j in range(nw + ne):
-                src, grad, r = (kv, d_kv, lo + j) if j < nw else (entries, d_entries, rows[j - nw])
-                for h in range(H):
-                    logit, dp = np.float32(0.0), np.float32(0.0)
-                    for d in range(c):
-                        logit += qs[h, d] * src[b, r, d]
-                        dp += d_out[b, t, h, d] * src[b, r, d]
-                    pj[h] = np.exp(logit - lse[b, t, h])
-                    ds[h] = pj[h] * (dp - delta[h])
-                for h in range(H):
-                    for d in range(c):
-                        dq[h, d] += ds[h] * src[b, r, d]
-                        grad[b, r, d] += ds[h] * qs[h, d] + pj[h] * d_out[b, t, h, d]
+            for j in range(nw):
+                _key_grad(qs, d_out[b, t], lse[b, t], delta, kv[b, lo + j], dq, d_kv[b, lo + j], ds, pj)
+            for j in range(ne):
+                _key_grad(qs, d_out[b, t], lse[b, t], delta, entries[b, rows[j]], dq, d_entries[b, rows[j]], ds, pj)
             for h in range(H):
                 for d in range(c):
                     d_q[b, t, h, d] = dq[h, d] * scale
