@@ -94,7 +94,7 @@ class _Mix(torch.autograd.Function):
         flat, fn, lin, r = ctx.saved_tensors
         d_lin = g * r  # [B,S,outputs]
         coef = (g * lin).sum(dim=-1, keepdim=True) * r.pow(3) / -flat.shape[-1]  # [B,S,1]
-        d_flat = torch.addcmul(torch.matmul(d_lin, fn), coef, flat)  # [B,S,n*D]
+        d_flat = torch.matmul(d_lin, fn).addcmul_(coef, flat)  # [B,S,n*D]; in place: no second fresh buffer
         d_fn = torch.matmul(d_lin.flatten(0, -2).T, flat.flatten(0, -2))  # [outputs, n*D]
         return d_flat, d_fn, None
 
