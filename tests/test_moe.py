@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moesaic.configs.schema import ModelConfig, MoEConfig
+from moesaic.model.ffn import swiglu
 from moesaic.model.moe import GroupedExperts, LocalDispatcher, MoE, Router
 
 
@@ -101,6 +102,31 @@ def test_swiglu_clamp_applies_to_routed_experts() -> None:
     y_clamped, _ = clamped(x)
     torch.testing.assert_close(y_clamped, naive_moe(clamped, cfg, x), atol=1e-6, rtol=1e-6)
     assert (y_clamped - free(x)[0]).abs().max() > 1.0  # pre-activations ~N(0, 16) hit the 0.5 clamp
+
+
+@pytest.mark.parametrize("limit", [0.0, 0.5])
+def test_swiglu_backward_matches_autograd_of_the_plain_ops(limit: float) -> None:
+    """``swiglu`` recomputes its activations in backward; values and both gradients must equal autograd
+    through clamp, silu and mul, including inputs exactly at the clamp bounds (gradient passes there)."""
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(64, 32, generator=g) * 2).requires_grad_(), (torch.randn(64, 32, generator=g) * 2)
+    with torch.no_grad():
+        gate[0, :4] = torch.tensor([limit, -limit, limit + 1e-3, limit - 1e-3])
+        up[0, :4] = torch.tensor([limit, -limit, -limit - 1e-3, limit + 1e-3])
+    up.requires_grad_()
+    cot = torch.randn(64, 32, generator=g)
+
+    def plain(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if limit > 0:
+            a, b = a.clamp(max=limit), b.clamp(min=-limit, max=limit)
+        return F.silu(a) * b
+
+    out, ref = swiglu(gate, up, limit), plain(gate, up)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    for got, want in zip(torch.autograd.grad(out, (gate, up), cot), torch.autograd.grad(ref, (gate, up), cot)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        if limit > 0:
+            assert (got == 0).any()  # the clamps cut some gradients, so the masks were exercised
 
 
 @pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
