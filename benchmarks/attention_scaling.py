@@ -2,7 +2,7 @@
 peak memory at growing sequence lengths, batch 1, fp32, on whatever device torch picks (CPU here).
 
     python benchmarks/attention_scaling.py [--lengths 1024 2048 4096 8192 16384] [--reps 3]
-                                           [--threads N] [--clock wall|cpu]
+                                           [--threads N] [--clock wall|cpu] [--rounds 1]
 
 Each (layer, length) case runs in a fresh subprocess so that peak memory is its own: peak =
 ``ru_maxrss`` after the timed runs minus ``ru_maxrss`` once the layer and its input exist and one
@@ -11,6 +11,10 @@ over the same span). Time is the best (minimum) of ``--reps`` forward + backward
 warm-up pass, the run least disturbed by other processes, by wall clock and by the process's CPU clock;
 ``--clock`` picks the one the ratios use. On a shared machine, ``--threads 1 --clock cpu`` is the
 measure least disturbed by other processes. Ratios compare layers measured in the same run.
+``--rounds R`` runs the whole sweep R times, interleaved, and keeps each case's best time and median
+peak memory over the rounds: a machine whose speed drifts over minutes then cannot favour or
+penalise one case just because it ran in a slow spell (each round's growth at the longest length is
+printed too, to show the spread).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -90,6 +95,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch's default)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="the time the ratios use")
+    parser.add_argument("--rounds", type=int, default=1, help="sweeps, interleaved: best time, median memory")
     parser.add_argument("--case", nargs=2, metavar=("LAYER", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -98,16 +104,20 @@ def main() -> None:
         print(json.dumps(run_case(args.case[0], int(args.case[1]), args.reps)))
         return
 
-    results: dict[tuple[str, int], dict] = {}
-    for seq_len in args.lengths:
-        for kind in LAYERS:
-            cmd = [sys.executable, __file__, "--case", kind, str(seq_len), "--reps", str(args.reps),
-                   "--threads", str(args.threads)]
-            results[kind, seq_len] = json.loads(subprocess.run(cmd, check=True, capture_output=True,
-                                                               text=True).stdout.splitlines()[-1])
+    rounds: list[dict[tuple[str, int], dict]] = []
+    for _ in range(args.rounds):
+        rounds.append({})
+        for seq_len in args.lengths:
+            for kind in LAYERS:
+                cmd = [sys.executable, __file__, "--case", kind, str(seq_len), "--reps", str(args.reps),
+                       "--threads", str(args.threads)]
+                rounds[-1][kind, seq_len] = json.loads(subprocess.run(cmd, check=True, capture_output=True,
+                                                                      text=True).stdout.splitlines()[-1])
+    results = {case: {"wall": min(r[case]["wall"] for r in rounds), "cpu": min(r[case]["cpu"] for r in rounds),
+                      "peak_mib": statistics.median(r[case]["peak_mib"] for r in rounds)} for case in rounds[0]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; best of {args.reps} fwd+bwd, batch 1, fp32; "
-          f"ratios by {args.clock} time")
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; best of {args.reps} fwd+bwd x {args.rounds} "
+          f"round(s), batch 1, fp32; ratios by {args.clock} time")
     print("| S | layer | wall s | cpu s | peak MiB | time / dense | memory / dense | time / time at S/2 |")
     print("|---|---|---|---|---|---|---|---|")
     t = args.clock
@@ -120,6 +130,12 @@ def main() -> None:
             print(f"| {seq_len} | {kind} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['peak_mib']:.0f} | "
                   f"{r[t] / dense[t]:.2f} | {r['peak_mib'] / dense['peak_mib']:.2f} | {growth} |")
     print_targets(results, max(args.lengths), t)
+    longest = max(args.lengths)
+    if args.rounds > 1 and longest // 2 in args.lengths:
+        for kind in LAYERS[1:]:
+            per_round = [r[kind, longest][t] / r[kind, longest // 2][t] for r in rounds]
+            print(f"{kind} time({longest}) / time({longest // 2}) per round: "
+                  + ", ".join(f"{g:.2f}x" for g in per_round))
 
 
 def print_targets(results: dict[tuple[str, int], dict], seq_len: int, t: str) -> None:
