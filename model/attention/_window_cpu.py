@@ -42,6 +42,26 @@ def _candidates(idx: np.ndarray, mask: np.ndarray, b: int, t: int, rows: np.ndar
     return n
 
 
+@numba.njit(cache=True)
+def _buffers(q: np.ndarray, idx: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-query scratch: extra entry rows and idx slots (as many as a query can have), scaled q [H, c]."""
+    extra = max(idx.shape[2], mask.shape[2])
+    return np.empty(extra, np.int64), np.empty(extra, np.int64), np.empty(q.shape[2:], np.float32)
+
+
+@numba.njit(cache=True)
+def _start(q: np.ndarray, kv: np.ndarray, idx: np.ndarray, mask: np.ndarray, window: int, scale: float, b: int,
+           t: int, qs: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> tuple[int, int, int]:
+    """Query (b, t): qs = its query rows times scale, rows/slots = its extra entries; returns (first window
+    row, window keys, extra entries)."""
+    row = kv.shape[1] - q.shape[1] + t  # its own row in kv
+    lo = max(0, row - window + 1)
+    for h in range(q.shape[2]):
+        for d in range(q.shape[3]):
+            qs[h, d] = q[b, t, h, d] * scale
+    return lo, row - lo + 1, _candidates(idx, mask, b, t, rows, slots)
+
+
 @numba.njit(cache=True, fastmath=_FASTMATH)
 def _score(qs: np.ndarray, key: np.ndarray, p: np.ndarray, j: int) -> None:
     """p[h, j] = qs[h] . key for every head."""
@@ -67,20 +87,13 @@ def forward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray
             stats: np.ndarray) -> None:
     """out, lse (and mass, stats when sized) of every query: one softmax over window keys, entries, sink."""
     B, S, H, c = q.shape
-    past = kv.shape[1] - S
-    extra = max(idx.shape[2], mask.shape[2])
-    rows, slots = np.empty(extra, np.int64), np.empty(extra, np.int64)
-    qs, o = np.empty((H, c), np.float32), np.empty((H, c), np.float32)
-    p = np.empty((H, window + extra), np.float32)  # logits, then probabilities
+    rows, slots, qs = _buffers(q, idx, mask)
+    o = np.empty((H, c), np.float32)
+    p = np.empty((H, window + rows.shape[0]), np.float32)  # logits, then probabilities
     for b in range(B):
         for t in range(S):
-            lo = max(0, past + t - window + 1)
-            nw = past + t - lo + 1
-            ne = _candidates(idx, mask, b, t, rows, slots)
-            for h in range(H):
-                for d in range(c):
-                    qs[h, d] = q[b, t, h, d] * scale
-                    o[h, d] = 0.0
+            lo, nw, ne = _start(q, kv, idx, mask, window, scale, b, t, qs, rows, slots)
+            o[:] = 0.0
             for j in range(nw):
                 _score(qs, kv[b, lo + j], p, j)
             for j in range(ne):
@@ -143,21 +156,16 @@ def backward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarra
     rebuilt per query, dS = P (dP - delta) with delta = d_out . out; K = V, so a key row's gradient is
     its key role (dS scaled q) plus its value role (P d_out)."""
     B, S, H, c = q.shape
-    past = kv.shape[1] - S
-    extra = max(idx.shape[2], mask.shape[2])
-    rows, slots = np.empty(extra, np.int64), np.empty(extra, np.int64)
-    qs, dq = np.empty((H, c), np.float32), np.empty((H, c), np.float32)
+    rows, slots, qs = _buffers(q, idx, mask)
+    dq = np.empty((H, c), np.float32)
     delta, ds, pj = np.empty(H, np.float32), np.empty(H, np.float32), np.empty(H, np.float32)
     for b in range(B):
         for t in range(S):
-            lo = max(0, past + t - window + 1)
-            nw = past + t - lo + 1
-            ne = _candidates(idx, mask, b, t, rows, slots)
+            lo, nw, ne = _start(q, kv, idx, mask, window, scale, b, t, qs, rows, slots)
+            dq[:] = 0.0
             for h in range(H):
                 s = np.float32(0.0)
                 for d in range(c):
-                    qs[h, d] = q[b, t, h, d] * scale
-                    dq[h, d] = 0.0
                     s += d_out[b, t, h, d] * out[b, t, h, d]
                 delta[h] = s
                 d_sink[h] -= np.exp(sink[h] - lse[b, t, h]) * s

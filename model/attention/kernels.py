@@ -170,43 +170,26 @@ def add_gathered_grad(grad_entries: torch.Tensor, idx: torch.Tensor, grads: torc
 
 
 class _WindowAttention(torch.autograd.Function):
-    """Flash-style: forward keeps each row's log-sum-exp, backward rebuilds the chunk's probabilities.
+    """Flash-style: forward keeps each row's log-sum-exp, backward rebuilds the probabilities.
 
     Nothing of size [S, keys] or the gathered [S, k, c] entries is kept for backward: only the
-    inputs, the output and lse [B,S,H] fp32.
+    inputs, the output and lse [B,S,H] fp32. ``compiled`` picks the implementation: ``_window_cpu``'s
+    per-query loops (CPU, fp32) or blocks of queries as torch ops (``_blocked_forward``/``_backward``).
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
                 idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], window: int, scale: float,
-                query_chunk: int, stats: Optional[AttentionStats]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                query_chunk: int, stats: Optional[AttentionStats],
+                compiled: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         B, S, H, _ = q.shape
-        past = kv.shape[1] - S
-        extra = None if entries is None else CompressedKV(entries, idx=idx, mask=mask)
         out = q.new_empty(q.shape)
         lse = q.new_empty(B, S, H, dtype=torch.float32)
         mass = q.new_empty(B, S, idx.shape[-1], dtype=torch.float32) if idx is not None else None
-        sinks = sink.float().view(1, 1, H, 1)
-        for s in range(0, S, query_chunk):
-            e = min(s + query_chunk, S)
-            chunk = _Chunk(q[:, s:e] * scale, kv, extra, s, e, past, window, H)  # scaling q leaves the sink as is
-            parts = [chunk.window] + ([chunk.extra] if extra is not None else [])
-            parts.append(sinks.expand(B, e - s, H, 1))
-            logits = torch.cat(parts, dim=-1)  # [B,C,H,K (+k|N) + 1]
-            lse[:, s:e] = logits.logsumexp(dim=-1)
-            probs = (logits - lse[:, s:e, :, None]).exp()
-            n_win = chunk.keys.shape[1]
-            if stats is not None:
-                _record(stats, parts, probs, n_win)
-            o = torch.einsum("bqhk,bkc->bqhc", probs[..., :n_win].to(kv.dtype), chunk.keys)
-            if extra is not None:
-                ex_probs = probs[..., n_win:-1]
-                o = o + chunk.values_times(ex_probs.to(kv.dtype))
-                if mass is not None:
-                    mass[:, s:e] = ex_probs.sum(dim=2)
-            out[:, s:e] = o
+        run = _compiled_forward if compiled else _blocked_forward
+        run(q, kv, sink, entries, idx, mask, window, scale, query_chunk, stats, out, lse, mass)
         ctx.save_for_backward(q, kv, sink, entries, idx, mask, out, lse)
-        ctx.window, ctx.scale, ctx.query_chunk = window, scale, query_chunk
+        ctx.window, ctx.scale, ctx.query_chunk, ctx.compiled = window, scale, query_chunk, compiled
         if mass is not None:
             ctx.mark_non_differentiable(mass)
         return out, mass
@@ -214,84 +197,116 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: torch.Tensor, _d_mass: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
-        q, kv, sink, entries, idx, mask, out, lse = ctx.saved_tensors
-        B, S, H, _ = q.shape
-        past = kv.shape[1] - S
-        extra = None if entries is None else CompressedKV(entries, idx=idx, mask=mask)
-        d_q = torch.empty_like(q)
-        d_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-        d_entries = None if entries is None else torch.zeros(entries.shape, dtype=torch.float32, device=kv.device)
-        d_sink = torch.zeros(H, dtype=torch.float32, device=kv.device)
-        sinks = sink.float().view(1, 1, H, 1)
-        # delta = sum_j p_j dP_j = d_out . out per row: the softmax backward without the probabilities.
-        delta = (d_out.float() * out.float()).sum(dim=-1)  # [B,S,H]
-        for s in range(0, S, ctx.query_chunk):
-            e = min(s + ctx.query_chunk, S)
-            # Rows [q*scale ; d_out] against the same keys/values: the logits (rebuilt) and dP in one GEMM
-            # each, and [dS ; P] against them for the key/value gradients (K = V).
-            q_do = torch.cat([q[:, s:e] * ctx.scale, d_out[:, s:e]], dim=2)  # [B,C,2H,c]
-            chunk = _Chunk(q_do, kv, extra, s, e, past, ctx.window, H)
-            row_lse, row_delta = lse[:, s:e, :, None], delta[:, s:e, :, None]  # [B,C,H,1]
-            d_sink -= ((sinks - row_lse).exp() * row_delta).sum(dim=(0, 1, 3))
-            p_win = (chunk.window[:, :, :H] - row_lse).exp()  # [B,C,H,K]
-            dp_win = chunk.window[:, :, H:]
-            ds_p = torch.cat([p_win * (dp_win - row_delta), p_win], dim=2).to(kv.dtype)  # [B,C,2H,K]: dS ; P
-            d_qc = torch.einsum("bqhk,bkc->bqhc", ds_p[:, :, :H], chunk.keys).float()
-            d_kv[:, chunk.lo:past + e] += torch.einsum("bqhk,bqhc->bkc", ds_p, q_do)
-            if extra is not None:
-                p_ex = (chunk.extra[:, :, :H] - row_lse).exp()  # [B,C,H,k|N]
-                dp_ex = chunk.extra[:, :, H:]
-                ds_p = torch.cat([p_ex * (dp_ex - row_delta), p_ex], dim=2).to(kv.dtype)  # [B,C,2H,k|N]
-                d_qc += chunk.values_times(ds_p[:, :, :H]).float()
-                if idx is not None:
-                    grads = torch.einsum("bqhk,bqhc->bqkc", ds_p, q_do)  # [B,C,k,c]; 0 at -1 picks
-                    add_gathered_grad(d_entries, idx[:, s:e], grads)
-                else:
-                    d_entries += torch.einsum("bqhn,bqhc->bnc", ds_p, q_do).float()
-            d_q[:, s:e] = (d_qc * ctx.scale).to(q.dtype)
-        d_entries = None if d_entries is None else d_entries.to(entries.dtype)
-        return d_q, d_kv.to(kv.dtype), d_sink.to(sink.dtype), d_entries, None, None, None, None, None, None
+        run = _compiled_backward if ctx.compiled else _blocked_backward
+        grads = run(*ctx.saved_tensors, d_out, ctx.window, ctx.scale, ctx.query_chunk)  # d_q, d_kv, d_sink, d_entries
+        return (*grads, None, None, None, None, None, None, None)
 
 
-class _CompiledWindowAttention(torch.autograd.Function):
-    """``_WindowAttention`` on CPU in fp32 through ``_window_cpu``: same inputs, outputs and saved tensors."""
+def _blocked_forward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
+                     idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], window: int, scale: float,
+                     query_chunk: int, stats: Optional[AttentionStats], out: torch.Tensor, lse: torch.Tensor,
+                     mass: Optional[torch.Tensor]) -> None:
+    """Fills out, lse (and mass) one block of ``query_chunk`` queries at a time."""
+    B, S, H, _ = q.shape
+    past = kv.shape[1] - S
+    extra = None if entries is None else CompressedKV(entries, idx=idx, mask=mask)
+    sinks = sink.float().view(1, 1, H, 1)
+    for s in range(0, S, query_chunk):
+        e = min(s + query_chunk, S)
+        chunk = _Chunk(q[:, s:e] * scale, kv, extra, s, e, past, window, H)  # scaling q leaves the sink as is
+        parts = [chunk.window] + ([chunk.extra] if extra is not None else [])
+        parts.append(sinks.expand(B, e - s, H, 1))
+        logits = torch.cat(parts, dim=-1)  # [B,C,H,K (+k|N) + 1]
+        lse[:, s:e] = logits.logsumexp(dim=-1)
+        probs = (logits - lse[:, s:e, :, None]).exp()
+        n_win = chunk.keys.shape[1]
+        if stats is not None:
+            _record(stats, parts, probs, n_win)
+        o = torch.einsum("bqhk,bkc->bqhc", probs[..., :n_win].to(kv.dtype), chunk.keys)
+        if extra is not None:
+            ex_probs = probs[..., n_win:-1]
+            o = o + chunk.values_times(ex_probs.to(kv.dtype))
+            if mass is not None:
+                mass[:, s:e] = ex_probs.sum(dim=2)
+        out[:, s:e] = o
 
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
-                idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], window: int, scale: float,
-                stats: Optional[AttentionStats]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        from ._window_cpu import forward
 
-        B, S, H, c = q.shape
-        out, lse = torch.empty_like(q), q.new_empty(B, S, H)
-        mass = q.new_empty(B, S, idx.shape[-1] if idx is not None else 0)
-        totals = torch.tensor([0.0, 0.0, 0.0, float("-inf")], dtype=torch.float64) if stats is not None else None
-        forward(*_numpy(q, kv, sink, *_extra_arrays(q, entries, idx, mask)), window, scale,
-                out.numpy(), lse.numpy(), mass.numpy(), _numpy(totals if totals is not None else torch.empty(0))[0])
-        if totals is not None:
-            _record_totals(stats, totals, B * S * H, entries is not None)
-        ctx.save_for_backward(q, kv, sink, entries, idx, mask, out, lse)
-        ctx.window, ctx.scale = window, scale
-        if idx is None:
-            return out, None
-        ctx.mark_non_differentiable(mass)
-        return out, mass
+def _blocked_backward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
+                      idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], out: torch.Tensor,
+                      lse: torch.Tensor, d_out: torch.Tensor, window: int, scale: float,
+                      query_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(d_q, d_kv, d_sink, d_entries) one block of queries at a time."""
+    B, S, H, _ = q.shape
+    past = kv.shape[1] - S
+    extra = None if entries is None else CompressedKV(entries, idx=idx, mask=mask)
+    d_q = torch.empty_like(q)
+    d_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+    d_entries = None if entries is None else torch.zeros(entries.shape, dtype=torch.float32, device=kv.device)
+    d_sink = torch.zeros(H, dtype=torch.float32, device=kv.device)
+    sinks = sink.float().view(1, 1, H, 1)
+    # delta = sum_j p_j dP_j = d_out . out per row: the softmax backward without the probabilities.
+    delta = (d_out.float() * out.float()).sum(dim=-1)  # [B,S,H]
+    for s in range(0, S, query_chunk):
+        e = min(s + query_chunk, S)
+        # Rows [q*scale ; d_out] against the same keys/values: the logits (rebuilt) and dP in one GEMM
+        # each, and [dS ; P] against them for the key/value gradients (K = V).
+        q_do = torch.cat([q[:, s:e] * scale, d_out[:, s:e]], dim=2)  # [B,C,2H,c]
+        chunk = _Chunk(q_do, kv, extra, s, e, past, window, H)
+        row_lse, row_delta = lse[:, s:e, :, None], delta[:, s:e, :, None]  # [B,C,H,1]
+        d_sink -= ((sinks - row_lse).exp() * row_delta).sum(dim=(0, 1, 3))
+        p_win = (chunk.window[:, :, :H] - row_lse).exp()  # [B,C,H,K]
+        dp_win = chunk.window[:, :, H:]
+        ds_p = torch.cat([p_win * (dp_win - row_delta), p_win], dim=2).to(kv.dtype)  # [B,C,2H,K]: dS ; P
+        d_qc = torch.einsum("bqhk,bkc->bqhc", ds_p[:, :, :H], chunk.keys).float()
+        d_kv[:, chunk.lo:past + e] += torch.einsum("bqhk,bqhc->bkc", ds_p, q_do)
+        if extra is not None:
+            p_ex = (chunk.extra[:, :, :H] - row_lse).exp()  # [B,C,H,k|N]
+            dp_ex = chunk.extra[:, :, H:]
+            ds_p = torch.cat([p_ex * (dp_ex - row_delta), p_ex], dim=2).to(kv.dtype)  # [B,C,2H,k|N]
+            d_qc += chunk.values_times(ds_p[:, :, :H]).float()
+            if idx is not None:
+                grads = torch.einsum("bqhk,bqhc->bqkc", ds_p, q_do)  # [B,C,k,c]; 0 at -1 picks
+                add_gathered_grad(d_entries, idx[:, s:e], grads)
+            else:
+                d_entries += torch.einsum("bqhn,bqhc->bnc", ds_p, q_do).float()
+        d_q[:, s:e] = (d_qc * scale).to(q.dtype)
+    d_entries = None if d_entries is None else d_entries.to(entries.dtype)
+    return d_q, d_kv.to(kv.dtype), d_sink.to(sink.dtype), d_entries
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out: torch.Tensor, _d_mass: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
-        from ._window_cpu import backward
 
-        q, kv, sink, entries, idx, mask, out, lse = ctx.saved_tensors
-        arrays = _extra_arrays(q, entries, idx, mask)
-        d_q, d_kv, d_sink = torch.empty_like(q), torch.zeros_like(kv), torch.zeros_like(sink)
-        d_entries = torch.zeros_like(arrays[0])
-        backward(*_numpy(q, kv, sink, *arrays), ctx.window, ctx.scale, *_numpy(out, lse, d_out),
-                 d_q.numpy(), d_kv.numpy(), d_entries.numpy(), d_sink.numpy())
-        return d_q, d_kv, d_sink, d_entries if entries is not None else None, None, None, None, None, None
+def _compiled_forward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
+                      idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], window: int, scale: float,
+                      _query_chunk: int, stats: Optional[AttentionStats], out: torch.Tensor, lse: torch.Tensor,
+                      mass: Optional[torch.Tensor]) -> None:
+    """``_blocked_forward`` through ``_window_cpu.forward`` (fp32 CPU tensors)."""
+    from ._window_cpu import forward
+
+    B, S, H, _ = q.shape
+    totals = torch.tensor([0.0, 0.0, 0.0, float("-inf")], dtype=torch.float64) if stats is not None else None
+    forward(*_numpy(q, kv, sink, *_extra_arrays(q, entries, idx, mask)), window, scale, out.numpy(), lse.numpy(),
+            *_numpy(mass if mass is not None else q.new_empty(B, S, 0),
+                    totals if totals is not None else torch.empty(0, dtype=torch.float64)))
+    if totals is not None:
+        _record_totals(stats, totals, B * S * H, entries is not None)
+
+
+def _compiled_backward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
+                       idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], out: torch.Tensor,
+                       lse: torch.Tensor, d_out: torch.Tensor, window: int, scale: float,
+                       _query_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``_blocked_backward`` through ``_window_cpu.backward`` (fp32 CPU tensors)."""
+    from ._window_cpu import backward
+
+    arrays = _extra_arrays(q, entries, idx, mask)
+    d_q, d_kv, d_sink, d_entries = (torch.empty_like(q), torch.zeros_like(kv), torch.zeros_like(sink),
+                                    torch.zeros_like(arrays[0]))
+    backward(*_numpy(q, kv, sink, *arrays), window, scale, *_numpy(out, lse, d_out), d_q.numpy(), d_kv.numpy(),
+             d_entries.numpy(), d_sink.numpy())
+    return d_q, d_kv, d_sink, d_entries if entries is not None else None
 
 
 def _numpy(*tensors: torch.Tensor) -> list:
+    """Contiguous numpy views (writes to a view reach the tensor when it already was contiguous)."""
     return [t.detach().contiguous().numpy() for t in tensors]
 
 
@@ -330,8 +345,7 @@ def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, wind
     if T < S:
         raise ValueError(f"kv has {T} rows but there are {S} queries; kv must end at the queries' positions")
     entries, idx, mask = (None, None, None) if extra is None else (extra.kv, extra.idx, extra.mask)
-    if use_compiled and q.device.type == "cpu" and all(t.dtype == torch.float32 for t in (q, kv, sink)) and (
-            entries is None or entries.dtype == torch.float32):
-        return _CompiledWindowAttention.apply(q, kv, sink, entries, idx, mask, window, scale, stats)
+    compiled = use_compiled and q.device.type == "cpu" and all(
+        t.dtype == torch.float32 for t in (q, kv, sink) + (() if entries is None else (entries,)))
     block = query_chunk if q.is_cuda else min(query_chunk, max(_MIN_BLOCK, window // 2))  # module docstring
-    return _WindowAttention.apply(q, kv, sink, entries, idx, mask, window, scale, block, stats)
+    return _WindowAttention.apply(q, kv, sink, entries, idx, mask, window, scale, block, stats, compiled)
