@@ -10,6 +10,7 @@ import torch
 
 from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
 from moesaic.model import Transformer, mhc
+from moesaic.model._cpu_compiled import applies
 
 N, D = 4, 16
 
@@ -81,7 +82,7 @@ def test_compiled_cpu_mixing_equals_the_matmuls() -> None:
         loss = (out * w_out.to(dtype)).sum() + (col * w_col.to(dtype)).sum()
         return [out, col, *torch.autograd.grad(loss, (xs, ys, pres, posts, combs))]
 
-    assert mhc._compiled(x) and not mhc._compiled(x.double())
+    assert applies(x) and not applies(x.double())
     for got, want in zip(run(torch.float32), run(torch.float64), strict=True):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 

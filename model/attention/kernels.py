@@ -51,6 +51,8 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._cpu_compiled import applies, as_numpy
+
 
 _MIN_BLOCK = 32  # fewer queries per block and the per-block overhead dominates
 
@@ -80,12 +82,18 @@ class AttentionStats:
 def _record(stats: AttentionStats, parts: list[torch.Tensor], probs: torch.Tensor, n_win: int) -> None:
     """Masses and max logit of one chunk: parts are the masked logits [window keys, (extra,) sink],
     probs [B,C,H,window keys + extra + sink] their joint softmax."""
-    query_heads = probs[..., 0].numel()
-    stats.add_mean("mass_window", probs[..., :n_win].sum(), query_heads)
-    if len(parts) == 3:
-        stats.add_mean("mass_compressed", probs[..., n_win:-1].sum(), query_heads)
-    stats.add_mean("mass_sink", probs[..., -1].sum(), query_heads)
-    stats.add_max("max_logit", torch.stack([p.amax() for p in parts[:-1]]).amax())
+    totals = torch.stack([probs[..., :n_win].sum(), probs[..., n_win:-1].sum(), probs[..., -1].sum(),
+                          torch.stack([p.amax() for p in parts[:-1]]).amax()])
+    _record_totals(stats, totals, probs[..., 0].numel(), len(parts) == 3)
+
+
+def _record_totals(stats: AttentionStats, totals: torch.Tensor, query_heads: int, has_extra: bool) -> None:
+    """Adds totals [window mass, compressed mass, sink mass, max logit] over query_heads rows to stats."""
+    stats.add_mean("mass_window", totals[0], query_heads)
+    if has_extra:
+        stats.add_mean("mass_compressed", totals[1], query_heads)
+    stats.add_mean("mass_sink", totals[2], query_heads)
+    stats.add_max("max_logit", totals[3])
 
 
 @dataclass
@@ -283,8 +291,8 @@ def _compiled_forward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, ent
 
     B, S, H, _ = q.shape
     totals = torch.tensor([0.0, 0.0, 0.0, float("-inf")], dtype=torch.float64) if stats is not None else None
-    forward(*_numpy(q, kv, sink, *_extra_arrays(q, entries, idx, mask)), window, scale, out.numpy(), lse.numpy(),
-            *_numpy(mass if mass is not None else q.new_empty(B, S, 0),
+    forward(*as_numpy(q, kv, sink, *_extra_arrays(q, entries, idx, mask)), window, scale, out.numpy(), lse.numpy(),
+            *as_numpy(mass if mass is not None else q.new_empty(B, S, 0),
                     totals if totals is not None else torch.empty(0, dtype=torch.float64)))
     if totals is not None:
         _record_totals(stats, totals, B * S * H, entries is not None)
@@ -300,14 +308,9 @@ def _compiled_backward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, en
     arrays = _extra_arrays(q, entries, idx, mask)
     d_q, d_kv, d_sink, d_entries = (torch.empty_like(q), torch.zeros_like(kv), torch.zeros_like(sink),
                                     torch.zeros_like(arrays[0]))
-    backward(*_numpy(q, kv, sink, *arrays), window, scale, *_numpy(out, lse, d_out), d_q.numpy(), d_kv.numpy(),
+    backward(*as_numpy(q, kv, sink, *arrays), window, scale, *as_numpy(out, lse, d_out), d_q.numpy(), d_kv.numpy(),
              d_entries.numpy(), d_sink.numpy())
     return d_q, d_kv, d_sink, d_entries if entries is not None else None
-
-
-def _numpy(*tensors: torch.Tensor) -> list:
-    """Contiguous numpy views (writes to a view reach the tensor when it already was contiguous)."""
-    return [t.detach().contiguous().numpy() for t in tensors]
 
 
 def _extra_arrays(q: torch.Tensor, entries: Optional[torch.Tensor], idx: Optional[torch.Tensor],
@@ -318,15 +321,6 @@ def _extra_arrays(q: torch.Tensor, entries: Optional[torch.Tensor], idx: Optiona
     return (entries if entries is not None else q.new_empty(B, 0, c),
             idx if idx is not None else torch.empty(B, S, 0, dtype=torch.long),
             mask if mask is not None else torch.empty(1, S, 0, dtype=torch.bool))
-
-
-def _record_totals(stats: AttentionStats, totals: torch.Tensor, query_heads: int, has_extra: bool) -> None:
-    """``_record`` from the compiled kernel's sums [window, compressed, sink] and max logit."""
-    stats.add_mean("mass_window", totals[0], query_heads)
-    if has_extra:
-        stats.add_mean("mass_compressed", totals[1], query_heads)
-    stats.add_mean("mass_sink", totals[2], query_heads)
-    stats.add_max("max_logit", totals[3])
 
 
 use_compiled = True  # the compiled CPU kernel for fp32 on CPU; False: the torch ops (as on GPU), for tests
@@ -345,7 +339,6 @@ def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, wind
     if T < S:
         raise ValueError(f"kv has {T} rows but there are {S} queries; kv must end at the queries' positions")
     entries, idx, mask = (None, None, None) if extra is None else (extra.kv, extra.idx, extra.mask)
-    compiled = use_compiled and q.device.type == "cpu" and all(
-        t.dtype == torch.float32 for t in (q, kv, sink) + (() if entries is None else (entries,)))
+    compiled = use_compiled and applies(q, kv, sink, *(() if entries is None else (entries,)))
     block = query_chunk if q.is_cuda else min(query_chunk, max(_MIN_BLOCK, window // 2))  # module docstring
     return _WindowAttention.apply(q, kv, sink, entries, idx, mask, window, scale, block, stats, compiled)
