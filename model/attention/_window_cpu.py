@@ -6,12 +6,14 @@ entries: every query of a block scores all C + window - 1 keys of the block (and
 selected entries are first copied out ([C, k, c] per block) and their gradients scattered back, and
 each of those steps is a pass over memory. Here each query scores exactly its own candidates,
 reading window rows and entry rows in place, and its backward adds straight into the key and entry
-gradients: (window + k) x H dot products of length c per query, nothing else.
+gradients: (window + k) x H dot products of length c per query, nothing else. Masked (HCA) entries
+do not come here: they are the same dense prefix for a whole span of queries, which GEMMs score
+faster (``_dense_entries``), so these loops take the window and the selected (CSA) entries.
 
 Arrays (all C-contiguous; fp32 unless noted), with an empty trailing axis for what a call lacks:
 q, out, d_out, d_q [B, S, H, c]; kv, d_kv [B, T, c] (query i at row T - S + i); sink [H];
-entries, d_entries [B, N, c]; idx [B, S, k] int64 (-1 = unused slot) or [B, S, 0];
-mask [B or 1, S, N] bool or [1, S, 0]; lse [B, S, H]; mass [B, S, k] or [B, S, 0];
+entries, d_entries [B, N, c]; idx [B, S, k] int64 (-1 = unused slot) or [B, S, 0]; lse [B, S, H];
+mass [B, S, k] or [B, S, 0];
 stats [4] float64: sums of window, compressed and sink probabilities, and the max logit (or [0]).
 """
 
@@ -25,33 +27,25 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @numba.njit(cache=True)
-def _candidates(idx: np.ndarray, mask: np.ndarray, b: int, t: int, rows: np.ndarray, slots: np.ndarray) -> int:
-    """Query (b, t)'s extra entries: their rows into rows[:n] (and idx slots into slots[:n]); returns n."""
+def _candidates(idx: np.ndarray, b: int, t: int, rows: np.ndarray, slots: np.ndarray) -> int:
+    """Query (b, t)'s selected entries: their rows into rows[:n] and idx slots into slots[:n]; returns n."""
     n = 0
-    if idx.shape[2] > 0:
-        for j in range(idx.shape[2]):
-            if idx[b, t, j] >= 0:
-                rows[n], slots[n] = idx[b, t, j], j
-                n += 1
-    elif mask.shape[2] > 0:
-        mb = b if mask.shape[0] > 1 else 0
-        for w in range(mask.shape[2]):
-            if mask[mb, t, w]:
-                rows[n] = w
-                n += 1
+    for j in range(idx.shape[2]):
+        if idx[b, t, j] >= 0:
+            rows[n], slots[n] = idx[b, t, j], j
+            n += 1
     return n
 
 
 @numba.njit(cache=True)
-def _buffers(q: np.ndarray, idx: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-query scratch: extra entry rows and idx slots (as many as a query can have), scaled q [H, c]."""
-    extra = max(idx.shape[2], mask.shape[2])
-    return np.empty(extra, np.int64), np.empty(extra, np.int64), np.empty(q.shape[2:], np.float32)
+def _buffers(q: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-query scratch: selected entry rows and idx slots (as many as a query can have), scaled q [H, c]."""
+    return np.empty(idx.shape[2], np.int64), np.empty(idx.shape[2], np.int64), np.empty(q.shape[2:], np.float32)
 
 
 @numba.njit(cache=True)
-def _start(q: np.ndarray, kv: np.ndarray, idx: np.ndarray, mask: np.ndarray, window: int, scale: float, b: int,
-           t: int, qs: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> tuple[int, int, int]:
+def _start(q: np.ndarray, kv: np.ndarray, idx: np.ndarray, window: int, scale: float, b: int, t: int,
+           qs: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> tuple[int, int, int]:
     """Query (b, t): qs = its query rows times scale, rows/slots = its extra entries; returns (first window
     row, window keys, extra entries)."""
     row = kv.shape[1] - q.shape[1] + t  # its own row in kv
@@ -59,7 +53,7 @@ def _start(q: np.ndarray, kv: np.ndarray, idx: np.ndarray, mask: np.ndarray, win
     for h in range(q.shape[2]):
         for d in range(q.shape[3]):
             qs[h, d] = q[b, t, h, d] * scale
-    return lo, row - lo + 1, _candidates(idx, mask, b, t, rows, slots)
+    return lo, row - lo + 1, _candidates(idx, b, t, rows, slots)
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
@@ -82,17 +76,16 @@ def _accumulate(p: np.ndarray, j: int, value: np.ndarray, o: np.ndarray) -> None
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
-def forward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray, idx: np.ndarray,
-            mask: np.ndarray, window: int, scale: float, out: np.ndarray, lse: np.ndarray, mass: np.ndarray,
-            stats: np.ndarray) -> None:
+def forward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray, idx: np.ndarray, window: int,
+            scale: float, out: np.ndarray, lse: np.ndarray, mass: np.ndarray, stats: np.ndarray) -> None:
     """out, lse (and mass, stats when sized) of every query: one softmax over window keys, entries, sink."""
     B, S, H, c = q.shape
-    rows, slots, qs = _buffers(q, idx, mask)
+    rows, slots, qs = _buffers(q, idx)
     o = np.empty((H, c), np.float32)
     p = np.empty((H, window + rows.shape[0]), np.float32)  # logits, then probabilities
     for b in range(B):
         for t in range(S):
-            lo, nw, ne = _start(q, kv, idx, mask, window, scale, b, t, qs, rows, slots)
+            lo, nw, ne = _start(q, kv, idx, window, scale, b, t, qs, rows, slots)
             o[:] = 0.0
             for j in range(nw):
                 _score(qs, kv[b, lo + j], p, j)
@@ -149,19 +142,19 @@ def _key_grad(qs: np.ndarray, do: np.ndarray, lse: np.ndarray, delta: np.ndarray
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
-def backward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray, idx: np.ndarray,
-             mask: np.ndarray, window: int, scale: float, out: np.ndarray, lse: np.ndarray, d_out: np.ndarray,
-             d_q: np.ndarray, d_kv: np.ndarray, d_entries: np.ndarray, d_sink: np.ndarray) -> None:
+def backward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray, idx: np.ndarray, window: int,
+             scale: float, out: np.ndarray, lse: np.ndarray, d_out: np.ndarray, d_q: np.ndarray, d_kv: np.ndarray,
+             d_entries: np.ndarray, d_sink: np.ndarray) -> None:
     """d_q (written), d_kv, d_entries and d_sink (added to) from the forward's lse: probabilities are
     rebuilt per query, dS = P (dP - delta) with delta = d_out . out; K = V, so a key row's gradient is
     its key role (dS scaled q) plus its value role (P d_out)."""
     B, S, H, c = q.shape
-    rows, slots, qs = _buffers(q, idx, mask)
+    rows, slots, qs = _buffers(q, idx)
     dq = np.empty((H, c), np.float32)
     delta, ds, pj = np.empty(H, np.float32), np.empty(H, np.float32), np.empty(H, np.float32)
     for b in range(B):
         for t in range(S):
-            lo, nw, ne = _start(q, kv, idx, mask, window, scale, b, t, qs, rows, slots)
+            lo, nw, ne = _start(q, kv, idx, window, scale, b, t, qs, rows, slots)
             dq[:] = 0.0
             for h in range(H):
                 s = np.float32(0.0)

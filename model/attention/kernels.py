@@ -28,9 +28,11 @@ max(32, window/2)): a block forms (C + window - 1) / window times the window log
 that elementwise softmax work, not the GEMMs, dominates there (at window 128, blocks of 64 queries
 ran ~1.4x faster than blocks of 256). On GPU C = query_chunk: there kernel launches per block dominate.
 On CPU in fp32 (``use_compiled``) the same function runs as compiled per-query loops instead
-(``_window_cpu``): each query scores only its own window keys and entries, read in place, and its
-backward adds straight into their gradients (the 8k-token model step of ``benchmarks/vs_hf_reference.py``
-spent 2.8 s in the torch path's blocks and 0.8 s in the compiled one, one thread).
+(``_window_cpu``): each query scores only its own window keys and selected entries, read in place,
+and its backward adds straight into their gradients; masked (HCA) entries, a dense prefix shared by a
+span of queries, are added by GEMMs and a log-sum-exp merge (``_dense_entries``). The 8k-token model
+step of ``benchmarks/vs_hf_reference.py`` spent 2.8 s in the torch path's blocks and 0.8 s in the
+compiled one (one thread).
 
 Like flash attention, the forward keeps only each row's log-sum-exp and the backward rebuilds a
 chunk's probabilities from it, so neither the probabilities nor the gathered [S, k, c] entries are
@@ -52,6 +54,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._cpu_compiled import applies, as_numpy
+from . import _dense_entries
 
 
 _MIN_BLOCK = 32  # fewer queries per block and the per-block overhead dominates
@@ -286,14 +289,18 @@ def _compiled_forward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, ent
                       idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], window: int, scale: float,
                       _query_chunk: int, stats: Optional[AttentionStats], out: torch.Tensor, lse: torch.Tensor,
                       mass: Optional[torch.Tensor]) -> None:
-    """``_blocked_forward`` through ``_window_cpu.forward`` (fp32 CPU tensors)."""
+    """``_blocked_forward`` through ``_window_cpu.forward`` (fp32 CPU tensors); masked (dense) entries go
+    through ``_dense_entries`` GEMMs instead of the loops."""
     from ._window_cpu import forward
 
     B, S, H, _ = q.shape
+    looped = None if mask is not None else entries
     totals = torch.tensor([0.0, 0.0, 0.0, float("-inf")], dtype=torch.float64) if stats is not None else None
-    forward(*as_numpy(q, kv, sink, *_extra_arrays(q, entries, idx, mask)), window, scale, out.numpy(), lse.numpy(),
+    forward(*as_numpy(q, kv, sink, *_extra_arrays(q, looped, idx)), window, scale, out.numpy(), lse.numpy(),
             *as_numpy(mass if mass is not None else q.new_empty(B, S, 0),
                     totals if totals is not None else torch.empty(0, dtype=torch.float64)))
+    if mask is not None:
+        _dense_entries.forward(q, entries, mask, sink, scale, out, lse, totals)
     if totals is not None:
         _record_totals(stats, totals, B * S * H, entries is not None)
 
@@ -302,25 +309,30 @@ def _compiled_backward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, en
                        idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], out: torch.Tensor,
                        lse: torch.Tensor, d_out: torch.Tensor, window: int, scale: float,
                        _query_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``_blocked_backward`` through ``_window_cpu.backward`` (fp32 CPU tensors)."""
+    """``_blocked_backward`` through ``_window_cpu.backward`` (fp32 CPU tensors) and, for masked entries,
+    ``_dense_entries.backward``."""
     from ._window_cpu import backward
 
-    arrays = _extra_arrays(q, entries, idx, mask)
-    d_q, d_kv, d_sink, d_entries = (torch.empty_like(q), torch.zeros_like(kv), torch.zeros_like(sink),
-                                    torch.zeros_like(arrays[0]))
+    looped = None if mask is not None else entries
+    arrays = _extra_arrays(q, looped, idx)
+    d_q, d_kv, d_sink = torch.empty_like(q), torch.zeros_like(kv), torch.zeros_like(sink)
+    d_entries = torch.zeros_like(entries if entries is not None else arrays[0])
+    d_looped = d_entries if looped is not None else torch.zeros_like(arrays[0])
+    d_out = d_out.contiguous()
     backward(*as_numpy(q, kv, sink, *arrays), window, scale, *as_numpy(out, lse, d_out), d_q.numpy(), d_kv.numpy(),
-             d_entries.numpy(), d_sink.numpy())
+             d_looped.numpy(), d_sink.numpy())
+    if mask is not None:
+        _dense_entries.backward(q, entries, mask, scale, out, lse, d_out, d_q, d_entries)
     return d_q, d_kv, d_sink, d_entries if entries is not None else None
 
 
-def _extra_arrays(q: torch.Tensor, entries: Optional[torch.Tensor], idx: Optional[torch.Tensor],
-                  mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(entries, idx, mask) for ``_window_cpu``: what a call lacks becomes an empty trailing axis, so the
-    compiled functions see one set of array types."""
+def _extra_arrays(q: torch.Tensor, entries: Optional[torch.Tensor],
+                  idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entries, idx) for ``_window_cpu``: what a call lacks becomes an empty trailing axis, so the compiled
+    functions see one set of array types (masked entries never reach the loops)."""
     B, S, _, c = q.shape
     return (entries if entries is not None else q.new_empty(B, 0, c),
-            idx if idx is not None else torch.empty(B, S, 0, dtype=torch.long),
-            mask if mask is not None else torch.empty(1, S, 0, dtype=torch.bool))
+            idx if idx is not None else torch.empty(B, S, 0, dtype=torch.long))
 
 
 use_compiled = True  # the compiled CPU kernel for fp32 on CPU; False: the torch ops (as on GPU), for tests
