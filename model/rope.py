@@ -61,5 +61,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
 
 def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int,
               inverse: bool = False) -> torch.Tensor:
-    """Rotate only the trailing ``rope_dim`` channels of x [..., C]; V4 puts RoPE last (MODEL_SPEC §2.3)."""
-    return torch.cat([x[..., :-rope_dim], apply_rope(x[..., -rope_dim:], cos, sin, inverse)], dim=-1)
+    """Rotate only the trailing ``rope_dim`` channels of x [..., C]; V4 puts RoPE last (MODEL_SPEC §2.3).
+
+    ``split`` rather than two slices: its backward is one concatenation, where each slice's backward
+    writes its gradient into a zero-filled tensor of x's full size and the two are then added.
+    """
+    plain, tail = x.split([x.shape[-1] - rope_dim, rope_dim], dim=-1)
+    return torch.cat([plain, apply_rope(tail, cos, sin, inverse)], dim=-1)
