@@ -144,8 +144,9 @@ class Indexer(nn.Module):
         fused = self.fused_topk and keys.device.type == "cpu"
         chunk = _FUSED_QUERIES if fused else self.query_chunk
         starts = range(0, S, chunk)
-        spans = torch.stack([torch.stack([v.min(), v.max()]) for v in visible.split(chunk)]).tolist()  # (fewest,
-        # most) visible entries per chunk, in one host sync
+        padded = torch.cat([visible, visible[-1:].expand(len(starts) * chunk - S)]).view(-1, chunk)  # [chunks, chunk]
+        spans = torch.stack([padded.amin(dim=1), padded.amax(dim=1)], dim=1).tolist()  # (fewest, most) visible
+        # entries per chunk, in one host sync (the padding repeats the last query: no chunk's span changes)
         top_idx = torch.full((B, S, k), -1, dtype=torch.long, device=q.device)
         top_scores = torch.full((B, S, k), float("-inf"), device=q.device)
         keys_t = keys.float().transpose(1, 2).contiguous()  # [B, c_I, N]
