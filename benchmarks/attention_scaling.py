@@ -16,11 +16,11 @@ peak memory over the rounds: a machine whose speed drifts over minutes then cann
 penalise one case just because it ran in a slow spell (each round's growth at the longest length is
 printed too, to show the spread).
 
-Growth at the longest length S (the target time(S) / time(S/2) <= 2.3x) is measured a second way,
-which the target check uses: per round, one process per compressed layer alternates passes at S/2
-and S (``--reps`` each after a warm-up) and keeps each length's best, so both lengths meet the same
-spells of a machine whose speed drifts by tens of percent over minutes. The separate-process ratios
-stay in the table and per round beside it.
+Growth at the longest length S (the target time(S) / time(S/2) <= 2.3x) is also measured a second
+way: per round, one process per compressed layer alternates passes at S/2 and S (``--reps`` each after
+a warm-up) and keeps each length's best, so that a drift over minutes reaches both lengths alike
+(on the 2-core machine its per-round spread was not smaller than the separate processes'). The
+target check counts growth as met only when both estimates are within it.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def main() -> None:
             step_up = f"{r[t] / half[t]:.2f}x" if half else "-"
             print(f"| {seq_len} | {kind} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['peak_mib']:.0f} | "
                   f"{r[t] / dense[t]:.2f} | {r['peak_mib'] / dense['peak_mib']:.2f} | {step_up} |")
-    growth: dict[str, float] = {}
+    growth: dict[str, tuple[float, float]] = {}  # kind: (separate processes, alternating in one process)
     if paired and args.rounds > 1:
         for kind in LAYERS[1:]:
             per_round = [r[kind, longest][t] / r[kind, longest // 2][t] for r in rounds]
@@ -172,23 +172,24 @@ def main() -> None:
         half = str(longest // 2)
         for kind in LAYERS[1:]:
             best = {n: min(p[kind][n][t] for p in pairs) for n in (half, str(longest))}
-            growth[kind] = best[str(longest)] / best[half]
+            growth[kind] = (results[kind, longest][t] / results[kind, longest // 2][t], best[str(longest)] / best[half])
             print(f"{kind} time({longest}) / time({longest // 2}), passes alternating in one process: "
-                  f"{growth[kind]:.2f}x (per round: "
+                  f"{growth[kind][1]:.2f}x (per round: "
                   + ", ".join(f"{p[kind][str(longest)][t] / p[kind][half][t]:.2f}x" for p in pairs) + ")")
     print_targets(results, longest, t, growth)
 
 
-def print_targets(results: dict[tuple[str, int], dict], seq_len: int, t: str, growth: dict[str, float]) -> None:
+def print_targets(results: dict[tuple[str, int], dict], seq_len: int, t: str,
+                  growth: dict[str, tuple[float, float]]) -> None:
     """The issue's targets at the longest length: time <= 30% of dense, peak memory <= 1.5x dense, and
-    (``growth``: the alternating-passes measure, when S/2 was measured) time(S) / time(S/2) <= 2.3x."""
+    (when S/2 was measured) time(S) / time(S/2) <= 2.3x by both estimates in ``growth``."""
     dense = results["dense", seq_len]
     for kind in LAYERS[1:]:
         r = results[kind, seq_len]
         checks = {"time <= 0.30 x dense": r[t] / dense[t] <= 0.30,
                   "memory <= 1.5 x dense": r["peak_mib"] / dense["peak_mib"] <= 1.5}
         if kind in growth:
-            checks["time(S) / time(S/2) <= 2.3"] = growth[kind] <= 2.3
+            checks["time(S) / time(S/2) <= 2.3 (separate and alternating)"] = max(growth[kind]) <= 2.3
         print(f"{kind} at S={seq_len}: " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}"
                                                    for name, ok in checks.items()))
 
