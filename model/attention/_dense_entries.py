@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .kernels import per_block
+
 _BLOCK = 512  # queries per block: [512 x H, c] GEMM operands, and a staircase mask wastes < 4 entries a query
 
 
@@ -25,8 +27,9 @@ def _spans(mask: torch.Tensor, S: int) -> list[tuple[int, int, int]]:
     N = mask.shape[-1]
     if N == 0:  # no entry closed yet
         return []
-    last = (mask.any(dim=0) * torch.arange(1, N + 1, device=mask.device)).amax(dim=-1)  # [S]: 1 + last visible entry per query
-    counts = torch.stack([part.max() for part in last.split(_BLOCK)]).tolist()
+    entry = torch.arange(1, N + 1, device=mask.device)  # [N]
+    last = (mask.any(dim=0) * entry).amax(dim=-1)  # [S]: 1 + each query's last visible entry
+    counts = per_block(last, _BLOCK).amax(dim=1).tolist()
     return [(s, min(s + _BLOCK, S), n) for s, n in zip(range(0, S, _BLOCK), counts) if n > 0]
 
 
@@ -63,12 +66,12 @@ def _renormalise(totals: torch.Tensor, sink: torch.Tensor, lse_w: torch.Tensor, 
     totals[3] = torch.maximum(totals[3], logits.amax().double())
 
 
-def backward(q: torch.Tensor, entries: torch.Tensor, mask: torch.Tensor, scale: float, out: torch.Tensor,
-             lse: torch.Tensor, d_out: torch.Tensor, d_q: torch.Tensor, d_entries: torch.Tensor) -> None:
+def backward(q: torch.Tensor, entries: torch.Tensor, mask: torch.Tensor, scale: float, lse: torch.Tensor,
+             delta: torch.Tensor, d_out: torch.Tensor, d_q: torch.Tensor, d_entries: torch.Tensor) -> None:
     """Adds the entries' share to d_q [B,S,H,c] and d_entries [B,N,c]: dS = P (dP - delta) against the
-    joint lse, with P and dP from one GEMM of the rows [q scale ; d_out] (K = V, as in the kernel)."""
+    joint lse and delta = d_out . out [B,S,H] (the loops' backward computes it), with P and dP from one
+    GEMM of the rows [q scale ; d_out] (K = V, as in the kernel)."""
     B, S, H, c = q.shape
-    delta = (d_out * out).sum(dim=-1)  # [B,S,H]
     for s, e, n in _spans(mask, S):
         values = entries[:, :n]  # [B,n,c]
         rows = torch.cat([q[:, s:e] * scale, d_out[:, s:e]], dim=2)  # [B,C,2H,c]

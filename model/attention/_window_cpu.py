@@ -12,7 +12,7 @@ faster (``_dense_entries``), so these loops take the window and the selected (CS
 
 Arrays (all C-contiguous; fp32 unless noted), with an empty trailing axis for what a call lacks:
 q, out, d_out, d_q [B, S, H, c]; kv, d_kv [B, T, c] (query i at row T - S + i); sink [H];
-entries, d_entries [B, N, c]; idx [B, S, k] int64 (-1 = unused slot) or [B, S, 0]; lse [B, S, H];
+entries, d_entries [B, N, c]; idx [B, S, k] int64 (-1 = unused slot) or [B, S, 0]; lse, delta [B, S, H];
 mass [B, S, k] or [B, S, 0];
 stats [4] float64: sums of window, compressed and sink probabilities, and the max logit (or [0]).
 """
@@ -144,14 +144,15 @@ def _key_grad(qs: np.ndarray, do: np.ndarray, lse: np.ndarray, delta: np.ndarray
 @numba.njit(cache=True, fastmath=_FASTMATH)
 def backward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarray, idx: np.ndarray, window: int,
              scale: float, out: np.ndarray, lse: np.ndarray, d_out: np.ndarray, d_q: np.ndarray, d_kv: np.ndarray,
-             d_entries: np.ndarray, d_sink: np.ndarray) -> None:
-    """d_q (written), d_kv, d_entries and d_sink (added to) from the forward's lse: probabilities are
-    rebuilt per query, dS = P (dP - delta) with delta = d_out . out; K = V, so a key row's gradient is
-    its key role (dS scaled q) plus its value role (P d_out)."""
+             d_entries: np.ndarray, d_sink: np.ndarray, delta: np.ndarray) -> None:
+    """d_q and delta (written), d_kv, d_entries and d_sink (added to) from the forward's lse: probabilities
+    are rebuilt per query, dS = P (dP - delta) with delta = d_out . out (handed back for the entries that
+    ``_dense_entries`` adds); K = V, so a key row's gradient is its key role (dS scaled q) plus its value
+    role (P d_out)."""
     B, S, H, c = q.shape
     rows, slots, qs = _buffers(q, idx)
     dq = np.empty((H, c), np.float32)
-    delta, ds, pj = np.empty(H, np.float32), np.empty(H, np.float32), np.empty(H, np.float32)
+    ds, pj = np.empty(H, np.float32), np.empty(H, np.float32)
     for b in range(B):
         for t in range(S):
             lo, nw, ne = _start(q, kv, idx, window, scale, b, t, qs, rows, slots)
@@ -160,12 +161,13 @@ def backward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarra
                 s = np.float32(0.0)
                 for d in range(c):
                     s += d_out[b, t, h, d] * out[b, t, h, d]
-                delta[h] = s
+                delta[b, t, h] = s
                 d_sink[h] -= np.exp(sink[h] - lse[b, t, h]) * s
             for j in range(nw):
-                _key_grad(qs, d_out[b, t], lse[b, t], delta, kv[b, lo + j], dq, d_kv[b, lo + j], ds, pj)
+                _key_grad(qs, d_out[b, t], lse[b, t], delta[b, t], kv[b, lo + j], dq, d_kv[b, lo + j], ds, pj)
             for j in range(ne):
-                _key_grad(qs, d_out[b, t], lse[b, t], delta, entries[b, rows[j]], dq, d_entries[b, rows[j]], ds, pj)
+                _key_grad(qs, d_out[b, t], lse[b, t], delta[b, t], entries[b, rows[j]], dq, d_entries[b, rows[j]], ds,
+                          pj)
             for h in range(H):
                 for d in range(c):
                     d_q[b, t, h, d] = dq[h, d] * scale

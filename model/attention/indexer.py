@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from ...configs.schema import ModelConfig
 from ..rope import RotaryEmbedding
 from .compressor import Compressor, CompressorState, rope_tail
-from .kernels import add_gathered_grad, gather_entries
+from .kernels import add_gathered_grad, gather_entries, per_block
 
 
 _FUSED_QUERIES = 32  # queries per chunk on the compiled CPU path: their [32 H, N] dots stay in cache
@@ -144,9 +144,9 @@ class Indexer(nn.Module):
         fused = self.fused_topk and keys.device.type == "cpu"
         chunk = _FUSED_QUERIES if fused else self.query_chunk
         starts = range(0, S, chunk)
-        padded = torch.cat([visible, visible[-1:].expand(len(starts) * chunk - S)]).view(-1, chunk)  # [chunks, chunk]
-        spans = torch.stack([padded.amin(dim=1), padded.amax(dim=1)], dim=1).tolist()  # (fewest, most) visible
-        # entries per chunk, in one host sync (the padding repeats the last query: no chunk's span changes)
+        blocks = per_block(visible, chunk)  # [chunks, chunk]
+        spans = torch.stack([blocks.amin(dim=1), blocks.amax(dim=1)], dim=1).tolist()  # (fewest, most) visible
+        # entries per chunk, in one host sync
         top_idx = torch.full((B, S, k), -1, dtype=torch.long, device=q.device)
         top_scores = torch.full((B, S, k), float("-inf"), device=q.device)
         keys_t = keys.float().transpose(1, 2).contiguous()  # [B, c_I, N]

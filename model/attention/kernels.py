@@ -54,7 +54,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._cpu_compiled import applies, as_numpy
-from . import _dense_entries
 
 
 _MIN_BLOCK = 32  # fewer queries per block and the per-block overhead dominates
@@ -155,6 +154,12 @@ class _Chunk:
         if self.values.dim() == 4:
             return torch.einsum("bqhk,bqkc->bqhc", probs, self.values)
         return torch.einsum("bqhn,bnc->bqhc", probs, self.values)
+
+
+def per_block(values: torch.Tensor, block: int) -> torch.Tensor:
+    """values [S] as rows of ``block`` -> [ceil(S / block), block]; the last row is padded with the last
+    value, so every row's min and max are those of its own values (one reduction for all blocks)."""
+    return torch.cat([values, values[-1:].expand(-values.shape[0] % block)]).view(-1, block)
 
 
 def _flat_rows(idx: torch.Tensor, num_entries: int) -> torch.Tensor:
@@ -291,6 +296,7 @@ def _compiled_forward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, ent
                       mass: Optional[torch.Tensor]) -> None:
     """``_blocked_forward`` through ``_window_cpu.forward`` (fp32 CPU tensors); masked (dense) entries go
     through ``_dense_entries`` GEMMs instead of the loops."""
+    from . import _dense_entries
     from ._window_cpu import forward
 
     B, S, H, _ = q.shape
@@ -311,19 +317,20 @@ def _compiled_backward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, en
                        _query_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``_blocked_backward`` through ``_window_cpu.backward`` (fp32 CPU tensors) and, for masked entries,
     ``_dense_entries.backward``."""
+    from . import _dense_entries
     from ._window_cpu import backward
 
     looped = None if mask is not None else entries
     arrays = _extra_arrays(q, looped, idx)
-    d_q, d_kv, d_sink = torch.empty_like(q), torch.zeros_like(kv), torch.zeros_like(sink)
-    d_entries = torch.zeros_like(entries if entries is not None else arrays[0])
-    d_looped = d_entries if looped is not None else torch.zeros_like(arrays[0])
+    d_q, d_kv, d_sink, delta = torch.empty_like(q), torch.zeros_like(kv), torch.zeros_like(sink), torch.empty_like(lse)
+    d_entries = None if entries is None else torch.zeros_like(entries)
+    d_looped = d_entries if looped is not None else torch.zeros_like(arrays[0])  # empty when the loops have none
     d_out = d_out.contiguous()
     backward(*as_numpy(q, kv, sink, *arrays), window, scale, *as_numpy(out, lse, d_out), d_q.numpy(), d_kv.numpy(),
-             d_looped.numpy(), d_sink.numpy())
+             d_looped.numpy(), d_sink.numpy(), delta.numpy())
     if mask is not None:
-        _dense_entries.backward(q, entries, mask, scale, out, lse, d_out, d_q, d_entries)
-    return d_q, d_kv, d_sink, d_entries if entries is not None else None
+        _dense_entries.backward(q, entries, mask, scale, lse, delta, d_out, d_q, d_entries)
+    return d_q, d_kv, d_sink, d_entries
 
 
 def _extra_arrays(q: torch.Tensor, entries: Optional[torch.Tensor],
