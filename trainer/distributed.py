@@ -2,7 +2,8 @@
 
 DeepSpeed is initialised here so that the CPU traps from PLATFORM_NOTES are handled in one
 place: the accelerator is chosen before DeepSpeed is imported, and the shared-memory comm op
-(a 90 s JIT compile on a clean machine) is disabled because gloo does not need it.
+(a 90 s JIT compile on a clean machine) is disabled because gloo does not need it. CPU runs also
+keep freed host memory for reuse (``host_memory``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .host_memory import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     cuda = use_cuda(device)
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        keep_freed_memory()
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun tasks (moesaic slurm), no torchrun
         for key, slurm_key in (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS"), ("LOCAL_RANK", "SLURM_LOCALID")):
             os.environ[key] = os.environ[slurm_key]
