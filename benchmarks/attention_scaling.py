@@ -156,7 +156,7 @@ def main() -> None:
     longest = max(args.lengths)
     paired = longest // 2 in args.lengths
     rounds: list[dict[tuple[str, int], dict]] = []
-    pairs: list[dict[str, dict]] = []
+    pairs: list[dict[str, dict[str, list[float]]]] = []  # per round: kind -> clock -> slot growths
     for _ in range(args.rounds):
         rounds.append({(kind, n): measure("--case", kind, n) for n in args.lengths for kind in LAYERS})
         if paired:

@@ -5,8 +5,9 @@ threshold that it tunes itself (twice its mmap threshold, so at most 64 MiB). A 
 most of its activations at once and allocates them again in the next step, so once they outgrow that
 threshold every step faults in and zeroes them afresh: forward + backward of the CSA layer of
 ``benchmarks/attention_scaling.py`` took 15-50 thousand minor page faults and 0.06-0.24 s of system
-time per pass at 16k tokens (0-16 thousand at 8k), which made its time grow faster than its work. Keeping freed memory is what torch's CUDA caching allocator does on the GPU; jemalloc
-or tcmalloc preloaded (``LD_PRELOAD``) do the same job on the CPU where they are installed.
+time per pass at 16k tokens (0-16 thousand at 8k), which made its time grow faster than its work.
+Keeping freed memory is what torch's CUDA caching allocator does on the GPU; jemalloc or tcmalloc
+preloaded (``LD_PRELOAD``) do the same job on the CPU where they are installed.
 """
 
 from __future__ import annotations
