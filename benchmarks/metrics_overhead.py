@@ -38,7 +38,8 @@ from typing import Callable
 import torch
 
 from moesaic.configs import load_config
-from moesaic.model.attention import CompressedSparseAttention, kernels
+from moesaic.model.attention import kernels
+from moesaic.model.attention.csa import CompressedSparseAttention
 from moesaic.model.moe import Router
 from moesaic.trainer.distributed import destroy, init_distributed
 from moesaic.trainer.loop import Trainer
@@ -64,9 +65,7 @@ def window(trainer: Trainer, panel: MetricsPanel, sinks: MetricSinks, steps: int
     panel.set_enabled(on)
     cpu, wall = time.process_time(), time.perf_counter()
     for i in range(steps):
-        if on and i == steps - 1:
-            panel.arm()
-        sums = trainer.train_step()
+        sums = trainer.train_step(panel.arm() if on and i == steps - 1 else None)
     metrics = {"train/loss": (sums[0] / sums[2]).item()}
     if on:
         metrics.update(panel.collect(trainer.step, tokens_per_s=1.0))

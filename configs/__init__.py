@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .schema import (
-    ATTENTION_TYPES,
     FFN_TYPES,
     SCORE_FUNCS,
     AttentionConfig,
@@ -46,6 +45,7 @@ __all__ = [
     "save_config",
     "to_yaml",
     "check_topology",
+    "check_attention",
     "check_trainable",
     "validate",
 ]
@@ -135,46 +135,47 @@ def check_topology(p: ParallelConfig, world_size: int) -> None:
              f"parallel.ep={p.ep} and parallel.sp={p.sp} must divide the world size {world_size}")
 
 
+def check_attention(m: ModelConfig, seq_len: int) -> dict:
+    """Check the attention menu and the layers' choices; returns the entries in use, name -> typed spec."""
+    from moesaic.model._cpu_compiled import BACKENDS  # the model package imports configs: import it lazily
+    from moesaic.model.attention import resolve_menu
+
+    _check_choice("model.attention.backend", m.attention.backend, BACKENDS)
+    _require(not m.layer_types or len(m.layer_types) == m.num_layers,
+             f"model.layer_types has {len(m.layer_types)} entries but model.num_layers={m.num_layers} "
+             f"(give one per layer or none)")
+    menu = resolve_menu(m)
+    entries = ", ".join(menu)
+    for i, name in enumerate(m.layer_types):
+        _require(name in menu, f"model.layer_types[{i}]='{name}' is not an entry of model.attention.menu ({entries})")
+    names = [m.attention_type(i) for i in range(m.num_layers + m.mtp_layers)]
+    for name in set(names) - set(menu):
+        field = "model.mtp_layer_type" if name == m.mtp_layer_type and m.mtp_layers else "model.layer_types"
+        _require(False, f"{field} uses '{name}', which is not an entry of model.attention.menu ({entries})")
+    for name, spec in menu.items():
+        spec.check(f"model.attention.menu.{name}", seq_len)
+    known = {f for spec in menu.values() for f in vars(spec)} - {"kind"}
+    for key in m.attention.common:
+        _require(key in known, f"unknown config key 'model.attention.common.{key}': no menu entry's kind has it")
+    return {name: menu[name] for name in dict.fromkeys(names)}
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Cross-field checks that types alone cannot express. ``world_size`` adds topology checks."""
-    m, a, e, d, t, p = cfg.model, cfg.model.attention, cfg.model.moe, cfg.data, cfg.train, cfg.parallel
+    m, e, d, t, p = cfg.model, cfg.model.moe, cfg.data, cfg.train, cfg.parallel
     _check_positive("model", m, ["vocab_size", "hidden_size", "num_layers", "dense_intermediate_size", "hc_mult"])
-    _check_positive("model.attention", a, ["num_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
-                                           "window", "csa_ratio", "hca_ratio", "index_heads", "index_head_dim",
-                                           "index_topk", "query_chunk"])
     _check_positive("model.moe", e, ["num_experts", "top_k", "intermediate_size"])
     _check_positive("data", d, ["seq_len"])
     _check_positive("train", t, ["steps", "micro_batch_size", "global_batch_size", "lr", "log_every",
                                  "eval_every", "eval_batches"])
     _check_positive("parallel", p, ["ep", "sp"])
 
-    for field, types, allowed in (("model.layer_types", m.layer_types, ATTENTION_TYPES),
-                                  ("model.ffn_types", m.ffn_types, FFN_TYPES)):
-        _require(not types or len(types) == m.num_layers,
-                 f"{field} has {len(types)} entries but model.num_layers={m.num_layers} (give one per layer or none)")
-        for i, kind in enumerate(types):
-            _check_choice(f"{field}[{i}]", kind, allowed)
-
-    _require(a.rope_head_dim % 2 == 0 and 0 < a.rope_head_dim <= a.head_dim,
-             f"model.attention.rope_head_dim={a.rope_head_dim} must be even and in (0, head_dim={a.head_dim}]")
-    _require(a.num_heads % a.o_groups == 0,
-             f"model.attention.o_groups={a.o_groups} must divide model.attention.num_heads={a.num_heads}")
-    _require(a.yarn_factor >= 1.0, f"model.attention.yarn_factor={a.yarn_factor} must be >= 1 (1 disables YaRN)")
-    _require(a.indexer_loss_coef >= 0, f"model.attention.indexer_loss_coef={a.indexer_loss_coef} must be >= 0")
-    _require(a.csa_ratio > 1 and a.hca_ratio > 1,
-             f"model.attention.csa_ratio={a.csa_ratio} and hca_ratio={a.hca_ratio} must be > 1")
-    kinds = set(m.layer_types)
-    if "csa" in kinds:
-        _require(a.index_head_dim >= a.rope_head_dim,
-                 f"model.attention.index_head_dim={a.index_head_dim} must be >= rope_head_dim={a.rope_head_dim}")
-        _require(d.seq_len % a.csa_ratio == 0,
-                 f"data.seq_len={d.seq_len} must be divisible by model.attention.csa_ratio={a.csa_ratio} (CSA layers)")
-        _require(a.index_topk <= d.seq_len // a.csa_ratio,
-                 f"model.attention.index_topk={a.index_topk} exceeds the {d.seq_len // a.csa_ratio} compressed "
-                 f"entries of a data.seq_len={d.seq_len} sequence (must be <= seq_len / csa_ratio)")
-    if "hca" in kinds:
-        _require(d.seq_len % a.hca_ratio == 0,
-                 f"data.seq_len={d.seq_len} must be divisible by model.attention.hca_ratio={a.hca_ratio} (HCA layers)")
+    _require(not m.ffn_types or len(m.ffn_types) == m.num_layers,
+             f"model.ffn_types has {len(m.ffn_types)} entries but model.num_layers={m.num_layers} "
+             f"(give one per layer or none)")
+    for i, kind in enumerate(m.ffn_types):
+        _check_choice(f"model.ffn_types[{i}]", kind, FFN_TYPES)
+    used = check_attention(m, d.seq_len)
 
     _require(e.top_k <= e.num_experts,
              f"model.moe.top_k={e.top_k} must be <= model.moe.num_experts={e.num_experts}")
@@ -235,13 +236,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                  f"train.zero_stage={t.zero_stage} cannot run parallel.ep={p.ep}: use 1 or 2 (ZeRO-0 clips expert "
                  f"gradients with an average of per-rank norms, ZeRO-3 refuses MoE)")
     if p.sp > 1:
-        ratios = {"csa": a.csa_ratio, "hca": a.hca_ratio}
-        used = [kind for kind in ratios if kind in kinds]
-        window = math.lcm(*(ratios[kind] for kind in used))  # a shard must start at every layer's window boundary
-        why = "".join(f" x model.attention.{kind}_ratio={ratios[kind]}" for kind in used)
-        _require(d.seq_len % (p.sp * window) == 0,
-                 f"data.seq_len={d.seq_len} must be divisible by parallel.sp={p.sp}{why} (equal sequence shards"
-                 + (", each starting at a compression window)" if used else ")"))
+        # A shard must start where every layer's type needs it (e.g. a compression window boundary).
+        aligned = {name: spec.sp_alignment(f"model.attention.menu.{name}") for name, spec in used.items()}
+        step = math.lcm(*aligned.values())
+        why = ", ".join(f"model.attention.menu.{name} at multiples of {n}" for name, n in aligned.items() if n > 1)
+        _require(d.seq_len % (p.sp * step) == 0,
+                 f"data.seq_len={d.seq_len} must be divisible by parallel.sp={p.sp}" + (f" x {step}" if why else "")
+                 + f" (equal sequence shards{', starting ' + why if why else ''})")
         _require(t.zero_stage in (1, 2),
                  f"train.zero_stage={t.zero_stage} cannot run parallel.sp={p.sp}: use 1 or 2 (gradients are summed "
                  f"over sequence shards by ZeRO-1/2; ZeRO-0 would clip with a wrong norm)")

@@ -8,37 +8,24 @@ types are rejected by omegaconf itself; ``configs.validate`` adds the cross-fiel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
-ATTENTION_TYPES = ("swa", "csa", "hca")
 FFN_TYPES = ("moe", "dense")
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 
 
 @dataclass
 class AttentionConfig:
-    """DeepSeek-V4 attention backbone shared by every layer type (MODEL_SPEC §2)."""
+    """The attention menu: named entries, each a ``kind`` and that kind's own fields; layers pick entries.
 
-    num_heads: int = 4  # query heads H (all share one K=V head)
-    head_dim: int = 64  # shared K=V head width c; the trailing rope_head_dim dims carry RoPE
-    rope_head_dim: int = 16  # trailing channels of each head that carry RoPE
-    q_lora_rank: int = 64  # query low-rank bottleneck d_c'
-    o_groups: int = 2  # grouped low-rank output projection g
-    o_lora_rank: int = 64  # per-group output rank d_g
-    window: int = 32  # sliding-window keys per query, the query itself included
-    rope_theta: float = 10000.0  # RoPE base of SWA-only layers
-    compress_rope_theta: float = 160000.0  # RoPE base (+ YaRN) of CSA/HCA layers
-    yarn_factor: float = 1.0  # 1.0 disables YaRN; V4 uses 16
-    yarn_original_max_position: int = 65536  # YaRN: context the RoPE base was trained for
-    yarn_beta_fast: float = 32.0  # YaRN: rotations above which frequencies are kept
-    yarn_beta_slow: float = 1.0  # YaRN: rotations below which frequencies are interpolated
-    csa_ratio: int = 4  # CSA compression ratio m
-    hca_ratio: int = 128  # HCA compression ratio m'
-    index_heads: int = 4  # lightning-indexer heads n_I
-    index_head_dim: int = 32  # lightning-indexer head width c_I
-    index_topk: int = 16  # compressed entries selected per query
-    indexer_loss_coef: float = 0.01  # weight of the indexer's KL-to-attention training loss
-    query_chunk: int = 1024  # queries processed per chunk, bounds activation memory
+    ``menu.<name>`` = {kind: swa|csa|hca|..., <the kind's fields>}; each kind's fields, defaults and
+    checks live in its module under model/attention/ (docs/config.md lists them). ``common`` sets a
+    field for every entry whose kind has it, unless the entry sets it itself.
+    """
+
+    backend: str = "auto"  # attention kernels: auto (compiled on fp32 CPU, torch ops elsewhere) | torch | cpu
+    common: Dict[str, Any] = field(default_factory=dict)
+    menu: Dict[str, Any] = field(default_factory=lambda: {"swa": {"kind": "swa"}})
 
 
 @dataclass
@@ -63,7 +50,7 @@ class ModelConfig:
     vocab_size: int = 4096  # also the target size when moesaic trains the BPE tokenizer
     hidden_size: int = 128  # model width D
     num_layers: int = 4  # decoder layers (MTP blocks not counted)
-    # Attention type per layer (ATTENTION_TYPES); empty means all "swa".
+    # Attention per layer: names of model.attention.menu entries; empty means every layer uses "swa".
     layer_types: List[str] = field(default_factory=list)
     # FFN type per layer (FFN_TYPES); empty means all "moe".
     ffn_types: List[str] = field(default_factory=list)
@@ -74,15 +61,19 @@ class ModelConfig:
     hc_mult: int = 1  # mHC residual streams; 1 is a plain residual
     hc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp iterations making the mHC comb doubly stochastic
     hc_eps: float = 1e-6  # mHC floor on pre gates and Sinkhorn denominators
-    mtp_layers: int = 0  # multi-token-prediction blocks after the last layer (SWA + MoE, like V4's)
+    mtp_layers: int = 0  # multi-token-prediction blocks after the last layer (attention + MoE, like V4's)
+    mtp_layer_type: str = "swa"  # menu entry of the MTP blocks' attention (V4: sliding window)
     mtp_loss_coef: float = 0.3  # total weight of the MTP losses, averaged over the MTP depths
     init_from: Optional[str] = None  # HF DeepSeek-V4 checkpoint directory to start from
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
-    # Layers num_layers, num_layers + 1, ... are the MTP blocks: SWA attention and MoE, as in V4.
+    # Layers num_layers, num_layers + 1, ... are the MTP blocks: mtp_layer_type attention and MoE, as in V4.
     def attention_type(self, layer: int) -> str:
-        return self.layer_types[layer] if self.layer_types and layer < self.num_layers else "swa"
+        """The menu entry of layer ``layer``."""
+        if layer >= self.num_layers:
+            return self.mtp_layer_type
+        return self.layer_types[layer] if self.layer_types else "swa"
 
     def ffn_type(self, layer: int) -> str:
         return self.ffn_types[layer] if self.ffn_types and layer < self.num_layers else "moe"

@@ -28,6 +28,7 @@ import sys
 from typing import Sequence
 
 from ..configs import ConfigError, load_config, to_yaml
+from ..model.attention.base import describe_layers
 from ..model.kv_accounting import INDEX_FORMATS, MAIN_FORMATS, format_report
 
 _SUFFIXES = {"k": 2**10, "m": 2**20, "g": 2**30}
@@ -114,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(to_yaml(cfg), end="")
+            print("# attention per layer (menu entry: kind and the fields that differ from its defaults)")
+            print("\n".join(f"#   {line}" for line in describe_layers(cfg.model)))
             return 0
         if args.command == "launch":
             from .launcher import LaunchSpec, launch

@@ -11,6 +11,18 @@ def applies(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
+BACKENDS = ("auto", "torch", "cpu")  # model.attention.backend
+
+
+def use_compiled(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether an attention op runs its compiled CPU kernel under ``backend`` ("auto": where it applies)."""
+    if backend == "torch":
+        return False
+    if backend == "cpu" and not applies(*tensors):
+        raise ValueError("model.attention.backend='cpu' runs fp32 CPU tensors only; use 'auto' or 'torch'")
+    return backend in ("auto", "cpu") and applies(*tensors)
+
+
 def as_numpy(*tensors: torch.Tensor) -> list:
     """Contiguous numpy views of the tensors (a write to one reaches its tensor when that was contiguous)."""
     return [t.detach().contiguous().numpy() for t in tensors]

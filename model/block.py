@@ -16,7 +16,7 @@ from torch import nn
 from moesaic.configs.schema import ModelConfig
 
 from . import mhc
-from .attention import build_attention
+from .attention import AttentionSpec, ForwardContext
 from .ffn import SwiGLU
 from .norm import RMSNorm
 
@@ -24,10 +24,10 @@ from .norm import RMSNorm
 class Block(nn.Module):
     """attn_norm -> attn -> residual; ffn_norm -> ffn (dense SwiGLU or MoE) -> residual."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attention: AttentionSpec) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = build_attention(cfg, layer_idx)
+        self.attn = attention.build(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.ffn_type(layer_idx) == "moe"
         if self.is_moe:
@@ -43,30 +43,32 @@ class Block(nn.Module):
             self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = mhc.sublayer_parameters(
                 self.hc, cfg.hidden_size, cfg.init_std)
 
-    def attn_sublayer(self, x: torch.Tensor, cache: Optional[object] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.attn(self.attn_norm(x), cache)
+    def attn_sublayer(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attn(self.attn_norm(x), ctx)
 
-    def ffn_sublayer(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def ffn_sublayer(self, x: torch.Tensor, input_ids: torch.Tensor,
+                     ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.ffn_norm(x)
         if self.is_moe:
-            return self.ffn(h, input_ids)
+            return self.ffn(h, input_ids, ctx.sequence)
         return self.ffn(h), h.new_zeros(())
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor,
-                cache: Optional[object] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: Optional[ForwardContext] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B,S,D] (or mHC streams [B,S,n,D]), input_ids [B,S] (for hash routing) -> (x, aux_loss of both sublayers)."""
+        ctx = ctx if ctx is not None else ForwardContext()
         if self.hc.n > 1:
-            return self._forward_mhc(x, input_ids, cache)
-        h, attn_aux = self.attn_sublayer(x, cache)
+            return self._forward_mhc(x, input_ids, ctx)
+        h, attn_aux = self.attn_sublayer(x, ctx)
         x = x + h
-        h, ffn_aux = self.ffn_sublayer(x, input_ids)
+        h, ffn_aux = self.ffn_sublayer(x, input_ids, ctx)
         return x + h, attn_aux + ffn_aux
 
     def _forward_mhc(self, x: torch.Tensor, input_ids: torch.Tensor,
-                     cache: Optional[object]) -> tuple[torch.Tensor, torch.Tensor]:
+                     ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         pre, post, comb = mhc.sublayer_mappings(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.hc)
-        h, attn_aux = self.attn_sublayer(mhc.collapse(x, pre), cache)
+        h, attn_aux = self.attn_sublayer(mhc.collapse(x, pre), ctx)
         x = mhc.expand(h, x, post, comb)  # [B,S,n,D]
         pre, post, comb = mhc.sublayer_mappings(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.hc)
-        h, ffn_aux = self.ffn_sublayer(mhc.collapse(x, pre), input_ids)
+        h, ffn_aux = self.ffn_sublayer(mhc.collapse(x, pre), input_ids, ctx)
         return mhc.expand(h, x, post, comb), attn_aux + ffn_aux

@@ -1,43 +1,30 @@
-"""KV-cache accounting for V4-style layer layouts (MODEL_SPEC §8.2).
-
-Per layer and sequence of N tokens, with b_main bytes per head_dim-wide KV vector and b_idx bytes
-per index_head_dim-wide indexer key:
+"""KV-cache accounting of a model's layer layout (MODEL_SPEC §8.2): each layer's attention type says
+its bytes (``AttentionSpec.kv_bytes``); for the V4 types, per sequence of N tokens, with b_main bytes
+per head_dim-wide KV vector and b_idx bytes per index_head_dim-wide indexer key:
 
     SWA  min(window, N) * b_main
-    CSA  min(window, N) * b_main + floor(N / csa_ratio) * (b_main + b_idx)
-    HCA  min(window, N) * b_main + floor(N / hca_ratio) * b_main
+    CSA  min(window, N) * b_main + floor(N / ratio) * (b_main + b_idx)
+    HCA  min(window, N) * b_main + floor(N / ratio) * b_main
 
-Entry formats: fp32/bf16 store every channel at that width; "fp8" is DeepSeek's FlashMLA "MODEL1"
-layout (e4m3 nope channels, bf16 RoPE channels, one ue8m0 scale per 64 nope channels, padded to 8
-bytes: 584 B for V4); the indexer's "fp8" is e4m3 + one fp32 scale (132 B) and "fp4" is e2m1 + one
-ue8m0 scale per 32 values (68 B). The fixed comparison point is DeepSeek-V3.2: 61 layers of one MLA
+Entry formats (``attention/kv_formats.py``): V4's fp8 main entry is 584 B, the indexer's fp8 key
+132 B and fp4 key 68 B. The fixed comparison point is DeepSeek-V3.2: 61 layers of one MLA
 entry (512 latent + 64 RoPE channels; 656 B in FlashMLA's FP8 layout) plus one 128-wide indexer key
 (132 B in FP8), in the main format asked for (the paper compares V4 FP8 + FP4 with V3.2 FP8 + FP8).
 """
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from dataclasses import dataclass
 
 from ..configs import ModelConfig
+from .attention import layer_specs
+from .attention.kv_formats import INDEX_FORMATS, MAIN_FORMATS, index_entry_bytes, main_entry_bytes
 
-MAIN_FORMATS = ("fp32", "bf16", "fp8")
-INDEX_FORMATS = ("fp32", "bf16", "fp8", "fp4")
+__all__ = ["INDEX_FORMATS", "MAIN_FORMATS", "LayerKV", "dense_kv_bytes", "format_report", "index_entry_bytes",
+           "layer_kv_bytes", "main_entry_bytes", "v32_bytes_per_token"]
+
 V32_LAYERS, V32_MLA_FP8_BYTES = 61, 656
-
-
-def main_entry_bytes(head_dim: int, rope_dim: int, fmt: str) -> int:
-    if fmt == "fp8":
-        nope = head_dim - rope_dim
-        raw = nope + 2 * rope_dim + math.ceil(nope / 64)
-        return 8 * math.ceil(raw / 8)
-    return head_dim * {"fp32": 4, "bf16": 2}[fmt]
-
-
-def index_entry_bytes(index_head_dim: int, fmt: str) -> float:
-    return {"fp32": 4 * index_head_dim, "bf16": 2 * index_head_dim, "fp8": index_head_dim + 4,
-            "fp4": index_head_dim / 2 + math.ceil(index_head_dim / 32)}[fmt]
 
 
 def v32_bytes_per_token(fmt: str) -> float:
@@ -59,27 +46,14 @@ class LayerKV:
 
 
 def layer_kv_bytes(cfg: ModelConfig, tokens: int, fmt: str = "bf16", index_fmt: str | None = None) -> list[LayerKV]:
-    """Bytes of each attention layer's decode cache for one sequence of ``tokens`` tokens."""
-    a = cfg.attention
-    b_main = main_entry_bytes(a.head_dim, a.rope_head_dim, fmt)
-    b_idx = index_entry_bytes(a.index_head_dim, index_fmt or fmt)
-    window = min(a.window, tokens) * b_main
-    out = []
-    for i in range(cfg.num_layers):
-        kind = cfg.attention_type(i)
-        if kind == "csa":
-            compressed = (tokens // a.csa_ratio) * (b_main + b_idx)
-        elif kind == "hca":
-            compressed = (tokens // a.hca_ratio) * b_main
-        else:
-            compressed = 0
-        out.append(LayerKV(i, kind, window, compressed))
-    return out
+    """Bytes of each decoder layer's decode cache for one sequence of ``tokens`` tokens."""
+    specs = layer_specs(cfg)[:cfg.num_layers]
+    return [LayerKV(i, spec.kind, *spec.kv_bytes(tokens, fmt, index_fmt or fmt)) for i, spec in enumerate(specs)]
 
 
 def dense_kv_bytes(cfg: ModelConfig, tokens: int, fmt: str = "bf16") -> float:
-    """The same layers without compression or windowing: one shared K=V head per token per layer."""
-    return cfg.num_layers * tokens * main_entry_bytes(cfg.attention.head_dim, cfg.attention.rope_head_dim, fmt)
+    """The same layers without compression or windowing: every layer keeps its keys/values for every token."""
+    return tokens * sum(spec.dense_kv_bytes_per_token(fmt) for spec in layer_specs(cfg)[:cfg.num_layers])
 
 
 def format_report(cfg: ModelConfig, tokens: int, fmt: str, index_fmt: str) -> str:
@@ -91,11 +65,11 @@ def format_report(cfg: ModelConfig, tokens: int, fmt: str, index_fmt: str) -> st
              f"{'layer':>5} {'type':>4} {'window MiB':>11} {'compressed MiB':>15} {'total MiB':>10}"]
     lines += [f"{layer.layer:>5} {layer.kind:>4} {layer.window_bytes / 2**20:>11.3f} "
               f"{layer.compressed_bytes / 2**20:>15.3f} {layer.total / 2**20:>10.3f}" for layer in layers]
-    counts = {k: sum(layer.kind == k for layer in layers) for k in ("swa", "csa", "hca")}
+    counts = Counter(layer.kind for layer in layers)
     dense = dense_kv_bytes(cfg, tokens, fmt)
     v32 = v32_bytes_per_token(fmt) * tokens
     lines += [
-        f"layers: {counts['swa']} SWA, {counts['csa']} CSA, {counts['hca']} HCA",
+        "layers: " + ", ".join(f"{n} {kind.upper()}" for kind, n in counts.items()),
         f"total: {total / gib:.4f} GiB ({total / tokens:,.1f} B/token)",
         f"vs uncompressed full-context KV of the same layers ({dense / gib:.3f} GiB): {dense / total:.2f}x smaller",
         f"vs DeepSeek-V3.2 in {fmt} ({v32 / gib:.3f} GiB): {v32 / total:.2f}x smaller",

@@ -5,7 +5,7 @@ depth's state at position t (the main model's residual streams for d = 1, before
 collapse) and the embedding of input token t + d, and predicts token t + d + 1:
 
     x = e_proj(enorm(embed(token t+d))) + h_proj(hnorm(h_t))      (e broadcast to every mHC stream)
-    x = V4 block(x)                                                (SWA attention + MoE)
+    x = V4 block(x)                                   (model.mtp_layer_type attention, V4: SWA; + MoE)
     logits = head(norm(collapse(x)))                               (own collapse and norm, shared head)
 
 as the official ``MTPBlock``, whose names the parameters keep (``mtp.{i}.e_proj``, ``enorm``,
@@ -21,15 +21,16 @@ from torch import nn
 from moesaic.configs.schema import ModelConfig
 
 from . import mhc
+from .attention import AttentionSpec, ForwardContext
 from .block import Block
 from .norm import RMSNorm
 
 
 class MTPBlock(Block):
-    """The MTP block of depth index + 1; its block has layer index num_layers + index (SWA + MoE)."""
+    """The MTP block of depth index + 1; its block has layer index num_layers + index (attention + MoE)."""
 
-    def __init__(self, cfg: ModelConfig, index: int) -> None:
-        super().__init__(cfg, cfg.num_layers + index)
+    def __init__(self, cfg: ModelConfig, index: int, attention: AttentionSpec) -> None:
+        super().__init__(cfg, cfg.num_layers + index, attention)
         dim, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.e_proj = nn.Linear(dim, dim, bias=False)
         self.h_proj = nn.Linear(dim, dim, bias=False)
@@ -39,12 +40,12 @@ class MTPBlock(Block):
         if self.hc.n > 1:
             self.hc_head_fn, self.hc_head_base, self.hc_head_scale = mhc.head_parameters(self.hc, dim, cfg.init_std)
 
-    def predict(self, h: torch.Tensor, next_ids: torch.Tensor, embed: nn.Embedding,
-                head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def predict(self, h: torch.Tensor, next_ids: torch.Tensor, embed: nn.Embedding, head: nn.Linear,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [B,S,(n,)D] state at t, next_ids [B,S] tokens t+d -> (logits [B,S,V], state [B,S,(n,)D], aux_loss)."""
         e = self.e_proj(self.enorm(embed(next_ids)))  # [B,S,D]
         x = self.h_proj(self.hnorm(h)) + (e.unsqueeze(2) if self.hc.n > 1 else e)
-        x, aux_loss = self(x, next_ids)
+        x, aux_loss = self(x, next_ids, ctx)
         out = mhc.head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.hc) \
             if self.hc.n > 1 else x
         return head(self.norm(out)), x, aux_loss

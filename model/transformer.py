@@ -17,6 +17,7 @@ from torch import nn
 from moesaic.configs.schema import ModelConfig
 
 from . import mhc
+from .attention import ForwardContext, StatsSink, layer_specs
 from .block import Block
 from .loss import linear_cross_entropy
 from .mtp import MTPBlock
@@ -34,20 +35,22 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
-    sequence: WholeSequence = WHOLE  # a shard of it under sequence parallelism: the LM loss's token count
-
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # The positions a forward holds (moesaic.model.sequence): the whole sequence, or a shard of it once
+        # parallel.sp applies sequence parallelism; every forward hands it to the layers in its context.
+        self.sequence: WholeSequence = WHOLE
+        specs = layer_specs(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, specs[i]) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.hc = mhc.HCSpec.from_config(cfg)
         if self.hc.n > 1:
             self.hc_head_fn, self.hc_head_base, self.hc_head_scale = mhc.head_parameters(
                 self.hc, cfg.hidden_size, cfg.init_std)
-        self.mtp = nn.ModuleList(MTPBlock(cfg, i) for i in range(cfg.mtp_layers))
+        self.mtp = nn.ModuleList(MTPBlock(cfg, i, specs[cfg.num_layers + i]) for i in range(cfg.mtp_layers))
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -62,14 +65,16 @@ class Transformer(nn.Module):
         return [layer.attn.make_cache(batch_size, ref.device, ref.dtype) for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                caches: Optional[Sequence[object]] = None) -> ModelOutput:
-        """input_ids [B,S] -> logits [B,S,V]; with ``caches`` the tokens continue the cached sequence."""
+                caches: Optional[Sequence[object]] = None, stats: Optional[StatsSink] = None) -> ModelOutput:
+        """input_ids [B,S] -> logits [B,S,V]; with ``caches`` the tokens continue the cached sequence;
+        with ``stats`` every attention layer adds its statistics of this forward to the sink."""
+        ctx = ForwardContext(sequence=self.sequence, caches=caches, stats=stats)
         x = self.embed(input_ids)
         if self.hc.n > 1:
             x = x.unsqueeze(2).expand(-1, -1, self.hc.n, -1)  # [B,S,n,D]: every stream starts as the embedding
         aux_loss = x.new_zeros((), dtype=torch.float32)
-        for i, layer in enumerate(self.layers):
-            x, layer_aux = layer(x, input_ids, caches[i] if caches is not None else None)
+        for layer in self.layers:
+            x, layer_aux = layer(x, input_ids, ctx)
             aux_loss = aux_loss + layer_aux
         h = mhc.head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.hc) \
             if self.hc.n > 1 else x
@@ -80,7 +85,7 @@ class Transformer(nn.Module):
         lm_loss = self._mean_loss(linear_cross_entropy(h, self.head.weight, labels), labels)
         if not self.mtp:
             return ModelOutput(logits=None, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
-        mtp_loss, mtp_aux = self._mtp_loss(x, input_ids, labels)
+        mtp_loss, mtp_aux = self._mtp_loss(x, input_ids, labels, ctx)
         aux_loss = aux_loss + mtp_aux
         loss = lm_loss + aux_loss + self.cfg.mtp_loss_coef * mtp_loss
         return ModelOutput(logits=None, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, mtp_loss=mtp_loss)
@@ -96,8 +101,8 @@ class Transformer(nn.Module):
         total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         return self._mean_loss(total, labels)
 
-    def _mtp_loss(self, x: torch.Tensor, input_ids: torch.Tensor,
-                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mtp_loss(self, x: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy of the MTP depths and their aux loss; x [B,S,(n,)D] the final streams.
 
         Depth d predicts labels[:, t + d] (the token after t + d) from depth d-1's state at t and
@@ -107,7 +112,7 @@ class Transformer(nn.Module):
         for depth, block in enumerate(self.mtp, start=1):
             if input_ids.shape[1] <= depth:
                 break
-            logits, h, block_aux = block.predict(h[:, :-1], input_ids[:, depth:], self.embed, self.head)
+            logits, h, block_aux = block.predict(h[:, :-1], input_ids[:, depth:], self.embed, self.head, ctx)
             losses.append(self._cross_entropy(logits, labels[:, depth:]))
             aux_loss = aux_loss + block_aux
         return (torch.stack(losses).mean() if losses else aux_loss.new_zeros(())), aux_loss

@@ -1,9 +1,11 @@
 """Sequence parallelism for DeepSeek-V4 attention: each rank holds one contiguous shard of every sequence.
 
-``apply_sequence_parallel(model, topology)`` gives every module that reads across positions
-(attention layers, routers, the LM loss: whatever has a ``sequence`` attribute, see
-``moesaic.model.sequence``) a ``SequenceShard`` view of its sequence-parallel group. The model code
-stays single-device; the view answers its questions about the rest of the sequence.
+``apply_sequence_parallel(model, topology)`` sets the model's sequence view (``Transformer.sequence``,
+see ``moesaic.model.sequence``) to a ``SequenceShard`` of its sequence-parallel group; every forward
+hands it to what reads across positions (attention layers, routers, the LM loss) in its context.
+The model code stays single-device; the view answers its questions about the rest of the sequence.
+Each attention type says where a shard may start (``AttentionSpec.sp_alignment``, checked by the
+config); a type that cannot shard refuses sp > 1 there, with one line.
 
 Scheme: shard-local attention with exchanged context, not Ulysses' head all-to-all
 -------------------------------------------------------------------------------------
@@ -45,14 +47,14 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 try:
     from torch.distributed._functional_collectives import all_gather_single_autograd
 except ImportError:  # torch < 2.12 names it all_gather_tensor_autograd (renamed, same semantics)
     from torch.distributed._functional_collectives import all_gather_tensor_autograd as all_gather_single_autograd
 
-from moesaic.model.sequence import WholeSequence
+from moesaic.model import Transformer
+from moesaic.model.sequence import WHOLE, WholeSequence
 
 from .topology import Topology
 
@@ -82,22 +84,16 @@ class SequenceShard(WholeSequence):
         return total
 
 
-def apply_sequence_parallel(model: nn.Module, topology: Topology) -> None:
-    """Make every sequence-reading module of ``model`` work on this rank's shard; call on every rank."""
-    shard = SequenceShard(topology.sp_group, topology.sp_rank, topology.sp)
-    for module in model.modules():
-        if isinstance(getattr(module, "sequence", None), WholeSequence):
-            module.sequence = shard
+def apply_sequence_parallel(model: Transformer, topology: Topology) -> None:
+    """Make ``model`` work on this rank's shard of every sequence; call on every rank."""
+    model.sequence = SequenceShard(topology.sp_group, topology.sp_rank, topology.sp)
 
 
 @contextmanager
-def whole_sequence(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` on whole sequences (e.g. KV-cached generation on one rank), then restore the shards."""
-    sharded = [(m, m.sequence) for m in model.modules() if "sequence" in vars(m)]
-    for module, _ in sharded:
-        del module.sequence  # back to the class default, the whole sequence
+def whole_sequence(model: Transformer) -> Iterator[None]:
+    """Run ``model`` on whole sequences (e.g. KV-cached generation on one rank), then restore the shard."""
+    shard, model.sequence = model.sequence, WHOLE
     try:
         yield
     finally:
-        for module, shard in sharded:
-            module.sequence = shard
+        model.sequence = shard

@@ -9,7 +9,7 @@ import torch
 from test_attention_swa import _MaxNumel
 
 from moesaic.configs import ConfigError, load_config
-from moesaic.configs.schema import AttentionConfig, ModelConfig
+from moesaic.configs.schema import ModelConfig
 from moesaic.model import Transformer
 from moesaic.model.attention import build_attention
 from moesaic.model.attention.compressor import state_bytes
@@ -17,6 +17,7 @@ from moesaic.model.attention.indexer import indexer_kl_loss
 from moesaic.model.kv_accounting import layer_kv_bytes
 from moesaic.model.norm import rms_normalize
 from moesaic.model.rope import rope_tail
+from menus import v4_attention
 
 D, WINDOW, CSA, HCA, TOPK = 48, 8, 4, 8, 3
 
@@ -30,7 +31,7 @@ def make_cfg(layer_types: list[str], query_chunk: int = 5, **attn) -> ModelConfi
     fields.update(attn)
     return ModelConfig(vocab_size=128, hidden_size=D, num_layers=len(layer_types), layer_types=layer_types,
                        ffn_types=["dense"] * len(layer_types), dense_intermediate_size=64,
-                       attention=AttentionConfig(**fields))
+                       attention=v4_attention(**fields))
 
 
 def make_layer(kind: str, seed: int = 0, **attn) -> torch.nn.Module:
@@ -180,7 +181,7 @@ def test_cache_bytes_match_the_kv_formula() -> None:
     (crossing the window at 8, CSA boundaries every 4, HCA every 8); state bytes are constant."""
     model = tiny_model(["swa", "csa", "hca"])
     cfg = model.cfg
-    a = cfg.attention
+    a = cfg.attention.menu["csa"]
     B, c, ci = 2, a.head_dim, a.index_head_dim
     caches = model.make_caches(B)
     ids = torch.randint(0, 128, (B, 41))
@@ -245,17 +246,19 @@ def test_tiny_compressed_model_trains() -> None:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data.seq_len=130"], "data.seq_len=130 must be divisible by model.attention.csa_ratio=4"),
-    (["model.attention.index_topk=40"], "model.attention.index_topk=40 exceeds the 32 compressed entries"),
-    (["model.attention.hca_ratio=48"], "data.seq_len=128 must be divisible by model.attention.hca_ratio=48"),
-    (["model.attention.index_head_dim=8"], "model.attention.index_head_dim=8 must be >= rope_head_dim=16"),
-    (["model.attention.rope_head_dim=15"], "model.attention.rope_head_dim=15 must be even"),
-    (["model.attention.csa_ratio=1"], "model.attention.csa_ratio=1 and hca_ratio=16 must be > 1"),
+    (["data.seq_len=130"], "data.seq_len=130 must be divisible by model.attention.menu.csa.ratio=4"),
+    (["model.attention.menu.csa.index_topk=40"],
+     "model.attention.menu.csa.index_topk=40 exceeds the 32 compressed entries"),
+    (["model.attention.menu.hca.ratio=48"], "data.seq_len=128 must be divisible by model.attention.menu.hca.ratio=48"),
+    (["model.attention.menu.csa.index_head_dim=8"],
+     "model.attention.menu.csa.index_head_dim=8 must be >= rope_head_dim=16"),
+    (["model.attention.common.rope_head_dim=15"], "model.attention.menu.swa.rope_head_dim=15 must be even"),
+    (["model.attention.menu.csa.ratio=1"], "model.attention.menu.csa.ratio=1 must be > 1"),
 ])
 def test_bad_shapes_are_config_errors(overrides: list[str], message: str) -> None:
-    base = ["model.layer_types=[swa,csa,hca,csa]", "data.seq_len=128", "model.attention.csa_ratio=4",
-            "model.attention.hca_ratio=16", "model.attention.rope_head_dim=16", "model.attention.index_head_dim=32",
-            "model.attention.index_topk=8"]
+    base = ["model.layer_types=[swa,csa,hca,csa]", "data.seq_len=128", "model.attention.menu.csa.ratio=4",
+            "model.attention.menu.hca.ratio=16", "model.attention.common.rope_head_dim=16",
+            "model.attention.menu.csa.index_head_dim=32", "model.attention.menu.csa.index_topk=8"]
     assert load_config("tiny", base).model.layer_types == ["swa", "csa", "hca", "csa"]  # valid as it stands
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", [*base, *overrides])

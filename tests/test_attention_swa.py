@@ -3,16 +3,19 @@ semantics, causality, position-shift invariance, the decode cache and linear mem
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moesaic.configs.schema import AttentionConfig, ModelConfig
-from moesaic.model.attention import CompressedKV, SWACache, build_attention, kernels, window_attention
+from moesaic.configs.schema import ModelConfig
+from moesaic.model.attention import CompressedKV, ForwardContext, SWACache, build_attention, window_attention
+from menus import v4_attention
 
 
 def tiny_cfg(window: int = 8, query_chunk: int = 5, **attn) -> ModelConfig:
-    a = AttentionConfig(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
+    a = v4_attention(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
                         window=window, query_chunk=query_chunk, **attn)
     return ModelConfig(vocab_size=64, hidden_size=48, num_layers=1, ffn_types=["dense"], attention=a)
 
@@ -43,12 +46,10 @@ def naive_attention(q, kv, sink, window, scale, extra_kv=None, extra_visible=Non
     return torch.einsum("bhsk,bkc->bshc", naive_probs(q, kv, sink, window, scale, extra_kv, extra_visible), values)
 
 
-@pytest.fixture(params=[True, False], ids=["compiled", "torch-ops"])
-def kernel_path(request, monkeypatch):
-    """Runs a test on both CPU implementations of ``window_attention``: the compiled loops and the torch ops
-    (the GPU path)."""
-    monkeypatch.setattr(kernels, "use_compiled", request.param)
-    return request.param
+@pytest.fixture(params=["cpu", "torch"], ids=["compiled", "torch-ops"])
+def attend(request):
+    """``window_attention`` on each CPU backend: the compiled loops and the torch ops (the GPU path)."""
+    return functools.partial(window_attention, backend=request.param)
 
 
 def _inputs(B, S, T, H, c, seed=0):
@@ -77,18 +78,18 @@ def _assert_same_with_grads(out, ref, tensors, tol=1e-6):
     (13, 6, 4, 5),  # past keys before the queries, as with a decode cache
     (1, 8, 8, 1024),  # one decode step over a full window
 ])
-def test_window_kernel_matches_naive(S, past, window, chunk, kernel_path):
+def test_window_kernel_matches_naive(S, past, window, chunk, attend):
     B, H, c = 2, 3, 16
     q, kv, sink = _inputs(B, S, past + S, H, c)
     scale = c ** -0.5
-    out, _ = window_attention(q, kv, sink, window, scale, chunk)
+    out, _ = attend(q, kv, sink, window, scale, chunk)
     ref = naive_attention(q, kv, sink, window, scale)
     _assert_same_with_grads(out, ref, (q, kv, sink))
 
 
 @pytest.mark.parametrize("mode", ["idx", "mask"])
 @pytest.mark.parametrize("chunk", [4, 64])
-def test_compressed_entries_join_the_same_softmax(mode, chunk, kernel_path):
+def test_compressed_entries_join_the_same_softmax(mode, chunk, attend):
     B, S, H, c, N, window, k = 2, 19, 2, 16, 6, 4, 3
     q, kv, sink = _inputs(B, S, S, H, c, seed=1)
     g = torch.Generator().manual_seed(2)
@@ -102,7 +103,7 @@ def test_compressed_entries_join_the_same_softmax(mode, chunk, kernel_path):
             visible[b, s, idx[b, s][idx[b, s] >= 0]] = True
     extra = CompressedKV(extra_kv, idx=idx) if mode == "idx" else CompressedKV(extra_kv, mask=visible)
     scale = c ** -0.5
-    out, mass = window_attention(q, kv, sink, window, scale, chunk, extra)
+    out, mass = attend(q, kv, sink, window, scale, chunk, extra)
     ref = naive_attention(q, kv, sink, window, scale, extra_kv, visible)
     _assert_same_with_grads(out, ref, (q, kv, sink, extra_kv))
     if mode == "idx":  # each pick's probability summed over heads, from the same softmax
@@ -112,10 +113,10 @@ def test_compressed_entries_join_the_same_softmax(mode, chunk, kernel_path):
     else:
         assert mass is None
     # The extra entries must matter, or the comparison above proves nothing about them.
-    assert (out - window_attention(q, kv, sink, window, scale, chunk)[0]).abs().max() > 1e-2
+    assert (out - attend(q, kv, sink, window, scale, chunk)[0]).abs().max() > 1e-2
 
 
-def test_dense_entries_across_query_blocks(kernel_path):
+def test_dense_entries_across_query_blocks(attend):
     """HCA-shaped visibility (entry w seen by query t iff w < (t + 1) // 16) over 1100 queries: the
     compiled path's entry GEMMs run in blocks of 512 queries, each over its own prefix of entries, and
     are merged with the window's softmax by log-sum-exp; output and gradients equal the naive softmax."""
@@ -123,7 +124,7 @@ def test_dense_entries_across_query_blocks(kernel_path):
     q, kv, sink = _inputs(B, S, S, H, c, seed=3)
     entries = torch.randn(B, S // ratio, c, generator=torch.Generator().manual_seed(4)).requires_grad_()
     visible = (torch.arange(S // ratio) < ((torch.arange(S) + 1) // ratio).unsqueeze(-1)).unsqueeze(0)  # [1,S,N]
-    out, _ = window_attention(q, kv, sink, window, c ** -0.5, 64, CompressedKV(entries, mask=visible))
+    out, _ = attend(q, kv, sink, window, c ** -0.5, 64, CompressedKV(entries, mask=visible))
     ref = naive_attention(q, kv, sink, window, c ** -0.5, entries, visible.expand(B, -1, -1))
     # 1e-5: an entry's gradient sums over up to 1100 queries in fp32 (both paths and the reference: ~2e-6 off).
     _assert_same_with_grads(out, ref, (q, kv, sink, entries), tol=1e-5)
@@ -152,11 +153,11 @@ class _MaxNumel(TorchDispatchMode):
         return out
 
 
-def test_kernel_memory_is_linear_in_sequence_length(kernel_path):
+def test_kernel_memory_is_linear_in_sequence_length(attend):
     B, S, H, c, window, chunk = 1, 512, 1, 4, 16, 32
     q, kv, sink = _inputs(B, S, S, H, c)
     with _MaxNumel() as mode:
-        window_attention(q.detach(), kv.detach(), sink.detach(), window, 0.5, chunk)
+        attend(q.detach(), kv.detach(), sink.detach(), window, 0.5, chunk)
     # A full score matrix has S*S = 262K elements; the chunked kernel's largest tensors are q, kv and
     # the output (S*H*c = 2K elements).
     assert mode.max_numel <= 4 * S * H * c
@@ -189,7 +190,7 @@ def test_outputs_invariant_to_a_global_position_shift():
     x = torch.randn(2, 20, 48)
     y0, _ = attn(x)
     cache = SWACache(2, 8, 32, start_pos=300)
-    y1, _ = attn(x, cache)
+    y1, _ = attn(x, ForwardContext(caches=[cache]))
     torch.testing.assert_close(y1, y0, atol=2e-5, rtol=1e-4)
 
 
@@ -201,8 +202,9 @@ def test_prefill_then_decode_equals_full_forward():
     with torch.no_grad():
         full, _ = attn(x)
         cache = attn.make_cache(2)
-        parts = [attn(x[:, :11], cache)[0], attn(x[:, 11:20], cache)[0]]  # prefill, then a multi-token step
-        parts += [attn(x[:, t:t + 1], cache)[0] for t in range(20, S)]  # single-token decode
+        ctx = ForwardContext(caches=[cache])
+        parts = [attn(x[:, :11], ctx)[0], attn(x[:, 11:20], ctx)[0]]  # prefill, then a multi-token step
+        parts += [attn(x[:, t:t + 1], ctx)[0] for t in range(20, S)]  # single-token decode
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.pos == S
 
@@ -214,7 +216,7 @@ def test_cache_holds_exactly_the_window():
     with torch.no_grad():
         for t in range(3 * window):
             kv_before = cache.kv
-            attn(torch.randn(1, 1, 48), cache)
+            attn(torch.randn(1, 1, 48), ForwardContext(caches=[cache]))
             assert cache.nbytes() == window * head_dim * 4
         # The buffer holds the last `window` positions: its oldest row is the newest of `window` steps ago.
         assert torch.equal(cache.kv[:, :-1], kv_before[:, 1:])
@@ -247,7 +249,7 @@ def test_official_parameter_names():
 
 
 @pytest.mark.parametrize("mode", ["idx", "mask"])
-def test_backward_keeps_no_probabilities(mode, kernel_path):
+def test_backward_keeps_no_probabilities(mode, attend):
     """Flash-style: what autograd keeps is the inputs, the output and one fp32 number per query-head,
     not the [S, keys] probabilities or the gathered [S, k, c] entries."""
     B, S, H, c, N, window, k, chunk = 1, 256, 4, 8, 64, 32, 16, 64
@@ -258,7 +260,7 @@ def test_backward_keeps_no_probabilities(mode, kernel_path):
              else CompressedKV(entries, mask=torch.ones(1, S, N, dtype=torch.bool)))
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out, _ = window_attention(q, kv, sink, window, 0.5, chunk, extra)
+        out, _ = attend(q, kv, sink, window, 0.5, chunk, extra)
     inputs = {t.data_ptr() for t in (q, kv, sink, entries, extra.idx if mode == "idx" else extra.mask)}
     new_numel = sum(t.numel() for t in saved if t.data_ptr() not in inputs)
     assert new_numel == out.numel() + B * S * H  # the output and the per-row log-sum-exp

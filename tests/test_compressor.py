@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from moesaic.configs.schema import AttentionConfig, ModelConfig
 from moesaic.model.attention.compressor import Compressor, state_bytes
 from moesaic.model.attention._topk_cpu import relu_weighted_topk
+from moesaic.model.attention.csa import CSASpec
 from moesaic.model.attention.indexer import Indexer, _exact_topk, indexer_kl_loss, selected_scores
 from moesaic.model.rope import RotaryEmbedding
 
@@ -145,10 +145,10 @@ M, HEADS, IDX_DIM, QR = 4, 4, 16, 16
 
 
 def make_indexer(topk: int = 5, chunk: int = 1024, seed: int = 0) -> Indexer:
-    attn = AttentionConfig(q_lora_rank=QR, index_heads=HEADS, index_head_dim=IDX_DIM, rope_head_dim=RD,
-                           csa_ratio=M, index_topk=topk, query_chunk=chunk)
+    spec = CSASpec(q_lora_rank=QR, index_heads=HEADS, index_head_dim=IDX_DIM, rope_head_dim=RD, ratio=M,
+                   index_topk=topk, query_chunk=chunk)
     torch.manual_seed(seed)
-    idx = Indexer(ModelConfig(hidden_size=D, attention=attn), RotaryEmbedding(RD, **ROPE))
+    idx = Indexer(spec, D, 1e-6, RotaryEmbedding(RD, **ROPE), "auto")
     with torch.no_grad():
         idx.compressor.ape.normal_()
     return idx
@@ -197,13 +197,13 @@ def test_index_scores_match_naive_einsum() -> None:
     torch.testing.assert_close(scores[idx >= 0], ref[idx >= 0], atol=1e-6, rtol=1e-6)
 
 
-PATHS = pytest.mark.parametrize("fused", [True, False], ids=["compiled", "torch-ops"])
+PATHS = pytest.mark.parametrize("backend", ["cpu", "torch"], ids=["compiled", "torch-ops"])
 
 
 @PATHS
-def test_topk_ties_break_toward_lower_index(fused: bool) -> None:
+def test_topk_ties_break_toward_lower_index(backend: str) -> None:
     ix = make_indexer(topk=5)
-    ix.fused_topk = fused
+    ix.backend = backend
     S = 48
     q_lat, x = inputs(S, zero_queries=(20, 33, 47))
     keys = torch.randn(2, S // M, IDX_DIM)
@@ -230,9 +230,9 @@ def test_topk_ties_break_toward_lower_index(fused: bool) -> None:
 
 
 @PATHS
-def test_chunked_selection_equals_unchunked_exactly(fused: bool) -> None:
+def test_chunked_selection_equals_unchunked_exactly(backend: str) -> None:
     ix = make_indexer(topk=5)
-    ix.fused_topk = fused
+    ix.backend = backend
     q_lat, x = inputs(45, zero_queries=(11, 30))
     keys = ix.keys(x)
     positions = torch.arange(45)
@@ -247,9 +247,9 @@ def test_chunked_selection_equals_unchunked_exactly(fused: bool) -> None:
 
 @PATHS
 @pytest.mark.parametrize("topk", [3, 16])
-def test_selection_independent_of_sequence_length(topk: int, fused: bool) -> None:
+def test_selection_independent_of_sequence_length(topk: int, backend: str) -> None:
     ix = make_indexer(topk=topk)
-    ix.fused_topk = fused
+    ix.backend = backend
     q_lat, x = inputs(41, zero_queries=(9, 18, 29))
     short = 26
     idx_long, val_long = ix(q_lat, x)[:2]
@@ -263,9 +263,9 @@ def test_selection_independent_of_sequence_length(topk: int, fused: bool) -> Non
 
 @PATHS
 @pytest.mark.parametrize("S", [3, 4, 17, 40])
-def test_causal_mask(S: int, fused: bool) -> None:
+def test_causal_mask(S: int, backend: str) -> None:
     ix = make_indexer(topk=6)
-    ix.fused_topk = fused
+    ix.backend = backend
     idx = ix(*inputs(S))[0]
     t = torch.arange(S)[None, :, None]
     visible = (t + 1) // M
@@ -277,9 +277,9 @@ def test_causal_mask(S: int, fused: bool) -> None:
 
 
 @PATHS
-def test_decode_steps_select_as_prefill(fused: bool) -> None:
+def test_decode_steps_select_as_prefill(backend: str) -> None:
     ix = make_indexer(topk=4)
-    ix.fused_topk = fused
+    ix.backend = backend
     S, start = 37, 13
     q_lat, x = inputs(S, zero_queries=(15, 24))
     idx_full, val_full, keys_full = ix(q_lat, x)

@@ -13,9 +13,10 @@ from typing import Iterator, Optional
 import pytest
 import torch
 
-from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
+from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model import Transformer
 from moesaic.model.attention.kernels import CompressedKV, window_attention
+from menus import v4_attention
 
 from test_attention_compressed import cached_logits
 from test_compressor import M, inputs, make_indexer
@@ -34,7 +35,7 @@ def exact_fp32_matmuls() -> Iterator[None]:
 
 def v4_config(**overrides) -> ModelConfig:
     """Every layer type, mHC with 4 streams, a hash-routed MoE layer, routed + shared experts and MTP."""
-    a = AttentionConfig(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
+    a = v4_attention(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
                         window=8, query_chunk=16, csa_ratio=4, hca_ratio=8, index_heads=4, index_head_dim=16,
                         index_topk=4)
     fields = dict(vocab_size=128, hidden_size=48, num_layers=4, layer_types=["swa", "csa", "hca", "csa"],

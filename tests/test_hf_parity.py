@@ -19,20 +19,21 @@ import transformers  # the test extra pins 5.14.0 (>= 5.10.4 is a sound referenc
 from safetensors.torch import load_file, save_file
 
 from moesaic.configs import ConfigError
-from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
+from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.launch.cli import main as cli
 from moesaic.model import Transformer
 from moesaic.model.interop import (ConversionError, export_hf, import_hf, load_hf_into, load_native,
                                    read_native_config, save_native, to_hf_config)
 from moesaic.model.interop.hf_config import architecture
 from moesaic.model.moe.router import hash_routing_table
+from menus import v4_attention
 
 VOCAB, SEQ = 96, 48
 
 
 def make_cfg(layer_types: list[str], yarn: float = 1.0, mtp_layers: int = 1,
              score_func: str = "sqrtsoftplus") -> ModelConfig:
-    a = AttentionConfig(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
+    a = v4_attention(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
                         window=8, csa_ratio=4, hca_ratio=8, index_heads=16, index_head_dim=16, index_topk=3,
                         yarn_factor=yarn, yarn_original_max_position=32, query_chunk=16)
     moe = MoEConfig(num_experts=8, top_k=2, intermediate_size=24, num_hash_layers=1, routed_scaling_factor=2.5,
@@ -148,10 +149,10 @@ def test_init_from_fills_a_built_model_and_names_a_disagreeing_field(tmp_path: P
     load_hf_into(target, tmp_path / "hf")
     with torch.no_grad():
         assert torch.equal(target(ids()).logits, source(ids()).logits)
-    for field, value, message in [("window", 16, "model.attention.window=16"),
-                                  ("index_heads", 8, "model.attention.index_heads=8")]:
+    for entry, field, value, message in [("swa", "window", 16, "model.attention.menu.swa.window=16"),
+                                         ("csa", "index_heads", 8, "model.attention.menu.csa.index_heads=8")]:
         other = make_cfg(["swa", "csa", "hca", "csa"], yarn=4.0)
-        setattr(other.attention, field, value)
+        setattr(other.attention.menu[entry], field, value)
         with pytest.raises(ConfigError, match=message):
             load_hf_into(Transformer(other), tmp_path / "hf")
     with pytest.raises(ConfigError, match="model.mtp_layers=0"):
@@ -241,7 +242,7 @@ def test_training_starts_from_init_from(tmp_path: Path) -> None:
     from moesaic.configs import load_config
 
     v4 = ["model.hc_mult=4", "model.mtp_layers=1", "model.moe.num_hash_layers=1", "model.ffn_types=[moe,moe]",
-          "model.layer_types=[swa,csa]", "model.attention.index_heads=16", "model.attention.index_head_dim=16",
+          "model.layer_types=[swa,csa]", "model.attention.menu.csa.index_heads=16", "model.attention.menu.csa.index_head_dim=16",
           "train.steps=1", "train.eval_every=1", f"data.cache_dir={tmp_path / 'cache'}"]
     overrides = FAST + v4
     source = moesaic_model(load_config("tiny", overrides).model, seed=3)

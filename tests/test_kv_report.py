@@ -31,7 +31,7 @@ def test_entry_formats() -> None:
 
 
 @pytest.mark.parametrize("preset, bf16_gib, paper_ratio, layers", [
-    ("deepseek_v4_pro", 9.625, 9.55, "0 SWA, 30 CSA, 31 HCA"),
+    ("deepseek_v4_pro", 9.625, 9.55, "31 HCA, 30 CSA"),
     ("deepseek_v4_flash", 6.72, 13.67, "2 SWA, 21 CSA, 20 HCA"),
 ])
 def test_kv_report_reproduces_published_numbers(preset: str, bf16_gib: float, paper_ratio: float, layers: str) -> None:

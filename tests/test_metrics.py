@@ -12,16 +12,15 @@ import pytest
 import torch
 
 from moesaic.configs import Config, ConfigError, load_config, validate
-from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
+from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model import Transformer
-from moesaic.model.attention import kernels
-from moesaic.model.attention.kernels import AttentionStats, CompressedKV, window_attention
+from moesaic.model.attention import AttentionStats, CompressedKV, layer_specs, resolve_menu, window_attention
+from moesaic.model.sequence import WHOLE
 from moesaic.model.kv_accounting import dense_kv_bytes, layer_kv_bytes
 from moesaic.model.moe import Router
 from moesaic.trainer.metrics import (
     Heatmap,
     MetricsPanel,
-    attention_flops_per_token,
     balance_metrics,
     context_label,
     flops_per_token,
@@ -30,6 +29,7 @@ from moesaic.trainer.metrics import (
     router_metrics,
 )
 from moesaic.trainer.sinks import MetricSinks
+from menus import v4_attention
 from trainrun import FAST, train
 
 
@@ -87,9 +87,9 @@ def test_ep_load_and_layer_aggregates() -> None:
 
 def tiny_config(**logging: object) -> Config:
     cfg = load_config(None, ["model.hidden_size=32", "model.num_layers=2", "model.ffn_types=[moe,moe]",
-                             "model.vocab_size=64", "model.attention.num_heads=2", "model.attention.head_dim=16",
-                             "model.attention.rope_head_dim=8", "model.attention.q_lora_rank=16",
-                             "model.attention.o_lora_rank=16", "model.attention.window=4",
+                             "model.vocab_size=64", "model.attention.common.num_heads=2", "model.attention.common.head_dim=16",
+                             "model.attention.common.rope_head_dim=8", "model.attention.common.q_lora_rank=16",
+                             "model.attention.common.o_lora_rank=16", "model.attention.common.window=4",
                              "model.moe.num_experts=4", "model.moe.intermediate_size=16", "data.seq_len=8",
                              "parallel.ep=2", "model.moe.seq_aux_loss_coef=0.01", "train.log_every=1"])
     for key, value in logging.items():
@@ -112,8 +112,7 @@ def test_panel_on_a_tiny_model_with_forced_routing() -> None:
     for router in model.routers():
         router.reset_stats()
     routed_inputs.clear()
-    panel.arm()
-    armed = model(ids, labels=ids).loss
+    armed = model(ids, labels=ids, stats=panel.arm()).loss
     assert torch.equal(plain, armed), "collecting statistics must not change the numerics"
     out = panel.collect(step=2, tokens_per_s=1000.0)
 
@@ -164,9 +163,8 @@ def naive_stats(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, window: i
             "max_logit": top}
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-ops"])
-def test_kernel_statistics_match_a_naive_softmax(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "use_compiled", compiled)
+@pytest.mark.parametrize("backend", ["cpu", "torch"], ids=["compiled", "torch-ops"])
+def test_kernel_statistics_match_a_naive_softmax(backend: str) -> None:
     torch.manual_seed(0)
     B, S, H, c, W, N = 2, 10, 3, 8, 4, 3
     q, kv, entries = torch.randn(B, S, H, c), torch.randn(B, S, c), torch.randn(B, N, c)
@@ -174,28 +172,28 @@ def test_kernel_statistics_match_a_naive_softmax(compiled: bool, monkeypatch: py
     visible = (torch.arange(N) < ((torch.arange(S) + 1) // 3).unsqueeze(-1)).unsqueeze(0)  # [1, S, N]
     extra = CompressedKV(entries, mask=visible)
     stats = AttentionStats()
-    out, _ = window_attention(q, kv, sink, W, 0.5, 3, extra, stats)  # chunks of 3 queries
-    assert torch.equal(out, window_attention(q, kv, sink, W, 0.5, 3, extra)[0])
+    out, _ = window_attention(q, kv, sink, W, 0.5, 3, extra, stats, backend)  # chunks of 3 queries
+    assert torch.equal(out, window_attention(q, kv, sink, W, 0.5, 3, extra, backend=backend)[0])
     got = {name: (total / count).item() for name, (total, count) in stats.means.items()}
     got["max_logit"] = stats.maxima["max_logit"].item()
     want = naive_stats(q, kv, sink, W, 0.5, entries, visible)
     assert got == pytest.approx(want, rel=1e-5)
     swa = AttentionStats()
-    window_attention(q, kv, sink, W, 0.5, 3, stats=swa)
+    window_attention(q, kv, sink, W, 0.5, 3, stats=swa, backend=backend)
     assert set(swa.means) == {"mass_window", "mass_sink"}
 
 
 def test_indexer_selection_statistics_on_known_picks() -> None:
     """m = 4, 8 queries, 3 entries, top-2: distances, coverage and overlap counted by hand."""
     cfg = ModelConfig(hidden_size=16, num_layers=1, layer_types=["csa"],
-                      attention=AttentionConfig(num_heads=2, head_dim=8, rope_head_dim=4, q_lora_rank=8, o_groups=1,
+                      attention=v4_attention(num_heads=2, head_dim=8, rope_head_dim=4, q_lora_rank=8, o_groups=1,
                                                 o_lora_rank=8, window=4, csa_ratio=4, index_heads=1,
                                                 index_head_dim=8, index_topk=2))
     layer = Transformer(cfg).layers[0].attn
-    layer.stats = AttentionStats()
+    stats = AttentionStats()
     idx = torch.tensor([[[-1, -1]] * 3 + [[0, -1]] * 4 + [[1, 0]]])  # [1, 8, 2]; entry 2 is never picked
-    layer._record_selection(idx, torch.arange(8), num_entries=3)
-    got = {name: (total / count).item() for name, (total, count) in layer.stats.means.items()}
+    layer._record_selection(stats, WHOLE, idx, torch.arange(8), num_entries=3)
+    got = {name: (total / count).item() for name, (total, count) in stats.means.items()}
     # Entry w ends at token 4w + 3: distances 0, 1, 2, 3 (t = 3..6, entry 0), then 0 and 4 (t = 7).
     # Overlap: of the 6 picks of queries 1..7, 4 were also the previous query's (entry 0 at t = 4, 5, 6, 7).
     assert got == pytest.approx({"index_distance": 10 / 6, "index_coverage": 2 / 3, "index_overlap": 4 / 6})
@@ -204,9 +202,14 @@ def test_indexer_selection_statistics_on_known_picks() -> None:
 def small_attention(**kw: object) -> Config:
     cfg = Config()
     cfg.data.seq_len = 8
-    cfg.model.attention = AttentionConfig(num_heads=2, head_dim=8, rope_head_dim=4, window=4, csa_ratio=2, hca_ratio=2,
+    cfg.model.attention = v4_attention(num_heads=2, head_dim=8, rope_head_dim=4, window=4, csa_ratio=2, hca_ratio=2,
                                           index_heads=3, index_head_dim=4, index_topk=1, **kw)
     return cfg
+
+
+def attention_flops_per_token(cfg: Config, kind: str) -> float:
+    """FLOPs per token of the V4 menu's entry ``kind`` at the config's sequence length."""
+    return resolve_menu(cfg.model)[kind].flops_per_token(cfg.data.seq_len)
 
 
 def test_attention_flops_count_only_the_keys_each_query_sees() -> None:
@@ -234,7 +237,7 @@ def test_model_flops_are_six_times_active_non_embedding_params_plus_attention() 
 
 def test_kv_metrics_follow_kv_accounting() -> None:
     cfg = Config()
-    cfg.model.num_layers, cfg.model.layer_types = 3, ["swa", "csa", "hca"]
+    cfg.model.num_layers, cfg.model.layer_types, cfg.model.attention = 3, ["swa", "csa", "hca"], v4_attention()
     cfg.logging.kv_contexts = [131072, 1000]
     out = kv_metrics(cfg)
     layers = layer_kv_bytes(cfg.model, 131072, "fp32")
@@ -242,7 +245,7 @@ def test_kv_metrics_follow_kv_accounting() -> None:
     assert out["kv/128k/gib"] == total / 2**30
     assert out["kv/128k/compression"] == pytest.approx(dense_kv_bytes(cfg.model, 131072, "fp32") / total)
     assert out["kv_layers/L01/128k/bytes_per_token"] == layers[1].total / 131072
-    assert out["kv_layers/L00/128k/compression"] == pytest.approx(131072 / cfg.model.attention.window)
+    assert out["kv_layers/L00/128k/compression"] == pytest.approx(131072 / layer_specs(cfg.model)[0].window)
     assert "kv/1000/bytes_per_token" in out
     assert [context_label(n) for n in (131072, 1048576, 4096, 1000)] == ["128k", "1M", "4k", "1000"]
 
@@ -280,7 +283,8 @@ def test_metrics_equal_across_ep_and_sp_layouts(tmp_path: Path) -> None:
     """Counts and means are summed over the world, so 2 processes with parallel.ep=2, or with
     parallel.sp=2 (each rank holding half of every sequence), log what 1 process logs."""
     common = FAST + [f"data.cache_dir={tmp_path / 'cache'}", "model.ffn_types=[moe,moe]", "train.steps=2",
-                     "model.layer_types=[csa,hca]", "model.attention.hca_ratio=8", "model.attention.index_topk=4",
+                     "model.layer_types=[csa,hca]", "model.attention.menu.hca.ratio=8",
+                     "model.attention.menu.csa.index_topk=4",
                      "train.sample_tokens=0", "logging.moe_heatmap_every=1", "train.eval_every=100"]
     train(common + [f"run_dir={tmp_path / 'one'}"])
     train(common + [f"run_dir={tmp_path / 'ep2'}", "parallel.ep=2"], nproc=2)

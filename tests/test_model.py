@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
+from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model import ModelOutput, Transformer
 from moesaic.model.loss import linear_cross_entropy
+from menus import v4_attention
 
 WINDOW = 8
 # Attention layouts the cache and causality tests run on; the compressed ones cross many CSA (4)
@@ -19,7 +20,7 @@ LAYOUTS = [["swa"] * 3, ["csa", "hca", "swa"], ["hca", "swa", "csa"]]
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
-    a = AttentionConfig(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
+    a = v4_attention(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
                         window=WINDOW, query_chunk=6, csa_ratio=4, hca_ratio=8, index_topk=3)
     fields = dict(vocab_size=256, hidden_size=48, num_layers=3, ffn_types=["dense"] * 3, dense_intermediate_size=64,
                   attention=a)

@@ -28,8 +28,7 @@ def write_run(run_dir: Path, steps: int = 6) -> None:
     panel = MetricsPanel(model, cfg, torch.device("cpu"), world_size=1)
     ids = torch.randint(0, cfg.model.vocab_size, (4, 9))
     for step in range(1, steps + 1):
-        panel.arm()
-        out = model(ids[:, :-1], labels=ids[:, 1:])
+        out = model(ids[:, :-1], labels=ids[:, 1:], stats=panel.arm())
         out.loss.backward()
         opt.step()
         opt.zero_grad()

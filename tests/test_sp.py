@@ -34,11 +34,11 @@ TOL = 1e-6
 STEPS = 3
 # S = 32 in 2 shards of 16: windows of 4 (CSA) and 8 (HCA) tokens end at the shard edge.
 LAYOUT = ["model.num_layers=3", "model.layer_types=[swa,csa,hca]", "model.ffn_types=[dense,moe,moe]",
-          "data.seq_len=32", "model.attention.window=8", "model.attention.csa_ratio=4", "model.attention.hca_ratio=8",
-          "model.attention.index_topk=4", "model.attention.index_heads=4", "model.attention.index_head_dim=16",
-          "model.attention.rope_head_dim=8", "model.moe.seq_aux_loss_coef=0.01", "model.moe.bias_update_rate=0.01"]
+          "data.seq_len=32", "model.attention.common.window=8", "model.attention.menu.csa.ratio=4", "model.attention.menu.hca.ratio=8",
+          "model.attention.menu.csa.index_topk=4", "model.attention.menu.csa.index_heads=4", "model.attention.menu.csa.index_head_dim=16",
+          "model.attention.common.rope_head_dim=8", "model.moe.seq_aux_loss_coef=0.01", "model.moe.bias_update_rate=0.01"]
 # Window longer than a shard, query chunks that do not align with it, mHC and a hash-routed first layer.
-VARIANT = ["model.attention.window=20", "model.attention.query_chunk=5", "model.hc_mult=2",
+VARIANT = ["model.attention.common.window=20", "model.attention.common.query_chunk=5", "model.hc_mult=2",
            "model.ffn_types=[moe,moe,dense]", "model.moe.num_hash_layers=1"]
 # lr 1e-4 and a clip far below the gradient norm, as in test_ep.py: 1e-6 is 1% of an Adam step.
 OVERRIDES = FAST + LAYOUT + ["train.micro_batch_size=2", "train.global_batch_size=8", "train.grad_clip=0.05",
@@ -95,7 +95,7 @@ def test_sp2_x_dp2_ep2_resume_is_bit_identical_and_resumes_at_another_dp(tmp_pat
 
 @pytest.mark.parametrize("overrides, world, message", [
     (["parallel.sp=2", "data.seq_len=24"], None,
-     "data.seq_len=24 must be divisible by parallel.sp=2 x model.attention.csa_ratio=4 x model.attention.hca_ratio=8"),
+     "data.seq_len=24 must be divisible by parallel.sp=2 x model.attention.menu.csa.ratio=4 x model.attention.menu.hca.ratio=8"),
     (["parallel.sp=3", "model.layer_types=[swa,swa,swa]", "data.seq_len=32"], None,
      "data.seq_len=32 must be divisible by parallel.sp=3 (equal sequence shards)"),
     (["parallel.sp=2"], 3, "parallel.ep=1 and parallel.sp=2 must divide the world size 3"),

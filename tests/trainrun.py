@@ -14,8 +14,8 @@ import torch
 # A small model on the shakespeare corpus: fast enough for many launches, real enough to learn.
 FAST = [
     "model.hidden_size=64", "model.num_layers=2", "model.layer_types=[swa,swa]", "model.ffn_types=[dense,moe]",
-    "model.dense_intermediate_size=128", "model.attention.num_heads=2", "model.attention.head_dim=32",
-    "model.attention.q_lora_rank=32", "model.attention.o_lora_rank=32", "model.attention.window=16",
+    "model.dense_intermediate_size=128", "model.attention.common.num_heads=2", "model.attention.common.head_dim=32",
+    "model.attention.common.q_lora_rank=32", "model.attention.common.o_lora_rank=32", "model.attention.common.window=16",
     "model.moe.num_experts=4", "model.moe.intermediate_size=64",
     "train.micro_batch_size=4", "train.global_batch_size=8", "train.warmup_steps=2",
     "train.log_every=1", "train.eval_every=4", "train.eval_batches=1", "train.sample_tokens=8",

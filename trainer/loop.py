@@ -19,6 +19,7 @@ import torch
 
 from ..configs import Config, ConfigError, check_trainable, save_config, validate
 from ..model import Transformer
+from ..model.attention import StatsSink
 from ..model.interop import load_hf_into
 from . import checkpoint as ckpt_io
 from .balance import update_router_biases
@@ -214,8 +215,8 @@ class Trainer:
         return [self.data.train.batch(mb)
                 for mb in rank_slice(ids, self.topology.dp_rank, self.dp, self.cfg.train.micro_batch_size)]
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over this rank's micro-batches.
+    def train_step(self, stats: StatsSink | None = None) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches (``stats``: collects their attention statistics).
 
         Returns [lm loss sum, aux loss sum, micro-batch count] as a device tensor; callers move it
         to the host only at log steps. Under sequence parallelism the losses are this shard's shares
@@ -225,7 +226,7 @@ class Trainer:
         sums = torch.zeros(3, device=self.dist.device)
         for batch in self.micro_batches(self.step):
             inputs, labels = sequence_shard(batch.to(self.dist.device), self.topology.sp_rank, self.topology.sp)
-            out = self.engine(inputs, labels=labels)
+            out = self.engine(inputs, labels=labels, stats=stats)
             poison = math.nan if self.step in self.cfg.train.inject_nan_at else 1.0
             self.engine.backward(out.loss * poison)
             self.engine.step()
@@ -351,10 +352,9 @@ class Trainer:
         recent: deque[float] = deque(maxlen=cfg.train.spike_window)
         bad_in_row = 0
         while self.step < end:
-            if (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == end:
-                panel.arm()  # attention statistics of the coming log step's forwards
+            log_step = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == end
             skipped_before = self.engine.skipped_steps
-            stats = self.train_step()
+            stats = self.train_step(panel.arm() if log_step else None)  # attention statistics of log steps
             fault = self._check_step(stats, self.engine.skipped_steps > skipped_before, recent)
             bad_in_row = bad_in_row + 1 if fault == "skipped" else 0
             if fault == "skipped":

@@ -21,9 +21,8 @@ import torch
 import torch.distributed as dist
 
 from ..configs import Config
-from ..model.attention.backbone import SlidingWindowAttention
-from ..model.attention.kernels import AttentionStats
-from ..model.kv_accounting import dense_kv_bytes, layer_kv_bytes, main_entry_bytes
+from ..model.attention import AttentionStats, StatsSink, layer_specs
+from ..model.kv_accounting import dense_kv_bytes, layer_kv_bytes
 from .distributed import all_reduce_sum
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense, per GPU
@@ -102,7 +101,7 @@ def kv_metrics(cfg: Config) -> dict[str, float]:
     """Static KV-cache sizes at ``logging.kv_contexts``, in the cache format of the training dtype."""
     fmt = "bf16" if cfg.train.dtype == "bf16" else "fp32"
     m = cfg.model
-    dense_layer = main_entry_bytes(m.attention.head_dim, m.attention.rope_head_dim, fmt)  # per token per layer
+    dense_layer = [spec.dense_kv_bytes_per_token(fmt) for spec in layer_specs(m)]  # per token, per layer
     out = {}
     for tokens in cfg.logging.kv_contexts:
         ctx = context_label(tokens)
@@ -113,46 +112,19 @@ def kv_metrics(cfg: Config) -> dict[str, float]:
         out[f"kv/{ctx}/compression"] = dense_kv_bytes(m, tokens, fmt) / total
         for layer in layers:
             out[f"kv_layers/{layer_label(layer.layer)}/{ctx}/bytes_per_token"] = layer.total / tokens
-            out[f"kv_layers/{layer_label(layer.layer)}/{ctx}/compression"] = dense_layer * tokens / layer.total
+            out[f"kv_layers/{layer_label(layer.layer)}/{ctx}/compression"] = \
+                dense_layer[layer.layer] * tokens / layer.total
     return out
-
-
-def _mean_visible(seq_len: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """Mean over query positions t < seq_len of fn(t) (a tensor expression of positions)."""
-    return fn(torch.arange(seq_len, dtype=torch.float64)).mean().item()
-
-
-def attention_flops_per_token(cfg: Config, kind: str) -> float:
-    """Forward + backward FLOPs per token of one attention layer's score and value products, over
-    the keys each query really sees: window, plus selected (CSA) or visible (HCA) compressed
-    entries; CSA adds the indexer's forward-only scoring of all visible entries and its loss."""
-    a, seq = cfg.model.attention, cfg.data.seq_len
-    per_key = 12 * a.num_heads * a.head_dim  # q.k and p.v: 2*c each, fwd + 2x for bwd, per head
-    keys = _mean_visible(seq, lambda t: (t + 1).clamp(max=a.window))
-    extra = 0.0
-    if kind == "csa":
-        entries = _mean_visible(seq, lambda t: torch.div(t + 1, a.csa_ratio, rounding_mode="floor"))
-        selected = _mean_visible(seq, lambda t: torch.div(t + 1, a.csa_ratio, rounding_mode="floor")
-                                 .clamp(max=a.index_topk))
-        keys += selected
-        index_key = 2 * a.index_heads * a.index_head_dim
-        extra = index_key * entries
-        if a.indexer_loss_coef > 0:  # index scores of the picks, with grads (the target mass comes from the kernel)
-            extra += 3 * index_key * selected
-    elif kind == "hca":
-        keys += _mean_visible(seq, lambda t: torch.div(t + 1, a.hca_ratio, rounding_mode="floor"))
-    return per_key * keys + extra
 
 
 def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
     """Model FLOPs per trained token: 6 x active non-embedding parameters (routed experts count
-    top_k of num_experts) + each attention layer's real work (``attention_flops_per_token``)."""
+    top_k of num_experts) + each attention layer's real work over the keys its queries see, MTP blocks
+    included (``AttentionSpec.flops_per_token``)."""
     params = model.num_params(active_only=True)
     if not cfg.model.tie_embeddings:
         params -= model.embed.weight.numel()
-    attention = sum(attention_flops_per_token(cfg, cfg.model.attention_type(m.layer_idx))
-                    for m in model.modules() if isinstance(m, SlidingWindowAttention))
-    return 6 * params + attention
+    return 6 * params + sum(spec.flops_per_token(cfg.data.seq_len) for spec in layer_specs(cfg.model))
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -196,7 +168,7 @@ class MetricsPanel:
     def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device, world_size: int) -> None:
         self.cfg, self.device, self.world_size = cfg, device, world_size
         self.routers = sorted(model.routers(), key=lambda r: r.layer_idx)
-        self.attention = [m for m in model.modules() if isinstance(m, SlidingWindowAttention)]
+        self.sink: StatsSink | None = None  # attention statistics of the forwards it is passed to
         self.flops_per_token = flops_per_token(model, cfg)
         self.peak_flops = cfg.logging.peak_flops or (H100_BF16_PEAK_FLOPS if device.type == "cuda" else None)
         # Constant values, logged with the first collect of each invocation (resumed runs included).
@@ -208,18 +180,17 @@ class MetricsPanel:
             router.track_stats = on
             router.reset_stats()
 
-    def arm(self) -> None:
-        """Collect attention statistics during the coming forwards (call before a log step's)."""
-        for module in self.attention:
-            module.stats = AttentionStats()
+    def arm(self) -> StatsSink:
+        """The sink to pass to the coming log step's forwards: its attention statistics go to the next collect."""
+        self.sink = StatsSink()
+        return self.sink
 
     def collect(self, step: int, tokens_per_s: float) -> dict[str, Any]:
         """Reduce the window's accumulators over the world, reset them and return the panel."""
         out: dict[str, Any] = dict(self.pending_static)
         self.pending_static = {}
-        attn = [(m.layer_idx, m.stats) for m in self.attention if m.stats is not None]
-        for module in self.attention:
-            module.stats = None
+        attn = self.sink.items() if self.sink is not None else []
+        self.sink = None
         # One sum all-reduce: router counts [L*E], router sums [L*2], then (sum, count) per attention mean.
         moe = [torch.stack([r.stat_counts for r in self.routers]).flatten(),
                torch.stack([r.stat_sums for r in self.routers]).flatten()] if self.routers else []

@@ -1,31 +1,27 @@
-"""DeepSeek-V4 attention layers; ``build_attention`` picks the type of each layer from the config."""
+"""Attention layer types behind one registry (base.py): each type is one module registering its spec.
+
+``build_attention(cfg, layer_idx)`` builds a layer from the menu entry ``model.layer_types`` names.
+Importing this package registers the built-in types (SWA, CSA, HCA).
+"""
 
 from __future__ import annotations
 
-from torch import nn
-
 from moesaic.configs.schema import ModelConfig
 
-from .backbone import SlidingWindowAttention
+from . import swa, csa, hca  # noqa: F401, I001  (registers the built-in types, in menu order)
+from .base import (AttentionLayer, AttentionSpec, layer_specs, parse_entry, register, registered, resolve_menu,
+                   spec_for_hf)
 from .cache import CompressedCache, SWACache
-from .compressed import CompressedSparseAttention, HeavilyCompressedAttention
-from .kernels import CompressedKV, window_attention
-
-# Layer type -> class taking (cfg, layer_idx).
-ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
-    "swa": SlidingWindowAttention,
-    "csa": CompressedSparseAttention,
-    "hca": HeavilyCompressedAttention,
-}
+from .context import ForwardContext
+from .entries import CompressedKV
+from .kernels import window_attention
+from .stats import AttentionStats, StatsSink
 
 
-def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    kind = cfg.attention_type(layer_idx)
-    if kind not in ATTENTION_CLASSES:
-        raise NotImplementedError(f"attention type '{kind}' (layer {layer_idx}) is not implemented yet; "
-                                  f"available: {', '.join(ATTENTION_CLASSES)}")
-    return ATTENTION_CLASSES[kind](cfg, layer_idx)
+def build_attention(cfg: ModelConfig, layer_idx: int) -> AttentionLayer:
+    return layer_specs(cfg)[layer_idx].build(cfg, layer_idx)
 
 
-__all__ = ["ATTENTION_CLASSES", "CompressedCache", "CompressedKV", "CompressedSparseAttention",
-           "HeavilyCompressedAttention", "SWACache", "SlidingWindowAttention", "build_attention", "window_attention"]
+__all__ = ["AttentionLayer", "AttentionSpec", "AttentionStats", "CompressedCache", "CompressedKV", "ForwardContext",
+           "SWACache", "StatsSink", "build_attention", "layer_specs", "parse_entry", "register", "registered",
+           "resolve_menu", "spec_for_hf", "window_attention"]

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .kernels import per_block
+from .entries import per_block
 
 _BLOCK = 512  # queries per block: [512 x H, c] GEMM operands, and a staircase mask wastes < 4 entries a query
 

@@ -1,5 +1,5 @@
 """``window_attention`` on CPU in fp32 as compiled per-query loops (numba; ``kernels.py`` imports this
-module on first CPU use).
+module on first CPU use and calls ``forward_op``/``backward_op``, the torch-side wrappers at the end).
 
 The torch path processes a block of queries as batched GEMMs over its window keys and gathered
 entries: every query of a block scores all C + window - 1 keys of the block (and masks most), the
@@ -19,8 +19,15 @@ stats [4] float64: sums of window, compressed and sink probabilities, and the ma
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numba
 import numpy as np
+import torch
+
+from .._cpu_compiled import as_numpy
+from . import _dense_entries
+from .stats import AttentionStats
 
 # As in ``model/_mhc_cpu.py``: reassociation vectorises the length-c dot products (a fixed order).
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -171,3 +178,49 @@ def backward(q: np.ndarray, kv: np.ndarray, sink: np.ndarray, entries: np.ndarra
             for h in range(H):
                 for d in range(c):
                     d_q[b, t, h, d] = dq[h, d] * scale
+
+
+def forward_op(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
+               idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], window: int, scale: float,
+               _query_chunk: int, stats: Optional[AttentionStats], out: torch.Tensor, lse: torch.Tensor,
+               mass: Optional[torch.Tensor]) -> None:
+    """``kernels._blocked_forward`` through ``forward`` (fp32 CPU tensors); masked (dense) entries go
+    through ``_dense_entries`` GEMMs instead of the loops."""
+    B, S, H, _ = q.shape
+    looped = None if mask is not None else entries
+    totals = torch.tensor([0.0, 0.0, 0.0, float("-inf")], dtype=torch.float64) if stats is not None else None
+    forward(*as_numpy(q, kv, sink, *_extra_arrays(q, looped, idx)), window, scale, out.numpy(), lse.numpy(),
+            *as_numpy(mass if mass is not None else q.new_empty(B, S, 0),
+                    totals if totals is not None else torch.empty(0, dtype=torch.float64)))
+    if mask is not None:
+        _dense_entries.forward(q, entries, mask, sink, scale, out, lse, totals)
+    if totals is not None:
+        stats.add_masses(totals, B * S * H, entries is not None)
+
+
+def backward_op(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
+                idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], out: torch.Tensor,
+                lse: torch.Tensor, d_out: torch.Tensor, window: int, scale: float,
+                _query_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``kernels._blocked_backward`` through ``backward`` (fp32 CPU tensors) and, for masked entries,
+    ``_dense_entries.backward``."""
+    looped = None if mask is not None else entries
+    arrays = _extra_arrays(q, looped, idx)
+    d_q, d_kv, d_sink, delta = torch.empty_like(q), torch.zeros_like(kv), torch.zeros_like(sink), torch.empty_like(lse)
+    d_entries = None if entries is None else torch.zeros_like(entries)
+    d_looped = d_entries if looped is not None else torch.zeros_like(arrays[0])  # empty when the loops have none
+    d_out = d_out.contiguous()
+    backward(*as_numpy(q, kv, sink, *arrays), window, scale, *as_numpy(out, lse, d_out), d_q.numpy(), d_kv.numpy(),
+             d_looped.numpy(), d_sink.numpy(), delta.numpy())
+    if mask is not None:
+        _dense_entries.backward(q, entries, mask, scale, lse, delta, d_out, d_q, d_entries)
+    return d_q, d_kv, d_sink, d_entries
+
+
+def _extra_arrays(q: torch.Tensor, entries: Optional[torch.Tensor],
+                  idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entries, idx) for ``_window_cpu``: what a call lacks becomes an empty trailing axis, so the compiled
+    functions see one set of array types (masked entries never reach the loops)."""
+    B, S, _, c = q.shape
+    return (entries if entries is not None else q.new_empty(B, 0, c),
+            idx if idx is not None else torch.empty(B, S, 0, dtype=torch.long))

@@ -1,59 +1,101 @@
-"""CSA and HCA: the V4 backbone with compressed KV entries in the same softmax (MODEL_SPEC §3, §4).
+"""What CSA and HCA share: the V4 backbone with compressed KV entries in the same softmax (MODEL_SPEC §3, §4).
 
 Both layer types add entries of a ``Compressor`` (one shared K = V head, like the window keys) to
 each query's sliding window; entry w reads tokens up to (w+1)m-1, so query t may use it iff
 w < floor((t+1)/m) (§3.4). Entries are computed once per sequence and masked per query; queries
-t < m-1 see none and rely on the window and the sink.
-
-* HCA (m' large, no overlap): every visible entry joins the softmax, passed to the kernel as a
-  [1, S, N] visibility mask. N = S/m' is small (S/128), so the mask and the kernel's per-chunk
-  [chunk, N] logits stay near-linear in S; an index list of all visible entries would cost
-  S x N x c gathered values instead.
-* CSA (m small, overlapping windows): the lightning indexer picks the top-k visible entries per
-  query, passed as indices, so the kernel gathers k entries per query: O(S k) memory.
-
-Indexer training signal (V3.2's sparse-stage KL, UNCONFIRMED for V4; see ``indexer.py``): the
-target is the main attention's probability on each selected entry, summed over heads, which the
-kernel returns from the softmax it computes anyway (so the loss is formed after the kernel, through
-the ``AuxLoss`` the hook returns). The indexer's own
-scores are recomputed differentiably for the selected entries only (``indexer.selected_scores``:
-per query chunk, regathering the keys in backward; selection itself runs without autograd), so
-neither an [S, N] block nor the [S, k, c_I] gathered keys are kept for backward. With a decode
-cache the layer is in inference and returns no aux loss.
+t < m-1 see none and rely on the window and the sink. HCA (hca.py) attends to every visible
+entry; CSA (csa.py) to the lightning indexer's top-k of them. Compressed layers use their own RoPE
+base with YaRN (``rope_theta`` and ``yarn_*`` of their spec) for q, kv and entries alike.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
 from moesaic.configs.schema import ModelConfig
+from moesaic.model.rope import RotaryEmbedding
 
-from .backbone import AuxLoss, SlidingWindowAttention
+from .backbone import V4Attention, V4Spec
+from .base import HFReader, require
 from .cache import CompressedCache, CompressedStream, SWACache
 from .compressor import Compressor
-from .indexer import Indexer, indexer_kl_loss, selected_scores
-from .kernels import CompressedKV
+from .context import ForwardContext
+from .kv_formats import main_entry_bytes
 
 
-def visible_entries(positions: torch.Tensor, num_entries: int, ratio: int) -> torch.Tensor:
-    """[1, S, N] bool: entry w is visible to the query at position t iff w < (t + 1) // ratio."""
-    entry = torch.arange(num_entries, device=positions.device)
-    return (entry < ((positions + 1) // ratio).unsqueeze(-1)).unsqueeze(0)
+@dataclass
+class CompressedSpec(V4Spec):
+    """The backbone plus a compressor of ``ratio`` tokens per entry and the compressed layers' RoPE."""
+
+    ratio: int = 4  # tokens per compressed entry m
+    rope_theta: float = 160000.0  # RoPE base (+ YaRN) of compressed layers
+    yarn_factor: float = 1.0  # 1.0 disables YaRN; V4 uses 16
+    yarn_original_max_position: int = 65536  # YaRN: context the RoPE base was trained for
+    yarn_beta_fast: float = 32.0  # YaRN: rotations above which frequencies are kept
+    yarn_beta_slow: float = 1.0  # YaRN: rotations below which frequencies are interpolated
+
+    hf_rate_key: ClassVar[str]  # the legacy config.json key of this type's ratio (compress_rate_<kind>)
+    hf_names = {**V4Spec.hf_names, "compressor.wkv.weight": "compressor.kv_proj.weight",
+                "compressor.wgate.weight": "compressor.gate_proj.weight", "compressor.ape": "compressor.position_bias",
+                "compressor.norm.weight": "compressor.kv_norm.weight"}
+
+    def check(self, where: str, seq_len: int) -> None:
+        super().check(where, seq_len)
+        require(self.ratio > 1, f"{where}.ratio={self.ratio} must be > 1")
+        require(self.yarn_factor >= 1.0, f"{where}.yarn_factor={self.yarn_factor} must be >= 1 (1 disables YaRN)")
+        require(seq_len % self.ratio == 0, f"data.seq_len={seq_len} must be divisible by {where}.ratio={self.ratio}")
+
+    def entry_bytes(self, fmt: str, index_fmt: str) -> float:
+        """Cached bytes per compressed entry."""
+        return main_entry_bytes(self.head_dim, self.rope_head_dim, fmt)
+
+    def kv_bytes(self, tokens: int, fmt: str, index_fmt: str) -> tuple[float, float]:
+        window, _ = super().kv_bytes(tokens, fmt, index_fmt)
+        return window, (tokens // self.ratio) * self.entry_bytes(fmt, index_fmt)
+
+    def visible_entries(self, t: torch.Tensor) -> torch.Tensor:
+        """Entries visible to queries at positions t (a tensor): floor((t + 1) / ratio)."""
+        return torch.div(t + 1, self.ratio, rounding_mode="floor")
+
+    def sp_alignment(self, where: str) -> int:
+        return self.ratio  # each shard compresses its own windows, so it starts at a window boundary
+
+    def rope(self) -> RotaryEmbedding:
+        return RotaryEmbedding(self.rope_head_dim, self.rope_theta, self.yarn_factor, self.yarn_original_max_position,
+                               self.yarn_beta_fast, self.yarn_beta_slow)
+
+    def to_hf(self, where: str) -> dict[str, Any]:
+        compress: dict[str, Any] = {"rope_type": "default"}
+        if self.yarn_factor > 1.0:
+            compress = {"rope_type": "yarn", "factor": self.yarn_factor,
+                        "original_max_position_embeddings": self.yarn_original_max_position,
+                        "beta_fast": self.yarn_beta_fast, "beta_slow": self.yarn_beta_slow, "attention_factor": 1.0}
+        compress.update(rope_theta=self.rope_theta, partial_rotary_factor=self.rope_head_dim / self.head_dim)
+        return {**super().to_hf(where), "compress_rope_theta": self.rope_theta, "rope_parameters": {"compress": compress},
+                "max_position_embeddings": int(self.yarn_factor * self.yarn_original_max_position),
+                "compress_rates": {self.hf_layer_type: self.ratio}}
+
+    @classmethod
+    def compressed_from_hf(cls, hf: HFReader) -> dict[str, Any]:
+        """The fields every compressed type reads from config.json, for its ``from_hf``."""
+        yarn = {k: v for k, v in hf.rope.items() if k.startswith("yarn_")}
+        ratio = int(hf.get(cls.hf_rate_key, hf.rates.get(cls.hf_layer_type, cls().ratio)))
+        return {**cls.backbone_from_hf(hf), **yarn, "rope_theta": hf.rope["compress_rope_theta"], "ratio": ratio}
 
 
-class _CompressedAttention(SlidingWindowAttention):
+class CompressedAttention(V4Attention):
     """Backbone + one compressor producing this layer's main entries (head_dim wide, K = V)."""
 
-    compressed = True  # compress_rope_theta + YaRN for q, kv and entries alike
-    overlap: bool
+    overlap: bool  # CSA's entries overlap the previous window (MODEL_SPEC §3.1); HCA's do not
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, ratio: int) -> None:
-        super().__init__(cfg, layer_idx)
-        self.ratio = ratio
-        self.compressor = Compressor(cfg.hidden_size, self.head_dim, ratio, self.overlap, self.rope, self.rope_dim,
-                                     cfg.rms_norm_eps)
+    def __init__(self, spec: CompressedSpec, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__(spec, cfg, layer_idx, spec.rope())
+        self.ratio = spec.ratio
+        self.compressor = Compressor(cfg.hidden_size, self.head_dim, spec.ratio, self.overlap, self.rope,
+                                     self.rope_dim, cfg.rms_norm_eps)
 
     def _streams(self, batch_size: int, device: torch.device | str | None,
                  dtype: torch.dtype) -> tuple[CompressedStream, Optional[CompressedStream]]:
@@ -66,96 +108,19 @@ class _CompressedAttention(SlidingWindowAttention):
                                dtype=dtype, device=device)
 
     def _whole(self, compress: Callable[[torch.Tensor, int, Optional[torch.Tensor]], torch.Tensor],
-               x: torch.Tensor) -> torch.Tensor:
+               x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The whole sequence's entries [B, N, ...] from ``compress`` (``Compressor.forward``'s signature).
 
         x [B,S,D] are this module's tokens: under sequence parallelism a shard, which starts at a
         window boundary and whose first entry (overlapping compressors) reads the window before it.
         """
-        seq = self.sequence
+        seq = ctx.sequence
         before = seq.preceding(x, self.ratio) if self.overlap else None
         return seq.gather(compress(x, seq.offset(x.shape[1]), before))
 
-    def _main_entries(self, x: torch.Tensor, cache: Optional[SWACache]) -> torch.Tensor:
+    def _main_entries(self, x: torch.Tensor, cache: Optional[SWACache], ctx: ForwardContext) -> torch.Tensor:
         """Entries visible so far [B, N, c]: the whole sequence's, or the cache's after absorbing x."""
         if cache is None:
-            return self._whole(self.compressor, x)
+            return self._whole(self.compressor, x, ctx)
         assert isinstance(cache, CompressedCache), "a CSA/HCA layer needs the cache from its own make_cache"
         return cache.main.absorb(self.compressor, x, cache.pos)
-
-
-class HeavilyCompressedAttention(_CompressedAttention):
-    """HCA: dense attention over all causally visible entries of m' tokens each (MODEL_SPEC §4)."""
-
-    overlap = False
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__(cfg, layer_idx, cfg.attention.hca_ratio)
-
-    def compressed_entries(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
-                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], Optional[AuxLoss]]:
-        entries = self._main_entries(x, cache)  # [B,N,c]
-        return CompressedKV(entries, mask=visible_entries(positions, entries.shape[1], self.ratio)), None
-
-
-class CompressedSparseAttention(_CompressedAttention):
-    """CSA: the indexer's top-k of the overlapping m-token entries join the window (MODEL_SPEC §3)."""
-
-    overlap = True
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__(cfg, layer_idx, cfg.attention.csa_ratio)
-        self.indexer = Indexer(cfg, self.rope)
-        self.indexer_loss_coef = cfg.attention.indexer_loss_coef
-
-    def _streams(self, batch_size: int, device: torch.device | str | None,
-                 dtype: torch.dtype) -> tuple[CompressedStream, Optional[CompressedStream]]:
-        main, _ = super()._streams(batch_size, device, dtype)
-        return main, CompressedStream(self.indexer.compressor, batch_size, torch.float32, device)
-
-    def compressed_entries(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
-                           cache: Optional[SWACache]) -> tuple[Optional[CompressedKV], Optional[AuxLoss]]:
-        entries = self._main_entries(x, cache)  # [B,N,c]
-        if cache is None:
-            keys = self._whole(self.indexer.keys, x)  # [B,N,c_I]
-        else:
-            keys = cache.index.absorb(self.indexer.compressor, x.detach(), cache.pos)
-        q_i, w_i = self.indexer.queries(qr, x, positions)  # [B,S,H_I,c_I], [B,S,H_I]: for selection and loss
-        idx, _ = self.indexer.select(q_i, w_i, keys, positions, self.ratio)  # [B,S,k]
-        if self.stats is not None:
-            self._record_selection(idx, positions, keys.shape[1])
-        extra = CompressedKV(entries, idx=idx)
-        if cache is not None or self.indexer_loss_coef == 0:
-            return extra, None
-        return extra, lambda mass: self.indexer_loss_coef * self._indexer_loss(q_i, w_i, keys, idx, mass)
-
-    @torch.no_grad()
-    def _record_selection(self, idx: torch.Tensor, positions: torch.Tensor, num_entries: int) -> None:
-        """The indexer's selection statistics for a log step (docs/metrics.md), from idx [B,S,k] at positions [S].
-
-        index_distance: tokens from a pick's last token to the query, mean over picks; index_coverage:
-        fraction of the (sequence, entry) pairs picked by at least one query of the sequence;
-        index_overlap: fraction of a query's picks that the previous query also picked.
-        """
-        valid = idx >= 0  # [B,S,k]
-        distance = positions.view(1, -1, 1) - ((idx + 1) * self.ratio - 1)  # [B,S,k]; entry w ends at (w+1)m-1
-        self.stats.add_mean("index_distance", distance.masked_fill(~valid, 0).sum(), valid.sum())
-        hits = idx.new_zeros(idx.shape[0], num_entries + 1)  # [B, N + 1]; column N collects the -1 picks
-        hits.scatter_(1, idx.masked_fill(~valid, num_entries).flatten(1), 1)
-        covered = self.sequence.sum(hits[:, :num_entries]) > 0  # [B, N]: picked anywhere in the sequence
-        self.stats.add_mean("index_coverage", covered.sum(), covered.numel())
-        rows = torch.cat([self.sequence.preceding(idx, 1), idx], dim=1)  # [B, S (+1 from the previous shard), k]
-        shared = idx.new_zeros(())
-        for lo in range(0, rows.shape[1] - 1, self.query_chunk):  # [chunk, k, k] comparisons at a time
-            prev, cur = rows[:, lo:lo + self.query_chunk], rows[:, lo + 1:lo + 1 + self.query_chunk]
-            shared = shared + ((cur.unsqueeze(-1) == prev[:, :cur.shape[1]].unsqueeze(-2)).any(-1) & (cur >= 0)).sum()
-        self.stats.add_mean("index_overlap", shared, (rows[:, 1:] >= 0).sum())
-
-    def _indexer_loss(self, q_i: torch.Tensor, w_i: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor,
-                      mass: torch.Tensor) -> torch.Tensor:
-        """KL from the main attention's head-summed mass on the selected entries (the kernel's ``mass``
-        [B,S,k]) to the indexer's softmax over them (index queries q_i, w_i from ``Indexer.queries``)."""
-        index_scores = selected_scores(q_i, w_i, keys, idx, self.query_chunk)  # [B,S,k]
-        valid = idx >= 0
-        queries = self.sequence.sum(valid.any(dim=-1).sum())  # the mean runs over the whole sequence
-        return indexer_kl_loss(index_scores, mass, valid, queries)

@@ -17,17 +17,19 @@ restricted to the selected entries (V3.2's sparse stage; its dense warm-up is no
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ...configs.schema import ModelConfig
+from .._cpu_compiled import use_compiled
 from ..rope import RotaryEmbedding
 from .compressor import Compressor, CompressorState, rope_tail
-from .kernels import add_gathered_grad, gather_entries, per_block
+from .entries import add_gathered_grad, gather_entries, per_block
 
+if TYPE_CHECKING:
+    from .csa import CSASpec
 
 _FUSED_QUERIES = 32  # queries per chunk on the compiled CPU path: their [32 H, N] dots stay in cache
 
@@ -81,17 +83,15 @@ def _exact_topk(score: torch.Tensor, k: int) -> torch.Tensor:
 class Indexer(nn.Module):
     """Lightning indexer of one CSA layer; parameter names follow the official checkpoints."""
 
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
+    def __init__(self, spec: CSASpec, hidden_size: int, eps: float, rope: RotaryEmbedding, backend: str) -> None:
         super().__init__()
-        a = cfg.attention
-        self.n_heads, self.head_dim, self.rope_dim = a.index_heads, a.index_head_dim, a.rope_head_dim
-        self.topk, self.ratio, self.query_chunk = a.index_topk, a.csa_ratio, a.query_chunk
-        self.wq_b = nn.Linear(a.q_lora_rank, a.index_heads * a.index_head_dim, bias=False)
-        self.weights_proj = nn.Linear(cfg.hidden_size, a.index_heads, bias=False)
-        self.compressor = Compressor(cfg.hidden_size, a.index_head_dim, a.csa_ratio, True, rope, a.rope_head_dim,
-                                     cfg.rms_norm_eps)
+        self.n_heads, self.head_dim, self.rope_dim = spec.index_heads, spec.index_head_dim, spec.rope_head_dim
+        self.topk, self.ratio, self.query_chunk = spec.index_topk, spec.ratio, spec.query_chunk
+        self.wq_b = nn.Linear(spec.q_lora_rank, spec.index_heads * spec.index_head_dim, bias=False)
+        self.weights_proj = nn.Linear(hidden_size, spec.index_heads, bias=False)
+        self.compressor = Compressor(hidden_size, spec.index_head_dim, spec.ratio, True, rope, spec.rope_head_dim, eps)
         self.rope = rope
-        self.fused_topk = True  # the compiled CPU selection; False: the torch ops (as on GPU), for tests
+        self.backend = backend  # model.attention.backend: the compiled CPU selection or the torch ops
 
     def keys(self, x: torch.Tensor, start: int = 0, before: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Index keys [B, S//m, c_I] of x [B, S, D] (input detached: see the module docstring).
@@ -141,7 +141,7 @@ class Indexer(nn.Module):
         k = min(self.topk, keys.shape[1])
         B, S, H, c = q.shape
         visible = (positions + 1) // ratio  # [S] entries each query may use
-        fused = self.fused_topk and keys.device.type == "cpu"
+        fused = use_compiled(self.backend, q)
         chunk = _FUSED_QUERIES if fused else self.query_chunk
         starts = range(0, S, chunk)
         blocks = per_block(visible, chunk)  # [chunks, chunk]

@@ -27,7 +27,7 @@ C + window - 1 candidate keys and its own extra entries, never S x S. On CPU C =
 max(32, window/2)): a block forms (C + window - 1) / window times the window logits it needs, and
 that elementwise softmax work, not the GEMMs, dominates there (at window 128, blocks of 64 queries
 ran ~1.4x faster than blocks of 256). On GPU C = query_chunk: there kernel launches per block dominate.
-On CPU in fp32 (``use_compiled``) the same function runs as compiled per-query loops instead
+On CPU in fp32 (backend "auto" or "cpu") the same function runs as compiled per-query loops instead
 (``_window_cpu``): each query scores only its own window keys and selected entries, read in place,
 and its backward adds straight into their gradients; masked (HCA) entries, a dense prefix shared by a
 span of queries, are added by GEMMs and a log-sum-exp merge (``_dense_entries``). The 8k-token model
@@ -47,38 +47,17 @@ logit, from the probabilities it computes anyway; without it the kernel does no 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._cpu_compiled import applies, as_numpy
+from .._cpu_compiled import use_compiled
+from .entries import CompressedKV, add_gathered_grad, gather_entries
+from .stats import AttentionStats
 
 
 _MIN_BLOCK = 32  # fewer queries per block and the per-block overhead dominates
-
-
-class AttentionStats:
-    """Named statistics of one attention layer, accumulated on the device while attached.
-
-    ``means[name] = (sum, count)`` averages over whatever the count counts (query-heads for the
-    kernel's masses); ``maxima[name]`` is a running max. Layers add their own names (CSA: the
-    indexer's selection); the trainer reduces them over ranks at log steps, without a sync here.
-    """
-
-    def __init__(self) -> None:
-        self.means: dict[str, tuple[torch.Tensor, int | torch.Tensor]] = {}
-        self.maxima: dict[str, torch.Tensor] = {}
-
-    def add_mean(self, name: str, total: torch.Tensor, count: int | torch.Tensor) -> None:
-        """Add ``total`` over ``count`` items (a tensor count stays on the device: no sync)."""
-        old_total, old_count = self.means.get(name, (0.0, 0))
-        self.means[name] = (total.detach().float() + old_total, old_count + count)
-
-    def add_max(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().float()
-        self.maxima[name] = value if name not in self.maxima else torch.maximum(self.maxima[name], value)
 
 
 def _record(stats: AttentionStats, parts: list[torch.Tensor], probs: torch.Tensor, n_win: int) -> None:
@@ -86,29 +65,7 @@ def _record(stats: AttentionStats, parts: list[torch.Tensor], probs: torch.Tenso
     probs [B,C,H,window keys + extra + sink] their joint softmax."""
     totals = torch.stack([probs[..., :n_win].sum(), probs[..., n_win:-1].sum(), probs[..., -1].sum(),
                           torch.stack([p.amax() for p in parts[:-1]]).amax()])
-    _record_totals(stats, totals, probs[..., 0].numel(), len(parts) == 3)
-
-
-def _record_totals(stats: AttentionStats, totals: torch.Tensor, query_heads: int, has_extra: bool) -> None:
-    """Adds totals [window mass, compressed mass, sink mass, max logit] over query_heads rows to stats."""
-    stats.add_mean("mass_window", totals[0], query_heads)
-    if has_extra:
-        stats.add_mean("mass_compressed", totals[1], query_heads)
-    stats.add_mean("mass_sink", totals[2], query_heads)
-    stats.add_max("max_logit", totals[3])
-
-
-@dataclass
-class CompressedKV:
-    """Compressed key=value entries a CSA/HCA layer adds to each query's window keys (see module doc)."""
-
-    kv: torch.Tensor  # [B, N, c]
-    idx: Optional[torch.Tensor] = None  # [B, S, k] long, -1 = unused slot
-    mask: Optional[torch.Tensor] = None  # [B or 1, S, N] bool, True = visible
-
-    def __post_init__(self) -> None:
-        if (self.idx is None) == (self.mask is None):
-            raise ValueError("CompressedKV needs exactly one of idx (selected entries) or mask (visible entries)")
+    stats.add_masses(totals, probs[..., 0].numel(), len(parts) == 3)
 
 
 class _Chunk:
@@ -156,35 +113,6 @@ class _Chunk:
         return torch.einsum("bqhn,bnc->bqhc", probs, self.values)
 
 
-def per_block(values: torch.Tensor, block: int) -> torch.Tensor:
-    """values [S] as rows of ``block`` -> [ceil(S / block), block]; the last row is padded with the last
-    value, so every row's min and max are those of its own values (one reduction for all blocks)."""
-    return torch.cat([values, values[-1:].expand(-values.shape[0] % block)]).view(-1, block)
-
-
-def _flat_rows(idx: torch.Tensor, num_entries: int) -> torch.Tensor:
-    """idx [B,S,k] into [B, N, c] entries -> flat row numbers [B*S*k] of the [B*N, c] view (-1 reads row 0)."""
-    batch = torch.arange(idx.shape[0], device=idx.device).view(-1, 1, 1)
-    return (idx.clamp(min=0) + num_entries * batch).flatten()
-
-
-def gather_entries(entries: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """entries [B, N, c] picked by idx [B, S, k] (-1 reads row 0, to be masked) -> [B, S, k, c].
-
-    index_select on the flattened rows: on CPU it and its backward (index_add) are about twice as
-    fast as advanced indexing and its accumulating index_put.
-    """
-    B, N, c = entries.shape
-    return entries.reshape(B * N, c).index_select(0, _flat_rows(idx, N)).view(*idx.shape, c)
-
-
-def add_gathered_grad(grad_entries: torch.Tensor, idx: torch.Tensor, grads: torch.Tensor) -> None:
-    """The adjoint of ``gather_entries``: adds grads [B,S,k,c] into grad_entries [B,N,c] at idx rows, in place
-    (-1 picks add to row 0, so their grads must be 0)."""
-    B, N, c = grad_entries.shape
-    grad_entries.view(B * N, c).index_add_(0, _flat_rows(idx, N), grads.reshape(-1, c).to(grad_entries.dtype))
-
-
 class _WindowAttention(torch.autograd.Function):
     """Flash-style: forward keeps each row's log-sum-exp, backward rebuilds the probabilities.
 
@@ -202,7 +130,10 @@ class _WindowAttention(torch.autograd.Function):
         out = q.new_empty(q.shape)
         lse = q.new_empty(B, S, H, dtype=torch.float32)
         mass = q.new_empty(B, S, idx.shape[-1], dtype=torch.float32) if idx is not None else None
-        run = _compiled_forward if compiled else _blocked_forward
+        if compiled:
+            from ._window_cpu import forward_op as run  # numba compiles on first use
+        else:
+            run = _blocked_forward
         run(q, kv, sink, entries, idx, mask, window, scale, query_chunk, stats, out, lse, mass)
         ctx.save_for_backward(q, kv, sink, entries, idx, mask, out, lse)
         ctx.window, ctx.scale, ctx.query_chunk, ctx.compiled = window, scale, query_chunk, compiled
@@ -213,7 +144,10 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: torch.Tensor, _d_mass: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
-        run = _compiled_backward if ctx.compiled else _blocked_backward
+        if ctx.compiled:
+            from ._window_cpu import backward_op as run
+        else:
+            run = _blocked_backward
         grads = run(*ctx.saved_tensors, d_out, ctx.window, ctx.scale, ctx.query_chunk)  # d_q, d_kv, d_sink, d_entries
         return (*grads, None, None, None, None, None, None, None)
 
@@ -290,74 +224,22 @@ def _blocked_backward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, ent
     return d_q, d_kv.to(kv.dtype), d_sink.to(sink.dtype), d_entries
 
 
-def _compiled_forward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
-                      idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], window: int, scale: float,
-                      _query_chunk: int, stats: Optional[AttentionStats], out: torch.Tensor, lse: torch.Tensor,
-                      mass: Optional[torch.Tensor]) -> None:
-    """``_blocked_forward`` through ``_window_cpu.forward`` (fp32 CPU tensors); masked (dense) entries go
-    through ``_dense_entries`` GEMMs instead of the loops."""
-    from . import _dense_entries
-    from ._window_cpu import forward
-
-    B, S, H, _ = q.shape
-    looped = None if mask is not None else entries
-    totals = torch.tensor([0.0, 0.0, 0.0, float("-inf")], dtype=torch.float64) if stats is not None else None
-    forward(*as_numpy(q, kv, sink, *_extra_arrays(q, looped, idx)), window, scale, out.numpy(), lse.numpy(),
-            *as_numpy(mass if mass is not None else q.new_empty(B, S, 0),
-                    totals if totals is not None else torch.empty(0, dtype=torch.float64)))
-    if mask is not None:
-        _dense_entries.forward(q, entries, mask, sink, scale, out, lse, totals)
-    if totals is not None:
-        _record_totals(stats, totals, B * S * H, entries is not None)
-
-
-def _compiled_backward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
-                       idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], out: torch.Tensor,
-                       lse: torch.Tensor, d_out: torch.Tensor, window: int, scale: float,
-                       _query_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``_blocked_backward`` through ``_window_cpu.backward`` (fp32 CPU tensors) and, for masked entries,
-    ``_dense_entries.backward``."""
-    from . import _dense_entries
-    from ._window_cpu import backward
-
-    looped = None if mask is not None else entries
-    arrays = _extra_arrays(q, looped, idx)
-    d_q, d_kv, d_sink, delta = torch.empty_like(q), torch.zeros_like(kv), torch.zeros_like(sink), torch.empty_like(lse)
-    d_entries = None if entries is None else torch.zeros_like(entries)
-    d_looped = d_entries if looped is not None else torch.zeros_like(arrays[0])  # empty when the loops have none
-    d_out = d_out.contiguous()
-    backward(*as_numpy(q, kv, sink, *arrays), window, scale, *as_numpy(out, lse, d_out), d_q.numpy(), d_kv.numpy(),
-             d_looped.numpy(), d_sink.numpy(), delta.numpy())
-    if mask is not None:
-        _dense_entries.backward(q, entries, mask, scale, lse, delta, d_out, d_q, d_entries)
-    return d_q, d_kv, d_sink, d_entries
-
-
-def _extra_arrays(q: torch.Tensor, entries: Optional[torch.Tensor],
-                  idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(entries, idx) for ``_window_cpu``: what a call lacks becomes an empty trailing axis, so the compiled
-    functions see one set of array types (masked entries never reach the loops)."""
-    B, S, _, c = q.shape
-    return (entries if entries is not None else q.new_empty(B, 0, c),
-            idx if idx is not None else torch.empty(B, S, 0, dtype=torch.long))
-
-
-use_compiled = True  # the compiled CPU kernel for fp32 on CPU; False: the torch ops (as on GPU), for tests
-
-
 def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, window: int, scale: float,
                      query_chunk: int, extra: Optional[CompressedKV] = None,
-                     stats: Optional[AttentionStats] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                     stats: Optional[AttentionStats] = None,
+                     backend: str = "auto") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Sliding-window MQA with an attention sink and optional compressed entries.
 
     q [B,S,H,c] -> (out [B,S,H,c], mass): ``mass`` [B,S,k] fp32, for selected entries (``extra.idx``)
     only, is each pick's softmax probability summed over heads (0 at -1 picks; no gradient), the
-    CSA indexer's training target; None otherwise.
+    CSA indexer's training target; None otherwise. ``backend`` (``model.attention.backend``): "auto" runs
+    the compiled CPU loops on fp32 CPU tensors and torch ops elsewhere, "torch" always the torch ops,
+    "cpu" always the compiled loops.
     """
     S, T = q.shape[1], kv.shape[1]
     if T < S:
         raise ValueError(f"kv has {T} rows but there are {S} queries; kv must end at the queries' positions")
     entries, idx, mask = (None, None, None) if extra is None else (extra.kv, extra.idx, extra.mask)
-    compiled = use_compiled and applies(q, kv, sink, *(() if entries is None else (entries,)))
+    compiled = use_compiled(backend, q, kv, sink, *(() if entries is None else (entries,)))
     block = query_chunk if q.is_cuda else min(query_chunk, max(_MIN_BLOCK, window // 2))  # module docstring
     return _WindowAttention.apply(q, kv, sink, entries, idx, mask, window, scale, block, stats, compiled)

@@ -9,6 +9,8 @@ What one side can express and the other cannot is refused with a ConfigError nam
 transformers always builds mHC (its hc_mult = 1 is a one-stream mHC, moesaic's is a plain
 residual), an MoE FFN in every layer with exactly one shared expert of ``moe_intermediate_size``,
 normalised top-k gates, untied embeddings (V4), no YaRN attention scaling, and no FP8 weights.
+Each layer's attention type writes and reads its own keys (``AttentionSpec.to_hf``/``from_hf``); one
+config.json has one value per key, so the layers of an exported model must agree on shared keys.
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from moesaic.configs import AttentionConfig, ConfigError, ModelConfig, MoEConfig
+from moesaic.model.attention import AttentionSpec, layer_specs, registered, spec_for_hf
+from moesaic.model.attention.base import HFReader
 
-HF_LAYER_TYPES = {"swa": "sliding_attention", "csa": "compressed_sparse_attention",
-                  "hca": "heavily_compressed_attention"}
-_LAYER_TYPES = {hf: ours for ours, hf in HF_LAYER_TYPES.items()}
 HASH_MOE, MOE = "hash_moe", "moe"
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid")  # transformers 5.14 has no "softmax" router activation
 
@@ -42,23 +43,43 @@ def check_exportable(cfg: ModelConfig) -> None:
     _require(m.score_func in SCORE_FUNCS, f"model.moe.score_func='{m.score_func}': transformers' DeepSeek-V4 "
                                           f"builds only {' and '.join(SCORE_FUNCS)} routers")
     _require(not cfg.tie_embeddings, "model.tie_embeddings=true: DeepSeek-V4 checkpoints have an untied head")
-    a = cfg.attention
-    _require(int(a.head_dim * (a.rope_head_dim / a.head_dim)) == a.rope_head_dim,
-             f"model.attention.rope_head_dim={a.rope_head_dim} is not representable as a partial_rotary_factor "
-             f"of head_dim={a.head_dim}")
+    mtp = layer_specs(cfg)[cfg.num_layers:]
+    _require(all(spec.hf_layer_type == "sliding_attention" for spec in mtp),
+             f"model.mtp_layer_type='{cfg.mtp_layer_type}': transformers' DeepSeek-V4 MTP blocks use sliding-window "
+             "attention")
+
+
+def _merge(out: dict[str, Any], part: dict[str, Any], owner: dict[str, str], name: str, path: str = "") -> None:
+    """Add a layer's config.json keys to ``out``; a key two menu entries set differently is refused."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            _merge(out.setdefault(key, {}), value, owner, name, f"{path}{key}.")
+            continue
+        where = path + key
+        _require(out.get(key, value) == value,
+                 f"model.attention.menu.{name} and model.attention.menu.{owner.get(where)} disagree on transformers' "
+                 f"'{where}' ({value!r} vs {out.get(key)!r}): a DeepSeek-V4 config.json has one value for every layer")
+        out[key] = value
+        owner.setdefault(where, name)
+
+
+def _attention_keys(cfg: ModelConfig) -> dict[str, Any]:
+    """The attention keys of config.json, merged over every layer's entry."""
+    out: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for i, spec in enumerate(layer_specs(cfg)):
+        name = cfg.attention_type(i)
+        _require(spec.hf_layer_type is not None, f"model.attention.menu.{name}: kind '{spec.kind}' has no "
+                                                 "transformers DeepSeek-V4 layer type")
+        _merge(out, spec.to_hf(f"model.attention.menu.{name}"), owner, name)
+    out["layer_types"] = [spec.hf_layer_type for spec in layer_specs(cfg)[:cfg.num_layers]]
+    return out
 
 
 def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     """The config.json of the transformers checkpoint of ``cfg`` (weights stored as ``dtype``)."""
     check_exportable(cfg)
-    a, m = cfg.attention, cfg.moe
-    partial = a.rope_head_dim / a.head_dim
-    compress: dict[str, Any] = {"rope_type": "default"}
-    if a.yarn_factor > 1.0:
-        compress = {"rope_type": "yarn", "factor": a.yarn_factor,
-                    "original_max_position_embeddings": a.yarn_original_max_position,
-                    "beta_fast": a.yarn_beta_fast, "beta_slow": a.yarn_beta_slow, "attention_factor": 1.0}
-    compress.update(rope_theta=a.compress_rope_theta, partial_rotary_factor=partial)
+    m = cfg.moe
     return {
         "architectures": ["DeepseekV4ForCausalLM"],
         "model_type": "deepseek_v4",
@@ -72,26 +93,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "num_attention_heads": a.num_heads,
-        "num_key_value_heads": 1,
-        "head_dim": a.head_dim,
-        "qk_rope_head_dim": a.rope_head_dim,
-        "partial_rotary_factor": partial,
-        "q_lora_rank": a.q_lora_rank,
-        "o_groups": a.o_groups,
-        "o_lora_rank": a.o_lora_rank,
-        "sliding_window": a.window,
-        "rope_theta": a.rope_theta,
-        "compress_rope_theta": a.compress_rope_theta,
-        "rope_parameters": {"main": {"rope_type": "default", "rope_theta": a.rope_theta,
-                                     "partial_rotary_factor": partial},
-                            "compress": compress},
-        "max_position_embeddings": int(a.yarn_factor * a.yarn_original_max_position),
-        "layer_types": [HF_LAYER_TYPES[cfg.attention_type(i)] for i in range(cfg.num_layers)],
-        "compress_rates": {HF_LAYER_TYPES["csa"]: a.csa_ratio, HF_LAYER_TYPES["hca"]: a.hca_ratio},
-        "index_n_heads": a.index_heads,
-        "index_head_dim": a.index_head_dim,
-        "index_topk": a.index_topk,
+        **_attention_keys(cfg),
         "hc_mult": cfg.hc_mult,
         "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
         "hc_eps": cfg.hc_eps,
@@ -107,11 +109,13 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     }
 
 
-class _Reader:
+class _Reader(HFReader):
     """Typed access to config.json keys; every problem names the key and the file."""
 
     def __init__(self, hf: dict[str, Any], source: str) -> None:
         self.hf, self.source = hf, source
+        self.rope = _rope(self)
+        self.rates = dict(self.get("compress_rates", {}))
 
     def get(self, key: str, default: Any = ...) -> Any:
         if key in self.hf and self.hf[key] is not None:
@@ -157,19 +161,28 @@ def _rope(r: _Reader) -> dict[str, Any]:
     return out
 
 
-def _layer_types(r: _Reader, num_layers: int, rates: dict[str, int]) -> list[str]:
+def _layer_types(r: _Reader, num_layers: int) -> list[str]:
+    """transformers' layer type of each decoder layer (the official layout gives compression ratios instead)."""
     if "layer_types" in r.hf:
         names = r.get("layer_types")
     else:
-        by_ratio = {0: HF_LAYER_TYPES["swa"], rates[HF_LAYER_TYPES["csa"]]: HF_LAYER_TYPES["csa"],
-                    rates[HF_LAYER_TYPES["hca"]]: HF_LAYER_TYPES["hca"]}
+        by_ratio = {getattr(cls.from_hf(r), "ratio", 0): cls.hf_layer_type for cls in registered().values()
+                    if cls.hf_layer_type is not None}  # 0: no compression
         ratios = r.get("compress_ratios")  # official layout: one per layer, plus one per MTP block
         _require(all(x in by_ratio for x in ratios), f"{r.source}: compress_ratios {ratios} use a ratio other than "
-                                                     f"0, {sorted(by_ratio)[1:]}")
+                                                     f"{sorted(by_ratio)}")
         names = [by_ratio[x] for x in ratios]
     _require(len(names) >= num_layers, f"{r.source}: layer_types has {len(names)} entries for {num_layers} layers")
-    _require(all(t in _LAYER_TYPES for t in names), f"{r.source}: layer_types {names} must be among {list(_LAYER_TYPES)}")
-    return [_LAYER_TYPES[t] for t in names[:num_layers]]
+    for name in names[:num_layers]:
+        _require(spec_for_hf(name) is not None, f"{r.source}: layer type '{name}' is not an attention type of moesaic")
+    return names[:num_layers]
+
+
+def _menu(r: _Reader, hf_types: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The attention menu (one entry per transformers layer type, named by its kind) and the layers' entries;
+    MTP blocks (sliding window in transformers) use the sliding type's entry."""
+    specs = {hf: spec_for_hf(hf).from_hf(r) for hf in dict.fromkeys([*hf_types, "sliding_attention"])}
+    return {spec.kind: spec for spec in specs.values()}, [specs[hf].kind for hf in hf_types]
 
 
 def _score_func(r: _Reader) -> str:
@@ -210,15 +223,7 @@ def from_hf_config(hf: dict[str, Any], mtp_layers: int, source: str = "config.js
     _require(hc_mult > 1, f"{source}: hc_mult={hc_mult} is a one-stream mHC, which moesaic does not build "
                           "(its hc_mult=1 is a plain residual)")
     num_layers = int(r.get("num_hidden_layers"))
-    rates = {HF_LAYER_TYPES["csa"]: 4, HF_LAYER_TYPES["hca"]: 128, **r.get("compress_rates", {})}
-    rates[HF_LAYER_TYPES["csa"]] = int(r.get("compress_rate_csa", rates[HF_LAYER_TYPES["csa"]]))
-    rates[HF_LAYER_TYPES["hca"]] = int(r.get("compress_rate_hca", rates[HF_LAYER_TYPES["hca"]]))
-    attention = AttentionConfig(
-        num_heads=int(r.get("num_attention_heads")), head_dim=int(r.get("head_dim")),
-        q_lora_rank=int(r.get("q_lora_rank")), o_groups=int(r.get("o_groups")), o_lora_rank=int(r.get("o_lora_rank")),
-        window=int(r.get("sliding_window")), csa_ratio=rates[HF_LAYER_TYPES["csa"]],
-        hca_ratio=rates[HF_LAYER_TYPES["hca"]], index_heads=int(r.get("index_n_heads")),
-        index_head_dim=int(r.get("index_head_dim")), index_topk=int(r.get("index_topk")), **_rope(r))
+    menu, layer_types = _menu(r, _layer_types(r, num_layers))
     moe = MoEConfig(
         num_experts=int(r.get("n_routed_experts")), top_k=int(r.get("num_experts_per_tok")),
         intermediate_size=int(r.get("moe_intermediate_size")), num_shared_experts=1,
@@ -227,26 +232,24 @@ def from_hf_config(hf: dict[str, Any], mtp_layers: int, source: str = "config.js
         num_hash_layers=_num_hash_layers(r, num_layers))
     return ModelConfig(
         vocab_size=int(r.get("vocab_size")), hidden_size=int(r.get("hidden_size")), num_layers=num_layers,
-        layer_types=_layer_types(r, num_layers, rates), ffn_types=[], rms_norm_eps=float(r.get("rms_norm_eps", 1e-6)),
+        layer_types=layer_types, ffn_types=[], rms_norm_eps=float(r.get("rms_norm_eps", 1e-6)),
         tie_embeddings=False, hc_mult=hc_mult, hc_sinkhorn_iters=int(r.get("hc_sinkhorn_iters", 20)),
-        hc_eps=float(r.get("hc_eps", 1e-6)), mtp_layers=mtp_layers, attention=attention, moe=moe)
+        hc_eps=float(r.get("hc_eps", 1e-6)), mtp_layers=mtp_layers,
+        attention=AttentionConfig(menu=menu), moe=moe)
 
 
 def architecture(cfg: ModelConfig) -> dict[str, Any]:
-    """The fields that decide a model's weights and outputs, keyed by their config path.
+    """The fields that decide a model's weights and outputs, keyed by their config path (attention: per layer).
 
-    Fields a model does not use (e.g. CSA settings without CSA layers) are left out, so that two
-    configs compare equal exactly when a checkpoint of one is a checkpoint of the other.
+    Fields a model does not use, and training-only ones (``AttentionSpec.not_architecture``), are
+    left out, so that two configs compare equal exactly when a checkpoint of one is a checkpoint of
+    the other.
     """
-    a, m, n = cfg.attention, cfg.moe, cfg.num_layers
-    kinds = [cfg.attention_type(i) for i in range(n)]
+    m, n = cfg.moe, cfg.num_layers
     out: dict[str, Any] = {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_layers": n, "layer_types": kinds,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_layers": n,
         "ffn_types": [cfg.ffn_type(i) for i in range(n)], "rms_norm_eps": cfg.rms_norm_eps,
         "tie_embeddings": cfg.tie_embeddings, "hc_mult": cfg.hc_mult, "mtp_layers": cfg.mtp_layers,
-        "attention.num_heads": a.num_heads, "attention.head_dim": a.head_dim, "attention.rope_head_dim": a.rope_head_dim,
-        "attention.q_lora_rank": a.q_lora_rank, "attention.o_groups": a.o_groups, "attention.o_lora_rank": a.o_lora_rank,
-        "attention.window": a.window, "attention.rope_theta": a.rope_theta,
         "moe.num_experts": m.num_experts, "moe.top_k": m.top_k, "moe.intermediate_size": m.intermediate_size,
         "moe.num_shared_experts": m.num_shared_experts, "moe.score_func": m.score_func,
         "moe.norm_topk_prob": m.norm_topk_prob, "moe.routed_scaling_factor": m.routed_scaling_factor,
@@ -254,23 +257,27 @@ def architecture(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.hc_mult > 1:
         out.update({"hc_sinkhorn_iters": cfg.hc_sinkhorn_iters, "hc_eps": cfg.hc_eps})
-    if {"csa", "hca"} & set(kinds):
-        out.update({"attention.compress_rope_theta": a.compress_rope_theta, "attention.yarn_factor": a.yarn_factor})
-        if a.yarn_factor > 1.0:
-            out.update({"attention.yarn_original_max_position": a.yarn_original_max_position,
-                        "attention.yarn_beta_fast": a.yarn_beta_fast, "attention.yarn_beta_slow": a.yarn_beta_slow})
-    if "csa" in kinds:
-        out.update({"attention.csa_ratio": a.csa_ratio, "attention.index_heads": a.index_heads,
-                    "attention.index_head_dim": a.index_head_dim, "attention.index_topk": a.index_topk})
-    if "hca" in kinds:
-        out["attention.hca_ratio"] = a.hca_ratio
+    for i, spec in enumerate(layer_specs(cfg)):
+        out[f"layers[{i}].attention.kind"] = spec.kind
+        out.update({f"layers[{i}].attention.{k}": v for k, v in spec.architecture().items()})
     return out
+
+
+def _config_path(cfg: ModelConfig, key: str) -> str:
+    """The config field behind an ``architecture`` key: a layer's attention field is its menu entry's."""
+    if not key.startswith("layers["):
+        return f"model.{key}"
+    layer, field = key[len("layers["):].split("].attention.")
+    name = cfg.attention_type(int(layer))
+    return "model.layer_types" if field == "kind" else f"model.attention.menu.{name}.{field}"
 
 
 def check_same_architecture(run: ModelConfig, checkpoint: ModelConfig, source: str) -> None:
     """ConfigError naming the first ``model.*`` field where the run config disagrees with the checkpoint's."""
     mine, theirs = architecture(run), architecture(checkpoint)
-    for key in sorted(mine.keys() | theirs.keys()):
+    for key in sorted(mine.keys() | theirs.keys(), key=lambda k: (k.startswith("layers["), k)):
         ours, ckpt = mine.get(key, "(unused)"), theirs.get(key, "(unused)")
-        _require(ours == ckpt, f"model.{key}={ours!r} disagrees with the checkpoint {source} ({ckpt!r}); "
-                               f"set model.{key}={ckpt!r} or use another checkpoint")
+        field = _config_path(run if key in mine else checkpoint, key)
+        where = f" at {key.split('.attention.')[0]}" if key.startswith("layers[") else ""
+        _require(ours == ckpt, f"{field}={ours!r} disagrees with the checkpoint {source} ({ckpt!r}){where}; "
+                               f"set {field}={ckpt!r} or use another checkpoint")

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from ..attention import registered
 from .safetensors_io import ConversionError, SafetensorsDir, TensorPlan
 
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -31,24 +32,6 @@ _BLOCK = {
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "hc_attn_fn": "attn_hc.fn", "hc_attn_base": "attn_hc.base", "hc_attn_scale": "attn_hc.scale",
     "hc_ffn_fn": "ffn_hc.fn", "hc_ffn_base": "ffn_hc.base", "hc_ffn_scale": "ffn_hc.scale",
-    "attn.wq_a.weight": "self_attn.q_a_proj.weight",
-    "attn.q_norm.weight": "self_attn.q_a_norm.weight",
-    "attn.wq_b.weight": "self_attn.q_b_proj.weight",
-    "attn.wkv.weight": "self_attn.kv_proj.weight",
-    "attn.kv_norm.weight": "self_attn.kv_norm.weight",
-    "attn.wo_a.weight": "self_attn.o_a_proj.weight",
-    "attn.wo_b.weight": "self_attn.o_b_proj.weight",
-    "attn.attn_sink": "self_attn.sinks",
-    "attn.compressor.wkv.weight": "self_attn.compressor.kv_proj.weight",
-    "attn.compressor.wgate.weight": "self_attn.compressor.gate_proj.weight",
-    "attn.compressor.ape": "self_attn.compressor.position_bias",
-    "attn.compressor.norm.weight": "self_attn.compressor.kv_norm.weight",
-    "attn.indexer.wq_b.weight": "self_attn.compressor.indexer.q_b_proj.weight",
-    "attn.indexer.weights_proj.weight": "self_attn.compressor.indexer.scorer.weights_proj.weight",
-    "attn.indexer.compressor.wkv.weight": "self_attn.compressor.indexer.kv_proj.weight",
-    "attn.indexer.compressor.wgate.weight": "self_attn.compressor.indexer.gate_proj.weight",
-    "attn.indexer.compressor.ape": "self_attn.compressor.indexer.position_bias",
-    "attn.indexer.compressor.norm.weight": "self_attn.compressor.indexer.kv_norm.weight",
     "ffn.gate.weight": "mlp.gate.weight",
     "ffn.gate.expert_bias": "mlp.gate.e_score_correction_bias",
     "ffn.gate.tid2eid": "mlp.gate.tid2eid",
@@ -58,6 +41,8 @@ _BLOCK = {
     "ffn.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
     "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
     "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
+    # Each attention type names its own tensors (AttentionSpec.hf_names).
+    **{f"attn.{ours}": f"self_attn.{theirs}" for spec in registered().values() for ours, theirs in spec.hf_names.items()},
 }
 _MTP = {**_BLOCK, **{n: n for n in ("e_proj.weight", "h_proj.weight", "enorm.weight", "hnorm.weight", "norm.weight")},
         "hc_head_fn": "hc_head.hc_fn", "hc_head_base": "hc_head.hc_base", "hc_head_scale": "hc_head.hc_scale"}

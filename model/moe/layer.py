@@ -13,6 +13,7 @@ from torch import nn
 
 from moesaic.configs.schema import ModelConfig
 from moesaic.model.ffn import SwiGLU
+from moesaic.model.sequence import WHOLE, WholeSequence
 
 from .dispatcher import LocalDispatcher
 from .experts import GroupedExperts
@@ -41,13 +42,15 @@ class MoE(nn.Module):
             SwiGLU(cfg.hidden_size, moe.intermediate_size * moe.num_shared_experts, moe.swiglu_limit)
             if moe.num_shared_experts > 0 else None)
 
-    def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
+                sequence: WholeSequence = WHOLE) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, D] -> (y [B, S, D], aux_loss scalar).
 
         input_ids [B, S] picks the experts of hash-routed layers; learned routing ignores it.
+        ``sequence``: the positions x holds (a shard under SP), for the router's sequence aux loss.
         """
         batch, seq, dim = x.shape
-        route = self.gate(x, input_ids)
+        route = self.gate(x, input_ids, sequence)
         tokens = x.reshape(batch * seq, dim)  # [T, D]
         expert_x, counts, state = self.dispatcher.dispatch(tokens, route.topk_idx)
         y = self.dispatcher.combine(self.experts(expert_x, counts), route.gates, state)  # [T, D]

@@ -67,7 +67,6 @@ class Router(nn.Module):
     scratch and the checkpoint's when importing one.
     """
 
-    sequence: WholeSequence = WHOLE  # a shard of it under sequence parallelism: the aux loss's statistics
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -128,8 +127,12 @@ class Router(nn.Module):
         # A stable descending sort keeps equal values in index order; topk gives no such promise.
         return biased.sort(dim=-1, descending=True, stable=True).indices[:, : self.top_k]
 
-    def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None) -> RouterOutput:
-        """Route x [B, S, D] (input_ids [B, S]: hash layers); counts the selections into load_counts while training."""
+    def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
+                sequence: WholeSequence = WHOLE) -> RouterOutput:
+        """Route x [B, S, D] (input_ids [B, S]: hash layers); counts the selections into load_counts while training.
+
+        ``sequence``: the positions x holds, a shard of the sequences under SP (the aux loss's statistics).
+        """
         batch, seq, _ = x.shape
         scores = self.scores(x).view(batch * seq, self.num_experts)  # [T, E]
         topk_idx = self._select(scores, input_ids)  # [T, k]
@@ -137,11 +140,11 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         gates = gates * self.routed_scaling_factor
-        aux_loss = self._seq_aux_loss(scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1))
+        aux_loss = self._seq_aux_loss(scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1), sequence)
         if self.training:
             self._count(topk_idx)
             if self.track_stats:
-                self._accumulate_stats(scores, topk_idx, aux_loss)
+                self._accumulate_stats(scores, topk_idx, aux_loss, sequence.shards)
         return RouterOutput(topk_idx, gates, aux_loss)
 
     @torch.no_grad()
@@ -151,14 +154,15 @@ class Router(nn.Module):
         self.load_counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.load_counts.dtype))
 
     @torch.no_grad()
-    def _accumulate_stats(self, scores: torch.Tensor, topk_idx: torch.Tensor, aux_loss: torch.Tensor) -> None:
+    def _accumulate_stats(self, scores: torch.Tensor, topk_idx: torch.Tensor, aux_loss: torch.Tensor,
+                          shards: int) -> None:
         """Add this batch to the metrics window: O(T*E) elementwise work, no host sync."""
         flat = topk_idx.reshape(-1)
         self.stat_counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.stat_counts.dtype))
         probs = scores / scores.sum(dim=-1, keepdim=True)  # [T, E]
         entropy = torch.special.entr(probs).sum()  # summed over tokens
         # aux_loss is this shard's share of the sequences' loss: x shards gives the whole sequence's weight.
-        self.stat_sums += torch.stack([entropy, aux_loss.detach().float() * scores.shape[0] * self.sequence.shards])
+        self.stat_sums += torch.stack([entropy, aux_loss.detach().float() * scores.shape[0] * shards])
 
     @torch.no_grad()
     def reset_stats(self) -> None:
@@ -166,7 +170,7 @@ class Router(nn.Module):
         self.stat_counts.zero_()
         self.stat_sums.zero_()
 
-    def _seq_aux_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    def _seq_aux_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor, sequence: WholeSequence) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences.
 
         scores [B, S, E], topk_idx [B, S, k]. f_i = E/(k*S) * (tokens of the sequence choosing i)
@@ -177,10 +181,10 @@ class Router(nn.Module):
         if self.seq_aux_loss_coef == 0:
             return scores.new_zeros(())
         batch, seq, _ = scores.shape
-        shards = self.sequence.shards
+        shards = sequence.shards
         chosen = scores.new_zeros(batch, self.num_experts)
         chosen.scatter_add_(1, topk_idx.reshape(batch, -1), scores.new_ones(batch, seq * self.top_k))
-        f = self.sequence.sum(chosen) * (self.num_experts / (self.top_k * seq * shards))  # [B, E]
+        f = sequence.sum(chosen) * (self.num_experts / (self.top_k * seq * shards))  # [B, E]
         p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1) / shards  # [B, E]
         return self.seq_aux_loss_coef * (f * p).sum(dim=-1).mean()
 
