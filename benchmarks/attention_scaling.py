@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moesaic.configs.schema import AttentionConfig, ModelConfig
+from moesaic.configs.schema import ModelConfig
 from moesaic.model.attention import build_attention
+from moesaic.model.attention.presets import v4_attention
 from moesaic.trainer.host_memory import keep_freed_memory
 
 HIDDEN, HEADS, HEAD_DIM = 256, 4, 64
@@ -56,9 +57,9 @@ LAYERS = ("dense", "csa", "hca")
 
 
 def bench_config(kind: str) -> ModelConfig:
-    a = AttentionConfig(num_heads=HEADS, head_dim=HEAD_DIM, rope_head_dim=16, q_lora_rank=128, o_groups=2,
-                        o_lora_rank=128, window=128, csa_ratio=4, hca_ratio=128, index_heads=4, index_head_dim=32,
-                        index_topk=64, query_chunk=256)
+    a = v4_attention(num_heads=HEADS, head_dim=HEAD_DIM, rope_head_dim=16, q_lora_rank=128, o_groups=2,
+                     o_lora_rank=128, window=128, csa_ratio=4, hca_ratio=128, index_heads=4, index_head_dim=32,
+                     index_topk=64, query_chunk=256)
     return ModelConfig(hidden_size=HIDDEN, num_layers=1, layer_types=[kind], attention=a)
 
 

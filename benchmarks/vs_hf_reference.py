@@ -30,17 +30,18 @@ from pathlib import Path
 
 import torch
 
-from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
+from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model import Transformer
+from moesaic.model.attention.presets import v4_attention
 from moesaic.model.interop import export_hf, load_native, save_native
 
 IMPLS = ("moesaic", "transformers")
 
 
 def bench_config() -> ModelConfig:
-    a = AttentionConfig(num_heads=4, head_dim=64, rope_head_dim=16, q_lora_rank=128, o_groups=2, o_lora_rank=128,
-                        window=64, csa_ratio=4, hca_ratio=128, index_heads=8, index_head_dim=32, index_topk=64,
-                        query_chunk=256)
+    a = v4_attention(num_heads=4, head_dim=64, rope_head_dim=16, q_lora_rank=128, o_groups=2, o_lora_rank=128,
+                     window=64, csa_ratio=4, hca_ratio=128, index_heads=8, index_head_dim=32, index_topk=64,
+                     query_chunk=256)
     return ModelConfig(vocab_size=4096, hidden_size=256, num_layers=4, layer_types=["swa", "csa", "hca", "csa"],
                        hc_mult=4, attention=a, moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=256,
                                                              num_hash_layers=1))

@@ -9,15 +9,18 @@ import torch
 from test_attention_swa import _MaxNumel
 
 from moesaic.configs import ConfigError, load_config
-from moesaic.configs.schema import ModelConfig
+from moesaic.configs.schema import AttentionConfig, ModelConfig
 from moesaic.model import Transformer
 from moesaic.model.attention import build_attention
 from moesaic.model.attention.compressor import state_bytes
+from moesaic.model.attention.csa import CSASpec
+from moesaic.model.attention.hca import HCASpec
 from moesaic.model.attention.indexer import indexer_kl_loss
+from moesaic.model.attention.presets import v4_attention
+from moesaic.model.attention.swa import SWASpec
 from moesaic.model.kv_accounting import layer_kv_bytes
 from moesaic.model.norm import rms_normalize
 from moesaic.model.rope import rope_tail
-from menus import v4_attention
 
 D, WINDOW, CSA, HCA, TOPK = 48, 8, 4, 8, 3
 
@@ -37,13 +40,16 @@ def make_cfg(layer_types: list[str], query_chunk: int = 5, **attn) -> ModelConfi
 def make_layer(kind: str, seed: int = 0, **attn) -> torch.nn.Module:
     """A layer with non-trivial sink, position biases and norm weights (zero / one at init)."""
     torch.manual_seed(seed)
-    layer = build_attention(make_cfg([kind], **attn), 0)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if name.endswith("ape") or name == "attn_sink":
-                p.normal_()
-            elif name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
+    return randomise_layer(build_attention(make_cfg([kind], **attn), 0))
+
+
+@torch.no_grad()
+def randomise_layer(layer: torch.nn.Module) -> torch.nn.Module:
+    for name, p in layer.named_parameters():
+        if name.endswith("ape") or name == "attn_sink":
+            p.normal_()
+        elif name.endswith("norm.weight"):
+            p.uniform_(0.5, 1.5)
     return layer
 
 
@@ -58,7 +64,7 @@ def naive_index_scores(attn: torch.nn.Module, qr: torch.Tensor, x: torch.Tensor,
 
 def naive_layer(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer with full [S, S + N] logits: window mask on the raw keys, visibility of the entries,
-    a sink column, one softmax. CSA's picks are the top-k of the naive index scores."""
+    a sink column, one softmax. CSA's picks are the top-k of the naive index scores; SWA has no entries."""
     B, S, _ = x.shape
     H, c, rd, g = attn.num_heads, attn.head_dim, attn.rope_dim, attn.o_groups
     pos = torch.arange(S)
@@ -66,15 +72,16 @@ def naive_layer(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     qr = attn.q_norm(attn.wq_a(x))
     q = rope_tail(rms_normalize(attn.wq_b(qr).unflatten(-1, (H, c)), attn.eps), cos[:, None], sin[:, None], rd)
     kv = rope_tail(attn.kv_norm(attn.wkv(x)), cos, sin, rd)  # [B,S,c]
-    entries = attn.compressor(x)  # [B,N,c]
+    entries = attn.compressor(x) if hasattr(attn, "compressor") else kv[:, :0]  # [B,N,c]
     t, entry = pos[:, None], torch.arange(entries.shape[1])[None, :]
     in_window = ((pos[None, :] <= t) & (pos[None, :] > t - attn.window)).expand(B, S, S)
-    visible = (entry < (t + 1) // attn.ratio).expand(B, S, -1)  # [B,S,N]
+    visible = (entry < (t + 1) // getattr(attn, "ratio", 1)).expand(B, S, -1)  # [B,S,N]
     if hasattr(attn, "indexer"):
+        k = attn.indexer.topk
         index_scores = naive_index_scores(attn, qr.detach(), x.detach(), cos, sin).masked_fill(~visible, float("-inf"))
         top = index_scores.sort(dim=-1, descending=True).values
-        assert (top[..., TOPK - 1] - top[..., TOPK] > 1e-4)[torch.isfinite(top[..., TOPK - 1])].all()  # no ties
-        visible = visible & (index_scores >= top[..., TOPK - 1:TOPK])
+        assert (top[..., k - 1] - top[..., k] > 1e-4)[torch.isfinite(top[..., k - 1])].all()  # no ties
+        visible = visible & (index_scores >= top[..., k - 1:k])
     values = torch.cat([kv, entries], dim=1)  # [B, S + N, c]
     logits = torch.einsum("bshc,btc->bhst", q, values) * attn.softmax_scale
     logits = logits.masked_fill(~torch.cat([in_window, visible], dim=-1)[:, None], float("-inf"))
@@ -85,7 +92,7 @@ def naive_layer(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     out = attn.wo_b(o.flatten(2))
     if not hasattr(attn, "indexer"):
         return out, x.new_zeros(())
-    picks = index_scores.masked_fill(~visible, float("-inf")).topk(TOPK, dim=-1).indices  # [B,S,k]
+    picks = index_scores.masked_fill(~visible, float("-inf")).topk(k, dim=-1).indices  # [B,S,k]
     valid = visible.gather(-1, picks)
     mass = probs[..., S:].sum(dim=1).gather(-1, picks)  # head-summed main probability of each pick
     return out, attn.indexer_loss_coef * indexer_kl_loss(index_scores.gather(-1, picks), mass, valid)
@@ -116,6 +123,43 @@ def test_layer_matches_naive_reference(kind: str) -> None:
         assert (got is None) == (want is None), name
         if want is not None:
             assert (got - want).abs().max() <= 1e-6 * want.abs().max().clamp_min(1.0), name
+
+
+def test_layers_of_one_model_take_their_own_menu_entries() -> None:
+    """Windows, head counts, ratios and top-k differ per layer: each layer is built from its own menu entry,
+    its cache holds that entry's KV bytes (the formula, by hand), and it matches the naive reference of its
+    own shape (in fp64, to 1e-6 of the output's size: the kernel's softmax still rounds to fp32)."""
+    base = dict(rope_head_dim=8, q_lora_rank=24, o_lora_rank=16, query_chunk=5)
+    compressed = dict(base, yarn_factor=4.0, yarn_original_max_position=16)
+    index = dict(compressed, index_heads=16, index_head_dim=16)
+    menu = {"local": SWASpec(**base, num_heads=2, head_dim=16, o_groups=1, window=4),
+            "near": CSASpec(**index, num_heads=4, head_dim=32, o_groups=2, window=8, ratio=4, index_topk=2),
+            "far": CSASpec(**index, num_heads=8, head_dim=32, o_groups=4, window=16, ratio=4, index_topk=5),
+            "coarse": HCASpec(**compressed, num_heads=2, head_dim=16, o_groups=2, window=6, ratio=8)}
+    cfg = ModelConfig(vocab_size=128, hidden_size=D, num_layers=4, layer_types=["local", "near", "far", "coarse"],
+                      ffn_types=["dense"] * 4, dense_intermediate_size=64, attention=AttentionConfig(menu=menu))
+    torch.manual_seed(1)
+    model = Transformer(cfg)
+    layers = [block.attn for block in model.layers]
+    assert [(a.window, a.num_heads, a.head_dim) for a in layers] == [(4, 2, 16), (8, 4, 32), (16, 8, 32), (6, 2, 16)]
+    assert [layers[1].indexer.topk, layers[2].indexer.topk, layers[3].ratio] == [2, 5, 8]
+
+    B, N = 2, 37
+    caches = model.make_caches(B)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (B, N)), caches=caches)
+    by_hand = [4 * 16 * 4, 8 * 32 * 4 + (N // 4) * (32 + 16) * 4, 16 * 32 * 4 + (N // 4) * (32 + 16) * 4,
+               6 * 16 * 4 + (N // 8) * 16 * 4]
+    assert [layer.total for layer in layer_kv_bytes(cfg, N, "fp32", "fp32")] == by_hand
+    assert [cache.kv_bytes() for cache in caches] == [B * n for n in by_hand]
+
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    for attn in layers:
+        attn = randomise_layer(attn).double()
+        with torch.no_grad():
+            out, _ = attn(x)
+            ref, _ = naive_layer(attn, x)
+        assert (out - ref).abs().max() <= 1e-6 * ref.abs().max(), attn.layer_idx
 
 
 @pytest.mark.parametrize("kind", ["csa", "hca"])

@@ -11,12 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moesaic.configs.schema import ModelConfig
 from moesaic.model.attention import CompressedKV, ForwardContext, SWACache, build_attention, window_attention
-from menus import v4_attention
+from moesaic.model.attention.presets import v4_attention
 
 
 def tiny_cfg(window: int = 8, query_chunk: int = 5, **attn) -> ModelConfig:
     a = v4_attention(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
-                        window=window, query_chunk=query_chunk, **attn)
+                     window=window, query_chunk=query_chunk, **attn)
     return ModelConfig(vocab_size=64, hidden_size=48, num_layers=1, ffn_types=["dense"], attention=a)
 
 

@@ -15,8 +15,8 @@ import torch
 
 from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model import Transformer
-from moesaic.model.attention.kernels import CompressedKV, window_attention
-from menus import v4_attention
+from moesaic.model.attention import CompressedKV, window_attention
+from moesaic.model.attention.presets import v4_attention
 
 from test_attention_compressed import cached_logits
 from test_compressor import M, inputs, make_indexer
@@ -36,8 +36,8 @@ def exact_fp32_matmuls() -> Iterator[None]:
 def v4_config(**overrides) -> ModelConfig:
     """Every layer type, mHC with 4 streams, a hash-routed MoE layer, routed + shared experts and MTP."""
     a = v4_attention(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
-                        window=8, query_chunk=16, csa_ratio=4, hca_ratio=8, index_heads=4, index_head_dim=16,
-                        index_topk=4)
+                     window=8, query_chunk=16, csa_ratio=4, hca_ratio=8, index_heads=4, index_head_dim=16,
+                     index_topk=4)
     fields = dict(vocab_size=128, hidden_size=48, num_layers=4, layer_types=["swa", "csa", "hca", "csa"],
                   ffn_types=["moe"] * 4, hc_mult=4, mtp_layers=1, attention=a,
                   moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=32, num_hash_layers=1))

@@ -10,14 +10,14 @@ from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model import Transformer
 from moesaic.model.moe import MoE, Router
 from moesaic.model.moe.router import hash_routing_table
-from menus import v4_attention
+from moesaic.model.attention.presets import v4_attention
 
 VOCAB = 64
 
 
 def cfg(**kw: object) -> ModelConfig:
     a = v4_attention(num_heads=2, head_dim=16, rope_head_dim=8, q_lora_rank=16, o_groups=2, o_lora_rank=8,
-                        window=8)
+                     window=8)
     fields = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, attention=a,
                   moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=16, num_hash_layers=1))
     fields.update(kw)

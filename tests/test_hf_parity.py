@@ -9,6 +9,7 @@ scales, norms, selection biases, the hash table), so each one is exercised.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -19,14 +20,15 @@ import transformers  # the test extra pins 5.14.0 (>= 5.10.4 is a sound referenc
 from safetensors.torch import load_file, save_file
 
 from moesaic.configs import ConfigError
-from moesaic.configs.schema import ModelConfig, MoEConfig
+from moesaic.configs.schema import AttentionConfig, ModelConfig, MoEConfig
 from moesaic.launch.cli import main as cli
 from moesaic.model import Transformer
 from moesaic.model.interop import (ConversionError, export_hf, import_hf, load_hf_into, load_native,
                                    read_native_config, save_native, to_hf_config)
 from moesaic.model.interop.hf_config import architecture
 from moesaic.model.moe.router import hash_routing_table
-from menus import v4_attention
+from moesaic.model.attention.presets import v4_attention
+from attention_types import HF_KINDS, small_spec
 
 VOCAB, SEQ = 96, 48
 
@@ -34,18 +36,25 @@ VOCAB, SEQ = 96, 48
 def make_cfg(layer_types: list[str], yarn: float = 1.0, mtp_layers: int = 1,
              score_func: str = "sqrtsoftplus") -> ModelConfig:
     a = v4_attention(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
-                        window=8, csa_ratio=4, hca_ratio=8, index_heads=16, index_head_dim=16, index_topk=3,
-                        yarn_factor=yarn, yarn_original_max_position=32, query_chunk=16)
+                     window=8, csa_ratio=4, hca_ratio=8, index_heads=16, index_head_dim=16, index_topk=3,
+                     yarn_factor=yarn, yarn_original_max_position=32, query_chunk=16)
     moe = MoEConfig(num_experts=8, top_k=2, intermediate_size=24, num_hash_layers=1, routed_scaling_factor=2.5,
                     swiglu_limit=1.0, score_func=score_func)  # a low clamp limit, so the clamp is active
     return ModelConfig(vocab_size=VOCAB, hidden_size=48, num_layers=len(layer_types), layer_types=layer_types,
                        hc_mult=4, mtp_layers=mtp_layers, attention=a, moe=moe)
 
 
+def one_type_cfg(kind: str) -> ModelConfig:
+    """Every layer of one registered type (tests/attention_types.py settings), MTP blocks on SWA."""
+    return dataclasses.replace(make_cfg([kind, kind]), attention=AttentionConfig(menu={
+        "swa": small_spec("swa"), kind: small_spec(kind)}))
+
+
 CONFIGS = {
     "swa+hash+mhc+mtp": make_cfg(["swa", "swa"]),
     "swa/csa/hca+yarn": make_cfg(["swa", "csa", "hca", "csa"], yarn=4.0),
     "sigmoid scores": make_cfg(["hca", "swa"], mtp_layers=0, score_func="sigmoid"),
+    **{f"{kind} only": one_type_cfg(kind) for kind in HF_KINDS},  # a registered type gets the parity test
 }
 
 
@@ -207,6 +216,11 @@ def test_corrupted_or_mismatched_checkpoints_fail_clearly_and_write_nothing(tmp_
 
 
 def test_export_refuses_what_transformers_cannot_express(tmp_path: Path) -> None:
+    two_windows = make_cfg(["swa", "wide"])
+    two_windows.attention.menu["wide"] = dataclasses.replace(two_windows.attention.menu["swa"], window=16)
+    with pytest.raises(ConfigError, match="model.attention.menu.wide and model.attention.menu.swa disagree on "
+                                          "transformers' 'sliding_window' \\(16 vs 8\\)"):
+        to_hf_config(two_windows)
     for change, message in [({"hc_mult": 1}, "model.hc_mult=1"), ({"ffn_types": ["dense", "moe"]}, "ffn_types"),
                             ({"tie_embeddings": True}, "tie_embeddings"), ({"score_func": "softmax"}, "score_func")]:
         cfg = make_cfg(["swa", "swa"])

@@ -29,7 +29,7 @@ from moesaic.trainer.metrics import (
     router_metrics,
 )
 from moesaic.trainer.sinks import MetricSinks
-from menus import v4_attention
+from moesaic.model.attention.presets import v4_attention
 from trainrun import FAST, train
 
 
@@ -187,8 +187,8 @@ def test_indexer_selection_statistics_on_known_picks() -> None:
     """m = 4, 8 queries, 3 entries, top-2: distances, coverage and overlap counted by hand."""
     cfg = ModelConfig(hidden_size=16, num_layers=1, layer_types=["csa"],
                       attention=v4_attention(num_heads=2, head_dim=8, rope_head_dim=4, q_lora_rank=8, o_groups=1,
-                                                o_lora_rank=8, window=4, csa_ratio=4, index_heads=1,
-                                                index_head_dim=8, index_topk=2))
+                                             o_lora_rank=8, window=4, csa_ratio=4, index_heads=1,
+                                             index_head_dim=8, index_topk=2))
     layer = Transformer(cfg).layers[0].attn
     stats = AttentionStats()
     idx = torch.tensor([[[-1, -1]] * 3 + [[0, -1]] * 4 + [[1, 0]]])  # [1, 8, 2]; entry 2 is never picked
@@ -203,7 +203,7 @@ def small_attention(**kw: object) -> Config:
     cfg = Config()
     cfg.data.seq_len = 8
     cfg.model.attention = v4_attention(num_heads=2, head_dim=8, rope_head_dim=4, window=4, csa_ratio=2, hca_ratio=2,
-                                          index_heads=3, index_head_dim=4, index_topk=1, **kw)
+                                       index_heads=3, index_head_dim=4, index_topk=1, **kw)
     return cfg
 
 

@@ -11,7 +11,7 @@ import torch
 from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model import Transformer, mhc
 from moesaic.model._cpu_compiled import applies
-from menus import v4_attention
+from moesaic.model.attention.presets import v4_attention
 
 N, D = 4, 16
 
@@ -132,7 +132,7 @@ def test_sinkhorn_handwritten_backward_matches_autograd(iters: int) -> None:
 
 def tiny_cfg(hc_mult: int, **kw: object) -> ModelConfig:
     a = v4_attention(num_heads=2, head_dim=16, rope_head_dim=8, q_lora_rank=16, o_groups=2, o_lora_rank=8,
-                        window=8)
+                     window=8)
     fields = dict(vocab_size=64, hidden_size=32, num_layers=2, hc_mult=hc_mult, attention=a,
                   moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=32))
     fields.update(kw)
@@ -238,7 +238,7 @@ def test_gradients_reach_every_mhc_parameter() -> None:
 def test_prefill_then_decode_with_mhc_equals_the_full_forward() -> None:
     """The decode caches carry only attention state: the streams are rebuilt from each token's embedding."""
     a = v4_attention(num_heads=2, head_dim=16, rope_head_dim=8, q_lora_rank=16, o_groups=2, o_lora_rank=8,
-                        window=8, csa_ratio=4, hca_ratio=8, index_heads=16, index_head_dim=16, index_topk=3)
+                     window=8, csa_ratio=4, hca_ratio=8, index_heads=16, index_head_dim=16, index_topk=3)
     torch.manual_seed(0)
     model = Transformer(tiny_cfg(4, num_layers=3, layer_types=["swa", "csa", "hca"], attention=a,
                                  moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=32, num_hash_layers=1))).eval()

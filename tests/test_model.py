@@ -11,19 +11,21 @@ import torch
 from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model import ModelOutput, Transformer
 from moesaic.model.loss import linear_cross_entropy
-from menus import v4_attention
+from attention_types import KINDS, SMALL, small_menu
 
-WINDOW = 8
-# Attention layouts the cache and causality tests run on; the compressed ones cross many CSA (4)
-# and HCA (8) boundaries within the short test sequences.
-LAYOUTS = [["swa"] * 3, ["csa", "hca", "swa"], ["hca", "swa", "csa"]]
+WINDOW = SMALL["swa"]["window"]
+# Attention layouts the cache and causality tests run on: every registered type alone, and V4's three
+# types in one model; the short test sequences cross many window and compression boundaries.
+LAYOUTS = [[kind] * 3 for kind in KINDS] + [["csa", "hca", "swa"]]
+
+
+def test_every_registered_type_has_small_settings():
+    assert set(SMALL) == set(KINDS), "add the new type's small settings to tests/attention_types.py"
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
-    a = v4_attention(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
-                        window=WINDOW, query_chunk=6, csa_ratio=4, hca_ratio=8, index_topk=3)
     fields = dict(vocab_size=256, hidden_size=48, num_layers=3, ffn_types=["dense"] * 3, dense_intermediate_size=64,
-                  attention=a)
+                  attention=small_menu())
     fields.update(overrides)
     return ModelConfig(**fields)
 

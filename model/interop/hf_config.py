@@ -50,13 +50,14 @@ def check_exportable(cfg: ModelConfig) -> None:
 
 
 def _merge(out: dict[str, Any], part: dict[str, Any], owner: dict[str, str], name: str, path: str = "") -> None:
-    """Add a layer's config.json keys to ``out``; a key two menu entries set differently is refused."""
+    """Add a layer's config.json keys to ``out``; a key two menu entries set differently is refused
+    (``owner``: the entry that set each key; keys without one hold defaults)."""
     for key, value in part.items():
-        if isinstance(value, dict):
-            _merge(out.setdefault(key, {}), value, owner, name, f"{path}{key}.")
-            continue
         where = path + key
-        _require(out.get(key, value) == value,
+        if isinstance(value, dict):
+            _merge(out.setdefault(key, {}), value, owner, name, f"{where}.")
+            continue
+        _require(where not in owner or out[key] == value,
                  f"model.attention.menu.{name} and model.attention.menu.{owner.get(where)} disagree on transformers' "
                  f"'{where}' ({value!r} vs {out.get(key)!r}): a DeepSeek-V4 config.json has one value for every layer")
         out[key] = value
@@ -64,8 +65,12 @@ def _merge(out: dict[str, Any], part: dict[str, Any], owner: dict[str, str], nam
 
 
 def _attention_keys(cfg: ModelConfig) -> dict[str, Any]:
-    """The attention keys of config.json, merged over every layer's entry."""
+    """The attention keys of config.json, merged over every layer's entry, on top of every type's defaults
+    (transformers reads some keys of types no layer uses, e.g. every compression rate)."""
     out: dict[str, Any] = {}
+    for cls in registered().values():
+        if cls.hf_layer_type is not None:
+            _merge(out, cls().to_hf(f"the default {cls.__name__}"), {}, "")
     owner: dict[str, str] = {}
     for i, spec in enumerate(layer_specs(cfg)):
         name = cfg.attention_type(i)

@@ -1,0 +1,32 @@
+"""Small settings of every registered attention type, for the tests parametrised over the registry.
+
+A new type gets the causality, prefill/decode, generation and Hugging Face round-trip tests by
+registering and adding its entry here (``test_every_registered_type_has_small_settings`` fails until
+it does). Sizes fit hidden size 48; windows and compression ratios are small, so short test
+sequences cross many window and compression boundaries; 16 index heads keep top-k ties rare.
+"""
+
+from __future__ import annotations
+
+from moesaic.configs.schema import AttentionConfig
+from moesaic.model.attention import AttentionSpec, registered
+
+_V4 = dict(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16, window=8,
+           query_chunk=6)
+_COMPRESSED = dict(_V4, yarn_factor=4.0, yarn_original_max_position=32)
+SMALL: dict[str, dict] = {
+    "swa": _V4,
+    "csa": dict(_COMPRESSED, ratio=4, index_heads=16, index_head_dim=16, index_topk=3),
+    "hca": dict(_COMPRESSED, ratio=8),
+}
+KINDS = list(registered())
+HF_KINDS = [kind for kind, cls in registered().items() if cls.hf_layer_type is not None]
+
+
+def small_spec(kind: str) -> AttentionSpec:
+    return registered()[kind](**SMALL[kind])
+
+
+def small_menu() -> AttentionConfig:
+    """One entry per registered type, named by its kind."""
+    return AttentionConfig(menu={kind: small_spec(kind) for kind in KINDS})
