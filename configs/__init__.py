@@ -152,12 +152,13 @@ def check_attention(m: ModelConfig, seq_len: int) -> dict:
     for name in set(names) - set(menu):
         field = "model.mtp_layer_type" if name == m.mtp_layer_type and m.mtp_layers else "model.layer_types"
         _require(False, f"{field} uses '{name}', which is not an entry of model.attention.menu ({entries})")
-    for name, spec in menu.items():
-        spec.check(f"model.attention.menu.{name}", seq_len)
     known = {f for spec in menu.values() for f in vars(spec)} - {"kind"}
     for key in m.attention.common:
         _require(key in known, f"unknown config key 'model.attention.common.{key}': no menu entry's kind has it")
-    return {name: menu[name] for name in dict.fromkeys(names)}
+    used = {name: menu[name] for name in dict.fromkeys(names)}  # unused entries are parsed, not checked
+    for name, spec in used.items():
+        spec.check(f"model.attention.menu.{name}", seq_len)
+    return used
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
