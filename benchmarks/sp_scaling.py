@@ -31,7 +31,8 @@ import time
 import torch
 
 MODEL = ["model.hidden_size=128", "model.num_layers=4", "model.layer_types=[swa,csa,hca,csa]",
-         "model.ffn_types=[moe,moe,moe,moe]", "model.attention.common.num_heads=4", "model.attention.common.head_dim=64",
+         "model.ffn_types=[moe,moe,moe,moe]", "model.attention.common.num_heads=4",
+         "model.attention.common.head_dim=64",
          "model.attention.common.window=128", "model.attention.menu.csa.ratio=4", "model.attention.menu.hca.ratio=128",
          "model.attention.menu.csa.index_topk=64", "model.attention.common.query_chunk=256", "model.moe.num_experts=8",
          "model.moe.top_k=2", "train.micro_batch_size=1", "train.global_batch_size=1", "train.zero_stage=1",

@@ -19,7 +19,7 @@ def test_a_type_missing_a_method_is_refused_when_registered() -> None:
     class Bare(AttentionSpec):
         kind: str = "bare"
 
-    with pytest.raises(TypeError, match="attention type Bare does not implement build, check, dense_kv_bytes_per_token"):
+    with pytest.raises(TypeError, match="attention type Bare does not implement build, check, dense_kv_bytes"):
         register(Bare)
     with pytest.raises(TypeError, match="kind 'swa' is empty or registered twice"):
         register(dataclasses.make_dataclass("Again", [("kind", str, "swa")], bases=(SWASpec,)))

@@ -256,7 +256,8 @@ def test_training_starts_from_init_from(tmp_path: Path) -> None:
     from moesaic.configs import load_config
 
     v4 = ["model.hc_mult=4", "model.mtp_layers=1", "model.moe.num_hash_layers=1", "model.ffn_types=[moe,moe]",
-          "model.layer_types=[swa,csa]", "model.attention.menu.csa.index_heads=16", "model.attention.menu.csa.index_head_dim=16",
+          "model.layer_types=[swa,csa]", "model.attention.menu.csa.index_heads=16",
+          "model.attention.menu.csa.index_head_dim=16",
           "train.steps=1", "train.eval_every=1", f"data.cache_dir={tmp_path / 'cache'}"]
     overrides = FAST + v4
     source = moesaic_model(load_config("tiny", overrides).model, seed=3)

@@ -87,7 +87,8 @@ def test_ep_load_and_layer_aggregates() -> None:
 
 def tiny_config(**logging: object) -> Config:
     cfg = load_config(None, ["model.hidden_size=32", "model.num_layers=2", "model.ffn_types=[moe,moe]",
-                             "model.vocab_size=64", "model.attention.common.num_heads=2", "model.attention.common.head_dim=16",
+                             "model.vocab_size=64", "model.attention.common.num_heads=2",
+                             "model.attention.common.head_dim=16",
                              "model.attention.common.rope_head_dim=8", "model.attention.common.q_lora_rank=16",
                              "model.attention.common.o_lora_rank=16", "model.attention.common.window=4",
                              "model.moe.num_experts=4", "model.moe.intermediate_size=16", "data.seq_len=8",

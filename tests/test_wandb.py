@@ -47,7 +47,8 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[st
     clean["HOME"] = str(tmp / "home")  # no ~/.netrc credentials either
     common = FAST + [f"data.cache_dir={tmp / 'cache'}", f"run_dir={run_dir}", "logging.wandb=auto",
                      "logging.run_name=obs-test", "logging.group=obs", "logging.tags=[moe,kv]",
-                     "model.layer_types=[csa,hca]", "model.attention.menu.hca.ratio=8", "model.attention.menu.csa.index_topk=4",
+                     "model.layer_types=[csa,hca]", "model.attention.menu.hca.ratio=8",
+                     "model.attention.menu.csa.index_topk=4",
                      "model.ffn_types=[moe,moe]", "model.moe.seq_aux_loss_coef=0.001", "logging.peak_flops=1e11",
                      "logging.kv_contexts=[4096]", "train.steps=6", "train.log_every=2", "train.eval_every=3",
                      "logging.moe_heatmap_every=2", "checkpoint.every=100"]

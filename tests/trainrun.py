@@ -15,7 +15,8 @@ import torch
 FAST = [
     "model.hidden_size=64", "model.num_layers=2", "model.layer_types=[swa,swa]", "model.ffn_types=[dense,moe]",
     "model.dense_intermediate_size=128", "model.attention.common.num_heads=2", "model.attention.common.head_dim=32",
-    "model.attention.common.q_lora_rank=32", "model.attention.common.o_lora_rank=32", "model.attention.common.window=16",
+    "model.attention.common.q_lora_rank=32", "model.attention.common.o_lora_rank=32",
+    "model.attention.common.window=16",
     "model.moe.num_experts=4", "model.moe.intermediate_size=64",
     "train.micro_batch_size=4", "train.global_batch_size=8", "train.warmup_steps=2",
     "train.log_every=1", "train.eval_every=4", "train.eval_batches=1", "train.sample_tokens=8",

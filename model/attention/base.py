@@ -53,7 +53,8 @@ class AttentionSpec(ABC):
     kind: str = ""
 
     hf_layer_type: ClassVar[Optional[str]] = None  # transformers' name of the layer type; None: not exportable
-    hf_names: ClassVar[dict[str, str]] = {}  # in-layer tensor names: moesaic ("attn." + key) -> HF ("self_attn." + value)
+    # In-layer tensor names: moesaic ("attn." + key) -> transformers ("self_attn." + value).
+    hf_names: ClassVar[dict[str, str]] = {}
     not_architecture: ClassVar[frozenset[str]] = frozenset({"kind"})  # fields that change no weight and no output
 
     @abstractmethod

@@ -74,7 +74,8 @@ class CompressedSpec(V4Spec):
                         "original_max_position_embeddings": self.yarn_original_max_position,
                         "beta_fast": self.yarn_beta_fast, "beta_slow": self.yarn_beta_slow, "attention_factor": 1.0}
         compress.update(rope_theta=self.rope_theta, partial_rotary_factor=self.rope_head_dim / self.head_dim)
-        return {**super().to_hf(where), "compress_rope_theta": self.rope_theta, "rope_parameters": {"compress": compress},
+        return {**super().to_hf(where), "compress_rope_theta": self.rope_theta,
+                "rope_parameters": {"compress": compress},
                 "max_position_embeddings": int(self.yarn_factor * self.yarn_original_max_position),
                 "compress_rates": {self.hf_layer_type: self.ratio}}
 

@@ -42,7 +42,8 @@ _BLOCK = {
     "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
     "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
     # Each attention type names its own tensors (AttentionSpec.hf_names).
-    **{f"attn.{ours}": f"self_attn.{theirs}" for spec in registered().values() for ours, theirs in spec.hf_names.items()},
+    **{f"attn.{ours}": f"self_attn.{theirs}" for spec in registered().values()
+       for ours, theirs in spec.hf_names.items()},
 }
 _MTP = {**_BLOCK, **{n: n for n in ("e_proj.weight", "h_proj.weight", "enorm.weight", "hnorm.weight", "norm.weight")},
         "hc_head_fn": "hc_head.hc_fn", "hc_head_base": "hc_head.hc_base", "hc_head_scale": "hc_head.hc_scale"}
