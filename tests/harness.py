@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -93,10 +91,10 @@ class Report:
     """What the ranks of one launch recorded, and how the launch ended."""
 
     world: int
-    records: list[dict]
+    records: list[dict] = field(repr=False)
     finished: set[int]
     returncode: int | None  # None: killed at the timeout
-    output: str
+    output: str = field(repr=False)
 
     def problems(self) -> list[str]:
         """Each failed check with where it was made, then what went wrong with the launch itself."""
@@ -113,11 +111,13 @@ class Report:
         return out
 
     def assert_ok(self) -> None:
-        """Fail with every problem, the number of checks made and the launch's output tail."""
+        """Fail with every problem and the number of checks made; with the output tail if the launch went wrong."""
         problems = self.problems()
+        launch_ok = self.returncode == 0 and self.finished == set(range(self.world))
+        tail = "" if launch_ok else f"\n---- output tail ----\n{self.output[-6000:]}"
         names = len({r["name"] for r in self.records})
-        assert not problems, (f"{len(problems)} problem(s), {names} checks on {self.world} ranks:\n"
-                              + "\n".join(problems) + f"\n---- output tail ----\n{self.output[-6000:]}")
+        header = f"{len(problems)} problem(s), {names} checks on {self.world} ranks:"
+        assert not problems, "\n".join([header, *problems]) + tail
 
     def __str__(self) -> str:
         """One line per check: its worst rank (a failing one, else the value nearest its limit)."""
@@ -133,14 +133,18 @@ class Report:
 
 
 def _communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, int | None]:
-    """The launch's output and exit code (None at the timeout); its whole process group dies on timeout or interrupt."""
+    """torchrun's output and exit code (None at the timeout).
+
+    On a timeout or an interrupt torchrun gets SIGTERM, on which it ends its workers (they sit in
+    sessions of their own, out of reach of a process-group kill) within its 30 s grace period.
+    """
     try:
         return proc.communicate(timeout=timeout)[0], proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return proc.communicate()[0], None
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+    except BaseException as exc:
+        proc.terminate()
+        output = proc.communicate(timeout=60)[0]
+        if isinstance(exc, subprocess.TimeoutExpired):
+            return output, None
         raise
 
 
@@ -154,9 +158,8 @@ def run_workers(worker: Callable[..., None] | str, world: int, timeout: float = 
     with tempfile.TemporaryDirectory(prefix="moesaic-checks-") as results:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
                f"--master-port={free_port()}", str(HERE), target, json.dumps(kwargs), results]
-        # Its own session, so that a timeout ends torchrun's workers too, not only torchrun.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
-                                cwd=HERE.parent, start_new_session=True)
+                                cwd=HERE.parent)
         output, returncode = _communicate(proc, timeout)
         lines = [json.loads(line) for path in sorted(Path(results).glob("rank*.jsonl"))
                  for line in path.read_text().splitlines()]
