@@ -7,9 +7,9 @@ The model: hidden 128, 4 layers SWA / CSA / HCA / CSA (4 heads x 64, window 128,
 indexer top-64), MoE FFNs (8 experts, top-2), fp32. Each (sp, length) case is a fresh torchrun
 launch of sp processes on gloo with ``--threads`` threads each (default cores / sp: the same cores
 for both; on a loaded machine one thread per rank can be faster, then sp=2 uses twice the cores), running
-the trainer's own pieces: ``Topology``, ``apply_sequence_parallel``, the sequence shard of a batch of
-one random sequence, DeepSpeed ZeRO-1 with the topology as mpu. A step is forward + backward +
-optimizer step; time is the median of ``--reps`` steps after one warm-up step, and tokens/s is the
+the trainer's own pieces: ``Topology``, ``build_engine`` (``apply_sequence_parallel``, DeepSpeed ZeRO-1
+with the topology as mpu) and the sequence shard of a batch of one random sequence. A step is forward +
+backward + optimizer step; time is the median of ``--reps`` steps after one warm-up step, and tokens/s is the
 sequence length over it (the sp ranks share one sequence). Memory is per rank: peak ``ru_maxrss``
 after the steps minus ``ru_maxrss`` once the engine is built (weights and optimizer state excluded).
 The longest trainable length is the longest whose worst rank stays within ``--budget-gib``; lengths
@@ -45,26 +45,18 @@ def rss_bytes() -> int:
 
 def run_case(sp: int, seq_len: int, reps: int) -> dict | None:
     """One case on this torchrun rank; rank 0 returns {time_s, peak_gib (worst rank)}."""
-    import deepspeed
     import torch.distributed as dist
 
     from moesaic.configs import load_config
-    from moesaic.model import Transformer
-    from moesaic.parallel.sp import apply_sequence_parallel
     from moesaic.parallel.topology import Topology
     from moesaic.trainer.data import sequence_shard
     from moesaic.trainer.distributed import destroy, init_distributed
-    from moesaic.trainer.loop import build_optimizer, deepspeed_config
+    from moesaic.trainer.engine import build_engine
 
     init_distributed("cpu")
     cfg = load_config("tiny", MODEL + [f"data.seq_len={seq_len}", f"parallel.sp={sp}"])
     topology = Topology(cfg.parallel)
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    if sp > 1:
-        apply_sequence_parallel(model, topology)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
-                                           config=deepspeed_config(cfg, topology.dp), mpu=topology if sp > 1 else None)
+    engine, _ = build_engine(cfg, topology)
     block = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
     inputs, labels = sequence_shard(block, topology.sp_rank, sp)
 

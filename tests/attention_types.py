@@ -30,3 +30,11 @@ def small_spec(kind: str) -> AttentionSpec:
 def small_menu() -> AttentionConfig:
     """One entry per registered type, named by its kind."""
     return AttentionConfig(menu={kind: small_spec(kind) for kind in KINDS})
+
+
+def menu_overrides(exclude: tuple[str, ...] = ()) -> list[str]:
+    """``small_menu`` as dot-list overrides, leaving the ``exclude`` fields to ``model.attention.common``."""
+    def entry(kind: str) -> str:
+        fields = {"kind": kind, **{k: v for k, v in SMALL[kind].items() if k not in exclude}}
+        return "{" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}"
+    return [f"model.attention.menu.{kind}={entry(kind)}" for kind in KINDS]

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model import Transformer
+from moesaic.model.attention.presets import v4_attention
 from moesaic.model.moe import MoE, Router
 from moesaic.model.moe.router import hash_routing_table
-from moesaic.model.attention.presets import v4_attention
 
 VOCAB = 64
 

@@ -15,6 +15,7 @@ from moesaic.configs import Config, ConfigError, load_config, validate
 from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model import Transformer
 from moesaic.model.attention import AttentionStats, CompressedKV, layer_specs, resolve_menu, window_attention
+from moesaic.model.attention.presets import v4_attention
 from moesaic.model.sequence import WHOLE
 from moesaic.model.kv_accounting import dense_kv_bytes, layer_kv_bytes
 from moesaic.model.moe import Router
@@ -29,7 +30,6 @@ from moesaic.trainer.metrics import (
     router_metrics,
 )
 from moesaic.trainer.sinks import MetricSinks
-from moesaic.model.attention.presets import v4_attention
 from trainrun import FAST, train
 
 

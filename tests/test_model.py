@@ -11,6 +11,7 @@ import torch
 from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model import ModelOutput, Transformer
 from moesaic.model.loss import linear_cross_entropy
+
 from attention_types import KINDS, SMALL, small_menu
 
 WINDOW = SMALL["swa"]["window"]

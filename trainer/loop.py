@@ -20,13 +20,12 @@ import torch
 from ..configs import Config, ConfigError, check_trainable, save_config, validate
 from ..model import Transformer
 from ..model.attention import StatsSink
-from ..model.interop import load_hf_into
 from . import checkpoint as ckpt_io
 from .balance import update_router_biases
 from .data import DataBundle, GlobalSampler, prepare_data, rank_slice, sequence_shard
 from .distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
-from .rng import get_rng_state, seed_everything, set_rng_state
-from .schedule import lr_multiplier
+from .engine import build_engine
+from .rng import get_rng_state, set_rng_state
 from .metrics import MetricsPanel
 from .sinks import MetricSinks
 
@@ -52,40 +51,8 @@ class TrainResult:
     sample: str | None
 
 
-def deepspeed_config(cfg: Config, dp: int) -> dict:
-    t = cfg.train
-    return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.dtype == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """torch AdamW (no JIT-compiled ops); matrices decay, vectors (norms, sinks, biases) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    if cfg.parallel.ep > 1:
-        from ..parallel.ep import split_expert_param_groups  # deepspeed loads after init_distributed
-
-        groups = split_expert_param_groups(groups)
-    t = cfg.train
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)
-
-
 class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo) -> None:
-        import deepspeed
-
         from ..parallel.topology import Topology  # deepspeed loads after init_distributed
 
         self.cfg, self.dist = cfg, dist_info
@@ -96,23 +63,7 @@ class Trainer:
         if dist_info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self.data = self._prepare_data()
-        seed_everything(cfg.train.seed)
-        model = Transformer(cfg.model)
-        if cfg.model.init_from:  # start from a transformers DeepSeek-V4 checkpoint (every rank reads it)
-            load_hf_into(model, cfg.model.init_from)
-        if cfg.parallel.ep > 1:
-            from ..parallel.ep import apply_expert_parallel
-
-            apply_expert_parallel(model, cfg.parallel.ep)
-        if cfg.parallel.sp > 1:
-            from ..parallel.sp import apply_sequence_parallel
-
-            apply_sequence_parallel(model, self.topology)
-        optimizer = build_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.train))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.dp),
-            mpu=self.topology if cfg.parallel.sp > 1 else None)  # DeepSpeed sees sequence ranks only via an mpu
+        self.engine, self.scheduler = build_engine(cfg, self.topology)
         self.model: Transformer = self.engine.module
         self.dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
         self.step = 0
