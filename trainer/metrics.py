@@ -15,7 +15,7 @@ import io
 import math
 import resource
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from moesaic.configs import AttentionConfig, ConfigError, ModelConfig, MoEConfig
-from moesaic.model.attention import AttentionSpec, layer_specs, registered, spec_for_hf
+from moesaic.model.attention import layer_specs, registered, spec_for_hf
 from moesaic.model.attention.base import HFReader
 
 HASH_MOE, MOE = "hash_moe", "moe"
