@@ -8,6 +8,8 @@ sequences cross many window and compression boundaries; 16 index heads keep top-
 
 from __future__ import annotations
 
+import dataclasses
+
 from moesaic.configs.schema import AttentionConfig
 from moesaic.model.attention import AttentionSpec, registered
 
@@ -32,9 +34,19 @@ def small_menu() -> AttentionConfig:
     return AttentionConfig(menu={kind: small_spec(kind) for kind in KINDS})
 
 
-def menu_overrides(exclude: tuple[str, ...] = ()) -> list[str]:
-    """``small_menu`` as dot-list overrides, leaving the ``exclude`` fields to ``model.attention.common``."""
+def _has(kind: str, field: str) -> bool:
+    return field in {f.name for f in dataclasses.fields(registered()[kind])}
+
+
+def menu_overrides(**fixed: object) -> list[str]:
+    """``small_menu`` as dot-list overrides (one whole entry each), with the ``fixed`` values for the fields
+    an entry's kind has (they win over a base config's entries, which ``model.attention.common`` does not)."""
     def entry(kind: str) -> str:
-        fields = {"kind": kind, **{k: v for k, v in SMALL[kind].items() if k not in exclude}}
+        fields = {"kind": kind, **SMALL[kind], **{k: v for k, v in fixed.items() if _has(kind, k)}}
         return "{" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}"
     return [f"model.attention.menu.{kind}={entry(kind)}" for kind in KINDS]
+
+
+def every_entry(field: str, value: object) -> list[str]:
+    """Dot-list overrides setting ``field`` in every ``menu_overrides`` entry whose kind has it."""
+    return [f"model.attention.menu.{kind}.{field}={value}" for kind in KINDS if _has(kind, field)]

@@ -29,7 +29,7 @@ import torch
 from moesaic.configs import Config, ConfigError, check_trainable, load_config, validate
 from moesaic.parallel.portable import full_model_state
 
-from attention_types import KINDS, menu_overrides
+from attention_types import KINDS, every_entry, menu_overrides
 from exactness import TOL, check_engine, reference_steps
 from harness import Checks, run_workers
 from trainrun import FAST, assert_identical, command, env, latest, losses, train
@@ -38,14 +38,16 @@ if TYPE_CHECKING:
     from moesaic.parallel.topology import Topology
 
 STEPS = 3
-# Every registered type in one model (tests/attention_types.py settings), S = 32 in 2 shards of 16:
-# windows of 4 (CSA) and 8 (HCA) tokens end at the shard edge.
+# Every registered type in one model (tests/attention_types.py settings, with SHARED for every layer
+# that has the field), S = 32 in 2 shards of 16: windows of 4 (CSA) and 8 (HCA) tokens end at the shard
+# edge. With these settings the steps' parameters agree to about 4e-7.
+SHARED = dict(window=8, query_chunk=1024, num_heads=2, q_lora_rank=32, o_lora_rank=32, index_heads=4, index_topk=4,
+              yarn_factor=1.0, yarn_original_max_position=65536)
 LAYOUT = [f"model.num_layers={len(KINDS)}", f"model.layer_types=[{','.join(KINDS)}]",
           f"model.ffn_types=[{','.join(['dense'] + ['moe'] * (len(KINDS) - 1))}]", "data.seq_len=32",
-          *menu_overrides(exclude=("window", "query_chunk")), "model.attention.common.window=8",
-          "model.moe.seq_aux_loss_coef=0.01", "model.moe.bias_update_rate=0.01"]
+          *menu_overrides(**SHARED), "model.moe.seq_aux_loss_coef=0.01", "model.moe.bias_update_rate=0.01"]
 # Window longer than a shard, query chunks that do not align with it, mHC and a hash-routed first layer.
-VARIANT = ["model.attention.common.window=20", "model.attention.common.query_chunk=5", "model.hc_mult=2",
+VARIANT = [*every_entry("window", 20), *every_entry("query_chunk", 5), "model.hc_mult=2",
            f"model.ffn_types=[{','.join(['moe'] * (len(KINDS) - 1) + ['dense'])}]", "model.moe.num_hash_layers=1"]
 # lr 1e-4 and a clip far below the gradient norm, as in test_ep.py: 1e-6 is 1% of an Adam step.
 TRAIN = ["train.micro_batch_size=2", "train.global_batch_size=8", "train.grad_clip=0.05", "train.warmup_steps=1",
