@@ -20,6 +20,8 @@ from moesaic.model.rope import rope_tail
 
 from numerics import assert_close_scaled, fp64, fp64_copy
 
+pytestmark = pytest.mark.numerics
+
 D, WINDOW, CSA, HCA, TOPK = 48, 8, 4, 8, 3
 
 

@@ -12,6 +12,8 @@ from moesaic.model.attention import CompressedKV, SWACache, build_attention, ker
 
 from numerics import assert_close_scaled, fp64
 
+pytestmark = pytest.mark.numerics
+
 
 def tiny_cfg(window: int = 8, query_chunk: int = 5, **attn) -> ModelConfig:
     a = AttentionConfig(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,

@@ -15,6 +15,8 @@ from moesaic.model.rope import RotaryEmbedding
 
 from numerics import assert_close_scaled, fp64, fp64_copy
 
+pytestmark = pytest.mark.numerics
+
 D, C, RD, EPS = 32, 16, 8, 1e-6
 ROPE = dict(theta=160000.0, yarn_factor=4.0, original_max_position=32)
 

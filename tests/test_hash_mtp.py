@@ -13,6 +13,8 @@ from moesaic.model.moe.router import hash_routing_table
 
 from numerics import assert_close_scaled, fp64_copy
 
+pytestmark = pytest.mark.numerics
+
 VOCAB = 64
 
 

@@ -29,6 +29,8 @@ from moesaic.model.moe.router import hash_routing_table
 
 from numerics import assert_close_scaled
 
+pytestmark = pytest.mark.numerics
+
 VOCAB, SEQ = 96, 48
 
 

@@ -14,6 +14,8 @@ from moesaic.model._cpu_compiled import applies
 
 from numerics import assert_close_scaled
 
+pytestmark = pytest.mark.numerics
+
 N, D = 4, 16
 
 

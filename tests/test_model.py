@@ -14,6 +14,8 @@ from moesaic.model.loss import linear_cross_entropy
 
 from numerics import assert_close_scaled
 
+pytestmark = pytest.mark.numerics
+
 WINDOW = 8
 # Attention layouts the cache and causality tests run on; the compressed ones cross many CSA (4)
 # and HCA (8) boundaries within the short test sequences.

@@ -14,6 +14,8 @@ from moesaic.model.moe import GroupedExperts, LocalDispatcher, MoE, Router
 
 from numerics import assert_close_scaled, fp64, fp64_copy
 
+pytestmark = pytest.mark.numerics
+
 
 def make_cfg(dim: int = 16, **moe: object) -> ModelConfig:
     base = dict(num_experts=4, top_k=2, intermediate_size=8, num_shared_experts=1)
