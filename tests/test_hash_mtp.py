@@ -12,6 +12,10 @@ from moesaic.model.attention.presets import v4_attention
 from moesaic.model.moe import MoE, Router
 from moesaic.model.moe.router import hash_routing_table
 
+from numerics import assert_close_scaled, fp64_copy
+
+pytestmark = pytest.mark.numerics
+
 VOCAB = 64
 
 
@@ -62,17 +66,18 @@ def test_hash_moe_layer_uses_the_table_experts() -> None:
     moe = MoE(c, 0)
     x, ids = torch.randn(1, 6, 32), torch.randint(0, VOCAB, (1, 6))
     y, _ = moe(x, ids)
-    ex, sh = moe.experts, moe.shared_experts
+    ref = fp64_copy(moe)  # the reference in fp64
+    ex, sh = ref.experts, ref.shared_experts
     for t in range(6):
-        h = x[0, t]
-        scores = F.softplus(moe.gate.weight @ h).sqrt()
-        chosen = moe.gate.tid2eid[ids[0, t]]
+        h = x[0, t].double()
+        scores = F.softplus(ref.gate.weight @ h).sqrt()
+        chosen = ref.gate.tid2eid[ids[0, t]]
         gates = scores[chosen] / scores[chosen].sum() * c.moe.routed_scaling_factor
         expect = sh(h)
         for g, e in zip(gates, chosen):
             a, u = (ex.w1[e] @ h).clamp(max=10), (ex.w3[e] @ h).clamp(-10, 10)
             expect = expect + g * (ex.w2[e] @ (F.silu(a) * u))
-        torch.testing.assert_close(y[0, t], expect, rtol=1e-5, atol=1e-6)
+        assert_close_scaled(y[0, t], expect, 16, f"token {t}")
 
 
 @pytest.mark.parametrize("hc_mult", [1, 4])
@@ -101,8 +106,10 @@ def test_mtp_predicts_one_token_further_from_the_next_input_token(hc_mult: int) 
     changed[:, 7] = (changed[:, 7] + 1) % VOCAB
     mtp_logits.clear()
     model(changed, labels=labels)
-    diff = (mtp_logits[0] - logits).abs().amax(dim=(0, 2))
-    assert (diff[:6] < 1e-6).all() and (diff[6:] > 1e-4).all()  # (1e-8: expert batches regroup)
+    # Before position 6 rounding only (expert batches regroup: observed up to 1.4 fp32 eps of the
+    # largest logit), from there on a change.
+    assert_close_scaled(mtp_logits[0][:, :6], logits[:, :6], 16, "before position 6", scale=logits.abs().max().item())
+    assert ((mtp_logits[0] - logits)[:, 6:].abs().amax(dim=(0, 2)) > 1e-4).all()
 
 
 def test_mtp_depths_chain_and_train() -> None:

@@ -32,6 +32,8 @@ from moesaic.trainer.metrics import (
 from moesaic.trainer.sinks import MetricSinks
 from trainrun import FAST, train
 
+pytestmark = pytest.mark.numerics
+
 
 def one_hot_router(num_experts: int = 4) -> Router:
     """A top-1 softmax router whose token x = one_hot(e) scores expert e highest."""
