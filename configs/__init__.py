@@ -71,6 +71,10 @@ def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(exc).splitlines()[0]
     if "not in" in msg:
+        if key.startswith("model.attention."):  # the flat attention fields of configs written before the menu
+            return ConfigError(f"unknown config key '{key}' in {source}: attention fields now go in a menu entry "
+                               f"(model.attention.menu.<name>.{key.split('.')[-1]}) or in model.attention.common "
+                               f"(docs/config.md)")
         return ConfigError(f"unknown config key '{key}' in {source}: check the spelling against docs/config.md")
     return ConfigError(f"bad value for '{key}' in {source}: {msg}")
 
