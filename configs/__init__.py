@@ -153,9 +153,9 @@ def check_attention(m: ModelConfig, seq_len: int) -> dict:
     for i, name in enumerate(m.layer_types):
         _require(name in menu, f"model.layer_types[{i}]='{name}' is not an entry of model.attention.menu ({entries})")
     names = [m.attention_type(i) for i in range(m.num_layers + m.mtp_layers)]
-    for name in set(names) - set(menu):
+    for name in set(names) - set(menu):  # the MTP blocks' entry, or "swa" for an empty model.layer_types
         field = "model.mtp_layer_type" if name == m.mtp_layer_type and m.mtp_layers else "model.layer_types"
-        _require(False, f"{field} uses '{name}', which is not an entry of model.attention.menu ({entries})")
+        raise ConfigError(f"{field} uses '{name}', which is not an entry of model.attention.menu ({entries})")
     known = {f for spec in menu.values() for f in vars(spec)} - {"kind"}
     for key in m.attention.common:
         _require(key in known, f"unknown config key 'model.attention.common.{key}': no menu entry's kind has it")

@@ -8,8 +8,6 @@ official names (``hc_attn_fn``/``_base``/``_scale``, ``hc_ffn_*``).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -54,9 +52,8 @@ class Block(nn.Module):
         return self.ffn(h), h.new_zeros(())
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor,
-                ctx: Optional[ForwardContext] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B,S,D] (or mHC streams [B,S,n,D]), input_ids [B,S] (for hash routing) -> (x, aux_loss of both sublayers)."""
-        ctx = ctx if ctx is not None else ForwardContext()
         if self.hc.n > 1:
             return self._forward_mhc(x, input_ids, ctx)
         h, attn_aux = self.attn_sublayer(x, ctx)

@@ -7,6 +7,7 @@ Python use these instead of spelling every entry.
 from __future__ import annotations
 
 from moesaic.configs.schema import AttentionConfig
+
 from .csa import CSASpec
 from .hca import HCASpec
 from .swa import SWASpec
