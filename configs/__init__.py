@@ -181,6 +181,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for i, kind in enumerate(m.ffn_types):
         _check_choice(f"model.ffn_types[{i}]", kind, FFN_TYPES)
     used = check_attention(m, d.seq_len)
+    _require(m.attention.backend != "cpu" or (t.dtype == "fp32" and t.device != "cuda"),
+             f"model.attention.backend='cpu' runs fp32 CPU tensors only, but train.dtype='{t.dtype}' and "
+             f"train.device='{t.device}'; use 'auto'")
 
     _require(e.top_k <= e.num_experts,
              f"model.moe.top_k={e.top_k} must be <= model.moe.num_experts={e.num_experts}")

@@ -38,6 +38,7 @@ def test_bundled_configs_load_and_overrides_apply() -> None:
     (["model.attention.menu.hca.ratio=abc"], "bad value for 'model.attention.menu.hca.ratio'"),
     (["model.attention.menu.long={window: 64}"], "model.attention.menu.long needs a 'kind'"),
     (["model.attention.common.index_topks=4"], "unknown config key 'model.attention.common.index_topks'"),
+    (["model.attention.backend=cpu", "train.dtype=bf16"], "model.attention.backend='cpu' runs fp32 CPU tensors only"),
     (["model.attention.backend=cuda"],
      "model.attention.backend='cuda' is not allowed (choose one of: auto, torch, cpu)"),
     (["model.mtp_layers=1", "model.mtp_layer_type=long"], "model.mtp_layer_type uses 'long', which is not an entry"),
