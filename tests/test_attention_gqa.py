@@ -289,3 +289,9 @@ def test_mosaic_demo_config_trains_with_its_panels(tmp_path):
         assert math.isfinite(logged[f"attn_layers/{layer}/max_logit"])
     assert logged["kv_layers/L05/4k/bytes_per_token"] == 0.0
     assert logged["kv_layers/L04/4k/bytes_per_token"] == 2 * 1 * 64 * 4  # K and V of one 64-wide head, fp32
+
+
+def test_flops_count_the_keys_each_query_sees():
+    sliding, glob = SPECS["sliding_partial_rope"], SPECS["qwen3"]
+    assert sliding.flops_per_token(8) == pytest.approx(12 * 6 * 8 * (1 + 2 + 3 + 4 + 5 + 5 + 5 + 5) / 8)
+    assert glob.flops_per_token(8) == pytest.approx(12 * 4 * 16 * 4.5)
