@@ -43,7 +43,8 @@ def check_exportable(cfg: ModelConfig) -> None:
              "moe.router_input_norm": m.router_input_norm, "moe.per_expert_scale": m.per_expert_scale}
     for name, value in gemma.items():
         _require(not value, f"model.{name}={value}: a Gemma 4 option that DeepSeek-V4 checkpoints cannot express")
-    _require(cfg.ffn_activation == "silu", f"model.ffn_activation='{cfg.ffn_activation}': DeepSeek-V4 uses SwiGLU (silu)")
+    _require(cfg.ffn_activation == "silu",
+             f"model.ffn_activation='{cfg.ffn_activation}': DeepSeek-V4 uses SwiGLU (silu)")
     _require(m.num_shared_experts == 1, f"model.moe.num_shared_experts={m.num_shared_experts}: "
                                         "DeepSeek-V4 has exactly one shared expert")
     _require(m.norm_topk_prob, "model.moe.norm_topk_prob=false: DeepSeek-V4 always normalises the top-k gates")
