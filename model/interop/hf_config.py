@@ -36,7 +36,15 @@ def check_exportable(cfg: ModelConfig) -> None:
     _require(cfg.hc_mult > 1, f"model.hc_mult={cfg.hc_mult}: DeepSeek-V4 checkpoints always use mHC; "
                               "moesaic's hc_mult=1 (plain residual) has no equivalent")
     dense = [i for i in range(cfg.num_layers) if cfg.ffn_type(i) != "moe"]
-    _require(not dense, f"model.ffn_types[{dense[0] if dense else 0}]='dense': DeepSeek-V4 has an MoE FFN in every layer")
+    _require(not dense, f"model.ffn_types[{dense[0] if dense else 0}]='{cfg.ffn_type(dense[0]) if dense else ''}': "
+                        "DeepSeek-V4 has an MoE FFN in every layer")
+    gemma = {"embed_scale": cfg.embed_scale, "sandwich_norm": cfg.sandwich_norm, "layer_scalar": cfg.layer_scalar,
+             "ple_dim": cfg.ple_dim, "final_logit_softcap": cfg.final_logit_softcap,
+             "moe.router_input_norm": m.router_input_norm, "moe.per_expert_scale": m.per_expert_scale}
+    for name, value in gemma.items():
+        _require(not value, f"model.{name}={value}: a Gemma 4 option that DeepSeek-V4 checkpoints cannot express")
+    _require(cfg.ffn_activation == "silu",
+             f"model.ffn_activation='{cfg.ffn_activation}': DeepSeek-V4 uses SwiGLU (silu)")
     _require(m.num_shared_experts == 1, f"model.moe.num_shared_experts={m.num_shared_experts}: "
                                         "DeepSeek-V4 has exactly one shared expert")
     _require(m.norm_topk_prob, "model.moe.norm_topk_prob=false: DeepSeek-V4 always normalises the top-k gates")
