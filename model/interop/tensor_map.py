@@ -22,7 +22,14 @@ Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]  # native name -> (shape
 Source = Callable[[str, Optional[tuple]], torch.Tensor]  # native name, index -> (that part of) the tensor
 
 _SCOPED = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
-EXPERT_PARTS = {"ffn.experts.w1": 0, "ffn.experts.w3": 1, "ffn.experts.w2": 2}  # gate, up, down
+_EXPERTS = re.compile(r"(^|\.)experts\.w([132])$")  # routed experts' stacked gate, up, down (ffn. or ffn.moe.)
+_PARTS = {"1": 0, "3": 1, "2": 2}
+
+
+def expert_part(native: str) -> Optional[int]:
+    """0, 1, 2 for a layer's stacked routed-expert gate, up, down weight; None for any other tensor."""
+    m = _EXPERTS.search(native)
+    return _PARTS[m.group(2)] if m else None
 
 
 def split_scope(native: str) -> tuple[str, int, str]:
@@ -90,7 +97,7 @@ class _Reader:
         if not keys:
             return TensorPlan(native, dtype, shape, lambda: torch.zeros(shape, dtype=dtype))
         key = next((k for k in keys if k in self.src), None)
-        part = EXPERT_PARTS.get(split_scope(native)[2])
+        part = expert_part(native)
         if part is not None and key is None:
             return self._per_expert(native, keys, part, shape)
         if key is None:
@@ -134,7 +141,7 @@ def write_plans(plan: NamePlan, source: Source, native: Shapes) -> list[TensorPl
     out = []
     for name, (shape, dtype) in native.items():
         key = plan.write_key(name)
-        part = EXPERT_PARTS.get(split_scope(name)[2])
+        part = expert_part(name)
         if key is None or (part == 1 and plan.experts.write_fused):
             continue  # not stored, or written with its gate half
         if part is None or (part == 2 and plan.experts.write_fused):
