@@ -162,6 +162,9 @@ def check_attention(m: ModelConfig, seq_len: int) -> dict:
     used = {name: menu[name] for name in dict.fromkeys(names)}  # unused entries are parsed, not checked
     for name, spec in used.items():
         spec.check(f"model.attention.menu.{name}", seq_len)
+    specs = [menu[name] for name in names]
+    for i, (name, spec) in enumerate(zip(names, specs)):
+        spec.check_in_model(f"model.attention.menu.{name}", i, specs, m.num_layers)
     return used
 
 

@@ -8,6 +8,7 @@ one complex number. SWA-only layers use base ``rope_theta``; CSA/HCA layers use
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -34,9 +35,12 @@ class RotaryEmbedding(nn.Module):
     """Produces cos/sin tables [..., rope_dim/2] for integer positions."""
 
     def __init__(self, rope_dim: int, theta: float, yarn_factor: float = 1.0,
-                 original_max_position: int = 65536, beta_fast: float = 32.0, beta_slow: float = 1.0) -> None:
+                 original_max_position: int = 65536, beta_fast: float = 32.0, beta_slow: float = 1.0,
+                 inv_freq: Optional[torch.Tensor] = None) -> None:
+        """``inv_freq`` [rope_dim/2] replaces the frequencies derived from theta (``half_split_inv_freq``)."""
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+        if inv_freq is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
         if yarn_factor > 1.0:
             inv_freq = yarn_inv_freq(inv_freq, theta, yarn_factor, original_max_position, beta_fast, beta_slow)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -68,3 +72,27 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: i
     """
     plain, tail = x.split([x.shape[-1] - rope_dim, rope_dim], dim=-1)
     return torch.cat([plain, apply_rope(tail, cos, sin, inverse)], dim=-1)
+
+
+def half_split_inv_freq(head_dim: int, theta: float, fraction: float, proportional: bool) -> torch.Tensor:
+    """Frequencies of half-split RoPE (transformers' ``rotate_half`` family, MOSAIC_SPEC §0.1).
+
+    "default": the first int(head_dim * fraction) channels rotate, with exponents over that rotary
+    width. "proportional" (Gemma 4 global layers): the whole head rotates, exponents over head_dim,
+    and only the first int(fraction * head_dim // 2) frequencies are non-zero (the rest are identity).
+    """
+    if proportional:
+        angles = int(fraction * head_dim // 2)
+        inv_freq = 1.0 / theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float32) / head_dim)
+        return torch.cat([inv_freq, torch.zeros(head_dim // 2 - angles)])
+    rot = int(head_dim * fraction)
+    return 1.0 / theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)
+
+
+def rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel i with channel i + r/2 of the leading r = 2 * cos.shape[-1] channels of x [..., C]."""
+    rot = 2 * cos.shape[-1]
+    head, rest = x.split([rot, x.shape[-1] - rot], dim=-1)
+    x1, x2 = head.float().chunk(2, dim=-1)  # [..., r/2] each
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([rotated, rest], dim=-1)

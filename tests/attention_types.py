@@ -20,6 +20,7 @@ SMALL: dict[str, dict] = {
     "swa": _V4,
     "csa": dict(_COMPRESSED, ratio=4, index_heads=16, index_head_dim=16, index_topk=3),
     "hca": dict(_COMPRESSED, ratio=8),
+    "gqa": dict(num_heads=4, num_kv_heads=2, head_dim=16, rope_fraction=0.5, query_chunk=6),
 }
 KINDS = list(registered())
 HF_KINDS = [kind for kind, cls in registered().items() if cls.hf_layer_type is not None]
@@ -50,3 +51,17 @@ def menu_overrides(**fixed: object) -> list[str]:
 def every_entry(field: str, value: object) -> list[str]:
     """Dot-list overrides setting ``field`` in every ``menu_overrides`` entry whose kind has it."""
     return [f"model.attention.menu.{kind}.{field}={value}" for kind in KINDS if _has(kind, field)]
+
+
+# The attention mosaic as config overrides, for a menu that already has "csa" and "hca" entries: V4's CSA and
+# HCA beside Gemma-style GQA layers (sliding, and global with k_eq_v and proportional RoPE), two of which read
+# an earlier layer's K/V (kv_source). Default logit scale: Gemma's 1.0 with untrained q/k norms makes logits of
+# ~head_dim and a softmax too peaked for multi-step exactness checks.
+_GEMMA = "num_heads: 2, v_norm: true"
+_GLOBAL = f"{_GEMMA}, num_kv_heads: 1, head_dim: 32, k_eq_v: true, rope_type: proportional, rope_fraction: 0.25"
+MOSAIC = ["model.num_layers=6", "model.layer_types=[csa,sliding,hca,global,sliding_shared,global_shared]",
+          "model.ffn_types=[dense,moe,moe,moe,moe,moe]",
+          f"model.attention.menu.sliding={{kind: gqa, {_GEMMA}, head_dim: 16, window: 6}}",
+          f"model.attention.menu.global={{kind: gqa, {_GLOBAL}}}",
+          f"model.attention.menu.sliding_shared={{kind: gqa, {_GEMMA}, head_dim: 16, window: 6, kv_source: 1}}",
+          f"model.attention.menu.global_shared={{kind: gqa, {_GLOBAL}, kv_source: 3}}"]

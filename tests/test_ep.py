@@ -13,6 +13,7 @@ import torch
 
 from moesaic.configs import Config, ConfigError, load_config, validate
 
+from attention_types import MOSAIC, menu_overrides
 from exactness import TOL, check_engine, reference_steps
 from harness import Checks, run_workers
 from trainrun import FAST
@@ -42,6 +43,12 @@ def test_ep2_matches_single_process_zero1_zero2() -> None:
 def test_dp2_x_ep2_and_ep4_match_single_process() -> None:
     run_workers(ep_matches_one_process, world=4, timeout=600, overrides=OVERRIDES,
                 runs=[(2, 1), (2, 2), (4, 2)]).assert_ok()
+
+
+@pytest.mark.multiproc
+def test_attention_mosaic_with_kv_sharing_at_ep2_matches_single_process() -> None:
+    mosaic = [*menu_overrides(window=8, num_heads=2), *MOSAIC, "data.seq_len=32"]
+    run_workers(ep_matches_one_process, world=2, timeout=600, overrides=OVERRIDES + mosaic, runs=[(2, 1)]).assert_ok()
 
 
 @pytest.mark.parametrize("overrides, world, message", [

@@ -29,7 +29,7 @@ import torch
 from moesaic.configs import Config, ConfigError, check_trainable, load_config, validate
 from moesaic.parallel.portable import full_model_state
 
-from attention_types import KINDS, every_entry, menu_overrides
+from attention_types import KINDS, MOSAIC, every_entry, menu_overrides
 from exactness import TOL, check_engine, reference_steps
 from harness import Checks, run_workers
 from trainrun import FAST, assert_identical, command, env, latest, losses, train
@@ -49,6 +49,9 @@ LAYOUT = [f"model.num_layers={len(KINDS)}", f"model.layer_types=[{','.join(KINDS
 # Window longer than a shard, query chunks that do not align with it, mHC and a hash-routed first layer.
 VARIANT = [*every_entry("window", 20), *every_entry("query_chunk", 5), "model.hc_mult=2",
            f"model.ffn_types=[{','.join(['moe'] * (len(KINDS) - 1) + ['dense'])}]", "model.moe.num_hash_layers=1"]
+# The attention mosaic (attention_types.MOSAIC) on top of LAYOUT's menu: the sharing layers reuse the keys their
+# source exchanged between shards.
+MOSAIC_LAYOUT = [*LAYOUT, *MOSAIC]
 # lr 1e-4 and a clip far below the gradient norm, as in test_ep.py: 1e-6 is 1% of an Adam step.
 TRAIN = ["train.micro_batch_size=2", "train.global_batch_size=8", "train.grad_clip=0.05", "train.warmup_steps=1",
          "train.lr=1e-4"]
@@ -64,6 +67,12 @@ def _cfg(layout: list[str], sp: int = 1, ep: int = 1, zero: int = 1, extra: Sequ
 def test_sp2_and_sp2_with_ep2_on_two_ranks_match_one_process() -> None:
     run_workers(sp_matches_one_process, world=2, layout=LAYOUT, variants=[[], VARIANT],
                 runs=[(2, 1, 1), (2, 1, 2), (2, 2, 2)]).assert_ok()
+
+
+@pytest.mark.multiproc
+def test_attention_mosaic_with_kv_sharing_at_sp2_matches_one_process() -> None:
+    run_workers(sp_matches_one_process, world=2, layout=MOSAIC_LAYOUT,
+                variants=[[], [*every_entry("query_chunk", 5)]], runs=[(2, 1, 1)]).assert_ok()
 
 
 @pytest.mark.multiproc

@@ -61,6 +61,10 @@ class AttentionSpec(ABC):
     def check(self, where: str, seq_len: int) -> None:
         """Raise ConfigError naming ``where``.field for a bad value (``seq_len``: the training length)."""
 
+    def check_in_model(self, where: str, layer: int, specs: list[AttentionSpec], num_layers: int) -> None:
+        """Raise ConfigError for a choice that involves other layers (``specs``: every layer's, decoder
+        layers first, then MTP blocks) at ``layer``; most types have none."""
+
     @abstractmethod
     def build(self, model: ModelConfig, layer_idx: int) -> AttentionLayer:
         """The layer module of this entry at ``layer_idx``."""
