@@ -144,7 +144,7 @@ def test_transformers_weights_load_in_moesaic_with_equal_logits(name: str, tmp_p
     # 2) the module's state dict as is (fused experts; Gemma's tied lm_head.weight included)
     (tmp_path / "raw").mkdir()
     shutil.copy(tmp_path / "saved" / "config.json", tmp_path / "raw" / "config.json")
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "raw" / "model.safetensors"))
+    save_file({k: v.clone() for k, v in hf.state_dict().items()}, str(tmp_path / "raw" / "model.safetensors"))
     import_hf(tmp_path / "raw", tmp_path / "native_b")
     for native in ("native_a", "native_b"):
         with torch.no_grad():
@@ -163,3 +163,104 @@ def test_moesaic_weights_load_in_transformers_with_equal_logits(name: str, tmp_p
     with torch.no_grad():
         ours, theirs = model(ids()).logits, hf(ids()).logits
     assert_same_logits(ours, theirs, f"{name}: moesaic -> transformers")
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("qwen3: norm") or n.startswith("gemma4: k_eq_v")])
+def test_greedy_decoding_matches_transformers(name: str, tmp_path: Path) -> None:
+    """Prefill + cached decode (moesaic's caches; Gemma's shared layers read their source's) picks transformers'
+    greedy tokens."""
+    case = CASES[name]
+    hf = hf_model(case)
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "native")
+    prompt = ids()[:, :10]
+    with torch.no_grad():
+        ours = load_native(tmp_path / "native").eval().generate(prompt, max_new_tokens=8)
+        theirs = hf.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert torch.equal(ours, theirs), (ours, theirs)
+
+
+def test_init_from_fills_a_built_model_and_names_a_disagreeing_field(tmp_path: Path) -> None:
+    case = CASES["qwen3: norm_topk_prob, dense layer 1"]
+    hf_model(case).save_pretrained(tmp_path / "hf")
+    cfg = moesaic_cfg(case)
+    target = Transformer(cfg).eval()
+    load_hf_into(target, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "native")
+    with torch.no_grad():
+        assert torch.equal(target(ids()).logits, load_native(tmp_path / "native").eval()(ids()).logits)
+    for change, message in [(lambda c: setattr(c.moe, "norm_topk_prob", False), "model.moe.norm_topk_prob=False"),
+                            (lambda c: setattr(c, "ffn_types", ["moe"] * 3), "model.ffn_types"),
+                            (lambda c: c.attention.menu["gqa"].update(window=8), "model.attention.menu.gqa.window=8")]:
+        other = moesaic_cfg(case)
+        change(other)
+        with pytest.raises(ConfigError, match=message):
+            load_hf_into(Transformer(other), tmp_path / "hf")
+
+
+def edited(src: Path, dst: Path, text_config: bool = False, **changes: Any) -> Path:
+    """A copy of a checkpoint with config.json keys changed (None: removed)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    target = config["text_config"] if text_config else config
+    for key, value in changes.items():
+        target.pop(key) if value is None else target.__setitem__(key, value)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_unsupported_configs_fail_in_one_line_and_write_nothing(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    qwen_dir = tmp_path / "qwen"
+    hf_model(CASES["qwen3: norm_topk_prob, dense layer 1"]).save_pretrained(qwen_dir)
+    yarn = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}
+    cases = [
+        (edited(qwen_dir, tmp_path / "bias", attention_bias=True), "attention_bias=True"),
+        (edited(qwen_dir, tmp_path / "yarn", rope_parameters=yarn), "rope_type 'yarn'"),
+        (edited(qwen_dir, tmp_path / "act", hidden_act="gelu"), "hidden_act='gelu'"),
+        (edited(qwen_dir, tmp_path / "llama", model_type="llama"), "model_type='llama'"),
+    ]
+    capsys.readouterr()  # save_pretrained's progress bar
+    for src, message in cases:
+        dst = tmp_path / "out" / src.name
+        assert cli(["convert", str(src), str(dst)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("moesaic: error:") and message in err, err
+        assert not (tmp_path / "out").exists()  # not even a parent or a partial directory
+
+
+def test_export_picks_the_family_or_names_the_field_that_stops_it(tmp_path: Path) -> None:
+    case = CASES["qwen3: norm_topk_prob, dense layer 1"]
+    assert to_hf_config(moesaic_cfg(case))["architectures"] == ["Qwen3MoeForCausalLM"]
+    for change, message in [(lambda c: setattr(c.moe, "num_shared_experts", 1), "model.moe.num_shared_experts=1"),
+                            (lambda c: setattr(c.moe, "score_func", "sigmoid"), "model.moe.score_func='sigmoid'"),
+                            (lambda c: c.attention.menu["gqa"].update(rope_fraction=0.5),
+                             "model.attention.menu.gqa.rope_fraction=0.5"),
+                            (lambda c: c.attention.menu.update(wide={**c.attention.menu["gqa"], "window": 8}) or
+                             setattr(c, "layer_types", ["gqa", "wide", "gqa"]),
+                             "menu.wide and model.attention.menu.gqa disagree on window"),
+                            (lambda c: c.attention.menu.update(swa={"kind": "swa"}) or
+                             setattr(c, "layer_types", ["gqa", "swa", "gqa"]),
+                             "model.attention.menu.swa.kind='swa' \\(layer 1\\): Qwen3-MoE layers are all gqa")]:
+        cfg = moesaic_cfg(case)
+        change(cfg)
+        with pytest.raises(ConfigError, match=message):
+            to_hf_config(cfg)
+    model = moesaic_model(case)
+    model.layers[0].ffn.gate.expert_bias.fill_(0.5)  # a selection bias Qwen3-MoE cannot hold
+    save_native(model, tmp_path / "native")
+    with pytest.raises(ConversionError, match="'layers.0.ffn.gate.expert_bias' .* is nonzero"):
+        export_hf(tmp_path / "native", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_cli_convert_both_ways(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    case = CASES["qwen3: unnormalised top-k, sliding, tied"]
+    model = moesaic_model(case)
+    save_native(model, tmp_path / "native")
+    assert cli(["convert", str(tmp_path / "native"), str(tmp_path / "hf")]) == 0
+    assert cli(["convert", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    out = capsys.readouterr().out
+    assert "native -> transformers (Qwen3-MoE)" in out and "transformers -> native (Qwen3-MoE)" in out
+    back = load_native(tmp_path / "back")
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))

@@ -179,11 +179,12 @@ def export_hf(native_dir: str | Path, hf_dir: str | Path, max_shard_bytes: int =
 
 
 def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
-    """Convert either way, by what ``src`` is (config.json: transformers; config.yaml: native); returns the direction."""
+    """Convert either way, by what ``src`` is (config.json: transformers; config.yaml: native); returns the
+    direction and the family."""
     if (Path(src) / HF_CONFIG).is_file():
         import_hf(src, dst)
-        return "transformers -> native"
+        return f"transformers -> native ({family_for_model(read_native_config(dst)).name})"
     if (Path(src) / NATIVE_CONFIG).is_file():
         export_hf(src, dst, max_shard_bytes)
-        return "native -> transformers"
+        return f"native -> transformers ({family_for_model(read_native_config(src)).name})"
     raise ConfigError(f"{src} is neither a transformers checkpoint ({HF_CONFIG}) nor a moesaic one ({NATIVE_CONFIG})")

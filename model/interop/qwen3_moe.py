@@ -75,6 +75,9 @@ def check_exportable(cfg: ModelConfig) -> None:
     m = cfg.moe
     require(cfg.hc_mult == 1, f"model.hc_mult={cfg.hc_mult}: Qwen3-MoE has a plain residual (hc_mult=1)")
     require(cfg.mtp_layers == 0, f"model.mtp_layers={cfg.mtp_layers}: Qwen3-MoE has no MTP blocks")
+    for i, layer in enumerate(layer_specs(cfg)):
+        require(layer.kind == GQA, f"model.attention.menu.{cfg.attention_type(i)}.kind='{layer.kind}' (layer {i}): "
+                                   "Qwen3-MoE layers are all gqa")
     name, spec = shared_entry(cfg, "Qwen3-MoE", range(cfg.num_layers))
     where = f"model.attention.menu.{name}"
     for field, value in [("qk_norm", True), ("v_norm", False), ("k_eq_v", False), ("rope_type", "default"),
@@ -91,7 +94,7 @@ class Qwen3Moe(Family):
     model_types = ("qwen3_moe",)
 
     def claims(self, cfg: ModelConfig) -> bool:
-        return all(spec.kind == GQA for spec in layer_specs(cfg)) and not getattr(cfg, "sandwich_norm", False)
+        return any(spec.kind == GQA for spec in layer_specs(cfg)) and not getattr(cfg, "sandwich_norm", False)
 
     def from_hf(self, hf: dict[str, Any], tensor_names: set[str], source: str) -> ModelConfig:
         return _from_hf(hf, source)
