@@ -14,7 +14,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .schema import (
+    FFN_ACTIVATIONS,
     FFN_TYPES,
+    MOE_FFN_TYPES,
     SCORE_FUNCS,
     AttentionConfig,
     CheckpointConfig,
@@ -183,6 +185,18 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"(give one per layer or none)")
     for i, kind in enumerate(m.ffn_types):
         _check_choice(f"model.ffn_types[{i}]", kind, FFN_TYPES)
+    _require(not m.dense_intermediate_sizes or len(m.dense_intermediate_sizes) == m.num_layers,
+             f"model.dense_intermediate_sizes has {len(m.dense_intermediate_sizes)} entries but model.num_layers="
+             f"{m.num_layers} (give one per layer or none)")
+    for i, width in enumerate(m.dense_intermediate_sizes):
+        _require(width > 0, f"model.dense_intermediate_sizes[{i}]={width} must be > 0")
+    _check_choice("model.ffn_activation", m.ffn_activation, FFN_ACTIVATIONS)
+    _require(m.ffn_activation == "silu" or e.swiglu_limit == 0,
+             f"model.ffn_activation='{m.ffn_activation}' has no clamp: set model.moe.swiglu_limit=0 "
+             f"(it is {e.swiglu_limit}; the clamp is SwiGLU's)")
+    _require(m.ple_dim >= 0, f"model.ple_dim={m.ple_dim} must be >= 0 (0 disables per-layer embeddings)")
+    _require(m.ple_vocab_size >= 0, f"model.ple_vocab_size={m.ple_vocab_size} must be >= 0 (0 = model.vocab_size)")
+    _require(m.final_logit_softcap >= 0, f"model.final_logit_softcap={m.final_logit_softcap} must be >= 0 (0 disables)")
     used = check_attention(m, d.seq_len)
     _require(m.attention.backend != "cpu" or (t.dtype == "fp32" and t.device != "cuda"),
              f"model.attention.backend='cpu' runs fp32 CPU tensors only, but train.dtype='{t.dtype}' and "
@@ -198,8 +212,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(0 <= e.num_hash_layers <= m.num_layers,
              f"model.moe.num_hash_layers={e.num_hash_layers} must be in [0, model.num_layers={m.num_layers}]")
     for i in range(e.num_hash_layers):
-        _require(m.ffn_type(i) == "moe", f"model.ffn_types[{i}]='{m.ffn_type(i)}' but model.moe.num_hash_layers="
-                                         f"{e.num_hash_layers} makes layer {i} a hash-routed MoE layer")
+        _require(m.ffn_type(i) in MOE_FFN_TYPES, f"model.ffn_types[{i}]='{m.ffn_type(i)}' but "
+                 f"model.moe.num_hash_layers={e.num_hash_layers} makes layer {i} a hash-routed MoE layer")
     _require(m.hc_sinkhorn_iters >= 1, f"model.hc_sinkhorn_iters={m.hc_sinkhorn_iters} must be >= 1")
     _require(m.hc_eps > 0, f"model.hc_eps={m.hc_eps} must be > 0")
     _require(m.mtp_layers >= 0, f"model.mtp_layers={m.mtp_layers} must be >= 0")
@@ -241,7 +255,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(e.num_experts % p.ep == 0,
              f"model.moe.num_experts={e.num_experts} must be divisible by parallel.ep={p.ep}")
     if p.ep > 1:
-        _require(any(m.ffn_type(i) == "moe" for i in range(m.num_layers)),
+        _require(any(m.ffn_type(i) in MOE_FFN_TYPES for i in range(m.num_layers)),
                  f"parallel.ep={p.ep} needs MoE layers, but model.ffn_types has none; set parallel.ep=1")
         _require(t.zero_stage in (1, 2),
                  f"train.zero_stage={t.zero_stage} cannot run parallel.ep={p.ep}: use 1 or 2 (ZeRO-0 clips expert "

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-FFN_TYPES = ("moe", "dense")
+FFN_TYPES = ("moe", "dense", "dense+moe")  # dense+moe: Gemma 4's dense MLP and MoE side by side (model/dense_moe.py)
+MOE_FFN_TYPES = ("moe", "dense+moe")  # the FFN types holding a MoE
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+FFN_ACTIVATIONS = ("silu", "gelu_tanh")  # act of act(gate) * up: SwiGLU, or GeGLU with gelu(approximate="tanh")
 
 
 @dataclass
@@ -43,6 +45,9 @@ class MoEConfig:
     bias_update_rate: float = 1e-3  # aux-loss-free bias step gamma; 0 disables the update
     seq_aux_loss_coef: float = 0.0  # sequence-wise balance loss alpha; 0 disables
     num_hash_layers: int = 0  # first layers routed by a token-id hash table
+    # Gemma 4's router: scores from rms_normalize(x) * scale * hidden_size^-0.5 (scale: a [D] weight from 1)
+    router_input_norm: bool = False
+    per_expert_scale: bool = False  # Gemma 4: the selected gates times a learned [E] scale (from 1), after renorm
 
 
 @dataclass
@@ -55,9 +60,19 @@ class ModelConfig:
     # FFN type per layer (FFN_TYPES); empty means all "moe".
     ffn_types: List[str] = field(default_factory=list)
     dense_intermediate_size: int = 256  # width of "dense" FFN layers
+    # Per-layer width of the dense FFN ("dense" and "dense+moe" layers); empty = dense_intermediate_size everywhere.
+    dense_intermediate_sizes: List[int] = field(default_factory=list)
+    ffn_activation: str = "silu"  # FFN_ACTIVATIONS: dense FFN, shared and routed experts, PLE gate (Gemma: gelu_tanh)
     rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
     init_std: float = 0.02  # std of the normal init of Linear/Embedding weights and experts
     tie_embeddings: bool = False  # share the input embedding with the output head (V4: false)
+    # Gemma 4 options (model-level; MOSAIC_SPEC §1.5-1.7). All off by default.
+    embed_scale: bool = False  # token embeddings times sqrt(hidden_size); a tied head keeps the unscaled weight
+    sandwich_norm: bool = False  # RMSNorm each sublayer's output before the residual add (post_attn/post_ffn_norm)
+    layer_scalar: bool = False  # a frozen [1] buffer per block (from 1) multiplying the block's output stream
+    ple_dim: int = 0  # per-layer embedding width P (Gemma hidden_size_per_layer_input); 0 = no PLE
+    ple_vocab_size: int = 0  # rows of the PLE table; 0 = vocab_size
+    final_logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) (Gemma 4: 30); 0 = off
     hc_mult: int = 1  # mHC residual streams; 1 is a plain residual
     hc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp iterations making the mHC comb doubly stochastic
     hc_eps: float = 1e-6  # mHC floor on pre gates and Sinkhorn denominators
@@ -77,6 +92,12 @@ class ModelConfig:
 
     def ffn_type(self, layer: int) -> str:
         return self.ffn_types[layer] if self.ffn_types and layer < self.num_layers else "moe"
+
+    def dense_width(self, layer: int) -> int:
+        """Width of layer ``layer``'s dense FFN (dense_intermediate_sizes, else dense_intermediate_size)."""
+        if self.dense_intermediate_sizes and layer < self.num_layers:
+            return self.dense_intermediate_sizes[layer]
+        return self.dense_intermediate_size
 
 
 @dataclass

@@ -4,9 +4,27 @@ With hc_mult = 1 the residual is plain, ``x + sublayer(x)`` on x [B,S,D]. With h
 is mHC (``mhc.py``) on n streams x [B,S,n,D]: each sublayer reads a weighted collapse of the
 streams and its output is spread back with the stream mixing; the mapping parameters carry the
 official names (``hc_attn_fn``/``_base``/``_scale``, ``hc_ffn_*``).
+
+Gemma 4's block options (MOSAIC_SPEC §1.6), each off by default:
+
+* ``model.sandwich_norm``: each sublayer's output is RMS-normed (``post_attn_norm``, ``post_ffn_norm``)
+  before the residual add, or before ``mhc.expand`` with mHC;
+* per-layer embeddings (``model.ple_dim``, ``ple.py``): ``h + ple(h, ple_i)`` after the FFN residual add;
+* ``model.layer_scalar``: the whole output stream times the frozen buffer ``layer_scalar`` [1], last.
+
+moesaic name (under layers.{i}.)   transformers Gemma 4 name (under model.layers.{i}.)   shape
+attn_norm.weight                   input_layernorm.weight                                [D]
+post_attn_norm.weight              post_attention_layernorm.weight                       [D]
+ffn_norm.weight                    pre_feedforward_layernorm.weight                      [D]
+ffn.w1 / w3 / w2 .weight           mlp.gate_proj / up_proj / down_proj .weight (dense)   [I,D] [I,D] [D,I]
+post_ffn_norm.weight               post_feedforward_layernorm.weight                     [D]
+layer_scalar                       layer_scalar (buffer)                                 [1]
+(ffn of "dense+moe" layers: ``dense_moe.py``; ple.*: ``ple.py``)
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -17,49 +35,74 @@ from . import mhc
 from .attention import AttentionSpec, ForwardContext
 from .ffn import SwiGLU
 from .norm import RMSNorm
+from .ple import PerLayerInput
 
 
 class Block(nn.Module):
-    """attn_norm -> attn -> residual; ffn_norm -> ffn (dense SwiGLU or MoE) -> residual."""
+    """attn_norm -> attn -> residual; ffn_norm -> ffn (dense, MoE or dense+MoE) -> residual."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, attention: AttentionSpec) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        dim, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.attn_norm = RMSNorm(dim, eps)
         self.attn = attention.build(cfg, layer_idx)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.is_moe = cfg.ffn_type(layer_idx) == "moe"
-        if self.is_moe:
-            from .moe import MoE  # imported lazily: dense-only models must not depend on the MoE package
+        self.ffn_norm = RMSNorm(dim, eps)
+        self.ffn_type = cfg.ffn_type(layer_idx)
+        # The MoE package is imported lazily: dense-only models must not depend on it.
+        if self.ffn_type == "moe":
+            from .moe import MoE
 
             self.ffn: nn.Module = MoE(cfg, layer_idx)
+        elif self.ffn_type == "dense+moe":
+            from .dense_moe import DenseMoE
+
+            self.ffn = DenseMoE(cfg, layer_idx)
         else:
-            self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size, cfg.moe.swiglu_limit)
+            self.ffn = SwiGLU(dim, cfg.dense_width(layer_idx), cfg.moe.swiglu_limit, cfg.ffn_activation)
+        self.post_attn_norm = RMSNorm(dim, eps) if cfg.sandwich_norm else None
+        self.post_ffn_norm = RMSNorm(dim, eps) if cfg.sandwich_norm else None
+        is_mtp = layer_idx >= cfg.num_layers
+        self.ple = PerLayerInput(dim, cfg.ple_dim, eps, cfg.ffn_activation) if cfg.ple_dim and not is_mtp else None
+        # A buffer, not a Parameter: loaded from checkpoints and saved, but never trained (as transformers).
+        self.register_buffer("layer_scalar", torch.ones(1) if cfg.layer_scalar else None, persistent=True)
         self.hc = mhc.HCSpec.from_config(cfg)
         if self.hc.n > 1:
             self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = mhc.sublayer_parameters(
-                self.hc, cfg.hidden_size, cfg.init_std)
+                self.hc, dim, cfg.init_std)
             self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = mhc.sublayer_parameters(
-                self.hc, cfg.hidden_size, cfg.init_std)
+                self.hc, dim, cfg.init_std)
 
     def attn_sublayer(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.attn(self.attn_norm(x), ctx)
+        h, aux_loss = self.attn(self.attn_norm(x), ctx)
+        return (h if self.post_attn_norm is None else self.post_attn_norm(h)), aux_loss
 
     def ffn_sublayer(self, x: torch.Tensor, input_ids: torch.Tensor,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.ffn_norm(x)
-        if self.is_moe:
-            return self.ffn(h, input_ids, ctx.sequence)
-        return self.ffn(h), h.new_zeros(())
+        if self.ffn_type == "moe":
+            h, aux_loss = self.ffn(h, input_ids, ctx.sequence)
+        elif self.ffn_type == "dense+moe":
+            h, aux_loss = self.ffn(h, x, input_ids, ctx.sequence)  # Gemma routes from the un-normed x
+        else:
+            h, aux_loss = self.ffn(h), h.new_zeros(())
+        return (h if self.post_ffn_norm is None else self.post_ffn_norm(h)), aux_loss
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor,
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B,S,D] (or mHC streams [B,S,n,D]), input_ids [B,S] (for hash routing) -> (x, aux_loss of both sublayers)."""
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor, ctx: ForwardContext,
+                ple: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,S,D] (or mHC streams [B,S,n,D]), input_ids [B,S] (for hash routing), ple [B,S,P] this layer's
+        per-layer embedding (blocks with PLE only) -> (x, aux_loss of both sublayers)."""
         if self.hc.n > 1:
-            return self._forward_mhc(x, input_ids, ctx)
-        h, attn_aux = self.attn_sublayer(x, ctx)
-        x = x + h
-        h, ffn_aux = self.ffn_sublayer(x, input_ids, ctx)
-        return x + h, attn_aux + ffn_aux
+            x, aux_loss = self._forward_mhc(x, input_ids, ctx)
+        else:
+            h, attn_aux = self.attn_sublayer(x, ctx)
+            x = x + h
+            h, ffn_aux = self.ffn_sublayer(x, input_ids, ctx)
+            x, aux_loss = x + h, attn_aux + ffn_aux
+        if self.ple is not None:
+            x = self.ple(x, ple.unsqueeze(2) if self.hc.n > 1 else ple)  # [B,S,1,P]: the same for every stream
+        if self.layer_scalar is not None:
+            x = x * self.layer_scalar
+        return x, aux_loss
 
     def _forward_mhc(self, x: torch.Tensor, input_ids: torch.Tensor,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,13 @@
-"""The SwiGLU feed-forward used by dense layers, shared experts and (batched) routed experts."""
+"""The gated feed-forward used by dense layers, shared experts and (batched) routed experts.
+
+``act(gate) * up`` with act = silu (SwiGLU, V4's clamp optional) or, for Gemma 4, gelu with the tanh
+approximation (GeGLU; transformers' ``gelu_pytorch_tanh``), chosen by ``model.ffn_activation``.
+"""
 
 from __future__ import annotations
+
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +56,31 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return _SwiGLU.apply(gate, up, limit)
 
 
-class SwiGLU(nn.Module):
-    """w2(swiglu(w1 x, w3 x)); names follow DeepSeek's official checkpoints (w1 gate, w3 up, w2 down)."""
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The unary activation ``name`` (FFN_ACTIVATIONS), for gates outside a GLU (Gemma's PLE gate)."""
+    if name == "gelu_tanh":
+        return partial(F.gelu, approximate="tanh")
+    return F.silu
 
-    def __init__(self, dim: int, hidden: int, swiglu_limit: float = 0.0) -> None:
+
+def gated(gate: torch.Tensor, up: torch.Tensor, activation: str, limit: float) -> torch.Tensor:
+    """act(gate) * up: ``swiglu`` (clamped by ``limit``) for silu, GeGLU for gelu_tanh (no clamp, see validate)."""
+    if activation == "silu":
+        return swiglu(gate, up, limit)
+    return activation_fn(activation)(gate) * up
+
+
+class SwiGLU(nn.Module):
+    """w2(act(w1 x) * w3 x), SwiGLU or (activation="gelu_tanh") GeGLU; names follow DeepSeek's official
+    checkpoints (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, dim: int, hidden: int, swiglu_limit: float = 0.0, activation: str = "silu") -> None:
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.swiglu_limit = swiglu_limit
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(swiglu(self.w1(x), self.w3(x), self.swiglu_limit))
+        return self.w2(gated(self.w1(x), self.w3(x), self.activation, self.swiglu_limit))

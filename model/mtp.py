@@ -15,6 +15,8 @@ model's, passed in rather than registered, so they are neither duplicated nor sa
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -40,9 +42,11 @@ class MTPBlock(Block):
         if self.hc.n > 1:
             self.hc_head_fn, self.hc_head_base, self.hc_head_scale = mhc.head_parameters(self.hc, dim, cfg.init_std)
 
-    def predict(self, h: torch.Tensor, next_ids: torch.Tensor, embed: nn.Embedding, head: nn.Linear,
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [B,S,(n,)D] state at t, next_ids [B,S] tokens t+d -> (logits [B,S,V], state [B,S,(n,)D], aux_loss)."""
+    def predict(self, h: torch.Tensor, next_ids: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
+                head: nn.Linear, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [B,S,(n,)D] state at t, next_ids [B,S] tokens t+d -> (logits [B,S,V], state [B,S,(n,)D], aux_loss).
+
+        ``embed``: the main model's token embedding (``Transformer.embed_tokens``, scaled with embed_scale)."""
         e = self.e_proj(self.enorm(embed(next_ids)))  # [B,S,D]
         x = self.h_proj(self.hnorm(h)) + (e.unsqueeze(2) if self.hc.n > 1 else e)
         x, aux_loss = self(x, next_ids, ctx)

@@ -3,6 +3,16 @@
 With mHC (hc_mult = n > 1) the embedding is copied into n residual streams, the layers mix them,
 and ``hc_head_*`` collapses them before the final norm (``mhc.py``). MTP blocks (``mtp.py``), if
 any, run on the final streams when labels are given and add ``mtp_loss_coef`` x their mean loss.
+
+Gemma 4's model-level options (MOSAIC_SPEC §1.5, §1.6), off by default: ``embed_scale`` multiplies
+the token embedding by sqrt(D) (a tied head keeps the unscaled weight), ``ple_dim`` adds per-layer
+embeddings (``ple.py``, computed once here, a slice per layer), and ``final_logit_softcap`` caps the
+logits, in the plain head, the fused loss (``loss.py``) and the MTP heads alike.
+
+moesaic name          transformers Gemma 4 name (Gemma4ForCausalLM)   shape
+embed.weight          model.embed_tokens.weight                       [V, D]
+norm.weight           model.norm.weight                               [D]
+head.weight           lm_head.weight (tied to embed_tokens)           [V, D]
 """
 
 from __future__ import annotations
@@ -19,9 +29,10 @@ from moesaic.configs.schema import ModelConfig
 from . import mhc
 from .attention import ForwardContext, StatsSink, layer_specs
 from .block import Block
-from .loss import linear_cross_entropy
+from .loss import linear_cross_entropy, softcap
 from .mtp import MTPBlock
 from .norm import RMSNorm
+from .ple import PerLayerEmbedding, embedding_scale
 from .sequence import WHOLE, WholeSequence
 
 
@@ -43,6 +54,7 @@ class Transformer(nn.Module):
         self.sequence: WholeSequence = WHOLE
         specs = layer_specs(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.ple = PerLayerEmbedding(cfg) if cfg.ple_dim else None
         self.layers = nn.ModuleList(Block(cfg, i, specs[i]) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -69,26 +81,34 @@ class Transformer(nn.Module):
         """input_ids [B,S] -> logits [B,S,V]; with ``caches`` the tokens continue the cached sequence;
         with ``stats`` every attention layer adds its statistics of this forward to the sink."""
         ctx = ForwardContext(sequence=self.sequence, caches=caches, stats=stats)
-        x = self.embed(input_ids)
+        x = self.embed_tokens(input_ids)
+        ple = self.ple(input_ids, x) if self.ple is not None else None  # [B,S,L,P]
         if self.hc.n > 1:
             x = x.unsqueeze(2).expand(-1, -1, self.hc.n, -1)  # [B,S,n,D]: every stream starts as the embedding
         aux_loss = x.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
-            x, layer_aux = layer(x, input_ids, ctx)
+        for i, layer in enumerate(self.layers):
+            x, layer_aux = layer(x, input_ids, ctx, None if ple is None else ple[:, :, i])
             aux_loss = aux_loss + layer_aux
         h = mhc.head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.hc) \
             if self.hc.n > 1 else x
         h = self.norm(h)
+        cap = self.cfg.final_logit_softcap
         if labels is None:
-            return ModelOutput(logits=self.head(h), loss=None, lm_loss=None, aux_loss=aux_loss)
+            return ModelOutput(logits=softcap(self.head(h), cap), loss=None, lm_loss=None, aux_loss=aux_loss)
         # With labels the head is fused into the loss (model/loss.py): no [B, S, V] logits are formed.
-        lm_loss = self._mean_loss(linear_cross_entropy(h, self.head.weight, labels), labels)
+        lm_loss = self._mean_loss(linear_cross_entropy(h, self.head.weight, labels, cap=cap), labels)
         if not self.mtp:
             return ModelOutput(logits=None, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
         mtp_loss, mtp_aux = self._mtp_loss(x, input_ids, labels, ctx)
         aux_loss = aux_loss + mtp_aux
         loss = lm_loss + aux_loss + self.cfg.mtp_loss_coef * mtp_loss
         return ModelOutput(logits=None, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, mtp_loss=mtp_loss)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B,S,D] of input_ids [B,S], times sqrt(D) with embed_scale (Gemma); the main
+        model's and the MTP blocks' input."""
+        x = self.embed(input_ids)
+        return x * embedding_scale(self.cfg.hidden_size, x.dtype) if self.cfg.embed_scale else x
 
     def _mean_loss(self, total: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over labels != -100 of a summed loss; sum / count so a batch with every label ignored gives
@@ -97,8 +117,9 @@ class Transformer(nn.Module):
         return total / self.sequence.sum((labels != -100).sum()).clamp(min=1)
 
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``_mean_loss`` of the cross-entropy of logits [B,S,V] (the MTP depths' heads)."""
-        total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        """``_mean_loss`` of the cross-entropy of the (softcapped) logits [B,S,V] (the MTP depths' heads)."""
+        logits = softcap(logits.float(), self.cfg.final_logit_softcap)
+        total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         return self._mean_loss(total, labels)
 
     def _mtp_loss(self, x: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -112,7 +133,7 @@ class Transformer(nn.Module):
         for depth, block in enumerate(self.mtp, start=1):
             if input_ids.shape[1] <= depth:
                 break
-            logits, h, block_aux = block.predict(h[:, :-1], input_ids[:, depth:], self.embed, self.head, ctx)
+            logits, h, block_aux = block.predict(h[:, :-1], input_ids[:, depth:], self.embed_tokens, self.head, ctx)
             losses.append(self._cross_entropy(logits, labels[:, depth:]))
             aux_loss = aux_loss + block_aux
         return (torch.stack(losses).mean() if losses else aux_loss.new_zeros(())), aux_loss
@@ -126,18 +147,19 @@ class Transformer(nn.Module):
         per MoE layer. Under expert parallelism a rank holds num_local_experts of each layer's experts:
         the count still covers all of them (the same number on every rank and layout).
 
-        Relies on the MoE keeping its routed experts under ``ffn.experts`` (the official name).
+        The routed experts are the ``GroupedExperts`` modules (sharded or not), wherever the MoE sits
+        ("moe" and "dense+moe" layers, MTP blocks).
         """
+        from .moe import GroupedExperts  # lazily, as the blocks: dense-only models need no MoE package
+
         total = float(sum(p.numel() for p in self.parameters()))
         moe = self.cfg.moe
-        for layer in [*self.layers, *self.mtp]:
-            if layer.is_moe:
-                experts = layer.ffn.experts
-                local = sum(p.numel() for p in experts.parameters())
-                routed = local * experts.num_experts / experts.num_local_experts  # every rank's share
-                total += routed - local
-                if active_only:
-                    total -= routed * (1 - moe.top_k / moe.num_experts)
+        for experts in (m for m in self.modules() if isinstance(m, GroupedExperts)):
+            local = sum(p.numel() for p in experts.parameters())
+            routed = local * experts.num_experts / experts.num_local_experts  # every rank's share
+            total += routed - local
+            if active_only:
+                total -= routed * (1 - moe.top_k / moe.num_experts)
         return round(total)
 
     @torch.no_grad()

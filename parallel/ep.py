@@ -49,7 +49,7 @@ class ShardedExperts(DeepSpeedMoE, GroupedExperts):
         # GroupedExperts' own __init__ (DeepSpeed's is skipped on purpose): weights per global id.
         GroupedExperts.__init__(self, full.num_experts, full.w1.shape[2], full.w1.shape[1], full.swiglu_limit,
                                 init_std=full.init_std, seed=full.seed, expert_offset=ep_rank * local,
-                                num_local_experts=local)
+                                num_local_experts=local, activation=full.activation)
         self.ep_size = ep
         self.expert_group_name = group_name
         for p in self.parameters():

@@ -120,10 +120,13 @@ def kv_metrics(cfg: Config) -> dict[str, float]:
 def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
     """Model FLOPs per trained token: 6 x active non-embedding parameters (routed experts count
     top_k of num_experts) + each attention layer's real work over the keys its queries see, MTP blocks
-    included (``AttentionSpec.flops_per_token``)."""
+    included (``AttentionSpec.flops_per_token``). Lookup tables (the untied embedding, the per-layer
+    embedding table) do no multiply-adds and are left out."""
     params = model.num_params(active_only=True)
     if not cfg.model.tie_embeddings:
         params -= model.embed.weight.numel()
+    if model.ple is not None:
+        params -= model.ple.embed.weight.numel()
     return 6 * params + sum(spec.flops_per_token(cfg.data.seq_len) for spec in layer_specs(cfg.model))
 
 

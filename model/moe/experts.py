@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moesaic.model.ffn import swiglu
+from moesaic.model.ffn import gated
 
 
 class GroupedExperts(nn.Module):
-    """Clamped SwiGLU experts; w1/w3 [L, hidden, D] (gate/up), w2 [L, D, hidden] (down).
+    """Clamped SwiGLU (or GeGLU) experts; w1/w3 [L, hidden, D] (gate/up), w2 [L, D, hidden] (down).
 
     The per-expert layout is nn.Linear's [out, in], matching the official ``experts.{e}.w*.weight``.
     """
@@ -33,6 +33,7 @@ class GroupedExperts(nn.Module):
         seed: int = 0,
         expert_offset: int = 0,
         num_local_experts: Optional[int] = None,
+        activation: str = "silu",
     ) -> None:
         super().__init__()
         local = num_experts - expert_offset if num_local_experts is None else num_local_experts
@@ -43,6 +44,7 @@ class GroupedExperts(nn.Module):
         self.expert_offset = expert_offset
         self.num_local_experts = local
         self.swiglu_limit = swiglu_limit
+        self.activation = activation
         self.init_std = init_std
         self.seed = seed
         self.w1 = nn.Parameter(torch.empty(local, hidden, dim))
@@ -67,6 +69,6 @@ class GroupedExperts(nn.Module):
         """
         outs = []
         for i, xe in enumerate(torch.split(x, counts.tolist())):
-            h = swiglu(F.linear(xe, self.w1[i]), F.linear(xe, self.w3[i]), self.swiglu_limit)
+            h = gated(F.linear(xe, self.w1[i]), F.linear(xe, self.w3[i]), self.activation, self.swiglu_limit)
             outs.append(F.linear(h, self.w2[i]))
         return torch.cat(outs)

@@ -37,20 +37,24 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatcher(moe.num_experts)
         self.experts = GroupedExperts(
             moe.num_experts, cfg.hidden_size, moe.intermediate_size, moe.swiglu_limit,
-            init_std=cfg.init_std, seed=expert_seed(layer_idx, moe.num_experts))
+            init_std=cfg.init_std, seed=expert_seed(layer_idx, moe.num_experts), activation=cfg.ffn_activation)
         self.shared_experts = (
-            SwiGLU(cfg.hidden_size, moe.intermediate_size * moe.num_shared_experts, moe.swiglu_limit)
+            SwiGLU(cfg.hidden_size, moe.intermediate_size * moe.num_shared_experts, moe.swiglu_limit,
+                   cfg.ffn_activation)
             if moe.num_shared_experts > 0 else None)
 
     def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
-                sequence: WholeSequence = WHOLE) -> tuple[torch.Tensor, torch.Tensor]:
+                sequence: WholeSequence = WHOLE,
+                router_input: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, D] -> (y [B, S, D], aux_loss scalar).
 
         input_ids [B, S] picks the experts of hash-routed layers; learned routing ignores it.
         ``sequence``: the positions x holds (a shard under SP), for the router's sequence aux loss.
+        ``router_input`` [B, S, D]: what the router scores instead of x (Gemma 4 routes from the un-normed
+        stream while its experts read a normed copy, ``model/dense_moe.py``).
         """
         batch, seq, dim = x.shape
-        route = self.gate(x, input_ids, sequence)
+        route = self.gate(x if router_input is None else router_input, input_ids, sequence)
         tokens = x.reshape(batch * seq, dim)  # [T, D]
         expert_x, counts, state = self.dispatcher.dispatch(tokens, route.topk_idx)
         y = self.dispatcher.combine(self.experts(expert_x, counts), route.gates, state)  # [T, D]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moesaic.configs.schema import ModelConfig
+from moesaic.model.norm import rms_normalize
 from moesaic.model.sequence import WHOLE, WholeSequence
 
 # Buffers kept in fp32 whatever the module dtype: a bf16 bias cannot absorb steps of 1e-3, and
@@ -65,8 +66,13 @@ class Router(nn.Module):
     above (V4 and transformers do the same). A hash layer never uses ``expert_bias``, so it stays
     zero (``update_bias`` skips it). The table is ``hash_routing_table`` when training from
     scratch and the checkpoint's when importing one.
-    """
 
+    Gemma 4's router (``Gemma4TextRouter``, MOSAIC_SPEC §1.7) is two options: ``router_input_norm``
+    scores z = rms_normalize(x) * scale * D^-0.5 instead of x (``scale`` [D] from 1 = HF ``router.scale``),
+    and ``per_expert_scale`` multiplies the selected, renormalised gates by ``per_expert_scale[idx]``
+    ([E] from 1 = HF ``router.per_expert_scale``); ``weight`` is HF ``router.proj.weight``. With
+    softmax scores, norm_topk_prob, routed_scaling_factor 1 and no bias update this is Gemma's router.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -82,6 +88,9 @@ class Router(nn.Module):
         self.seq_aux_loss_coef = moe.seq_aux_loss_coef
         self.weight = nn.Parameter(torch.empty(moe.num_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.init_std)
+        self.eps = cfg.rms_norm_eps
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size)) if moe.router_input_norm else None
+        self.per_expert_scale = nn.Parameter(torch.ones(moe.num_experts)) if moe.per_expert_scale else None
         self.register_buffer("expert_bias", torch.zeros(moe.num_experts), persistent=True)
         # Tokens routed to each expert since the last reset_load_counts(); trainer-owned lifecycle.
         self.register_buffer("load_counts", torch.zeros(moe.num_experts), persistent=False)
@@ -107,7 +116,10 @@ class Router(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Affinities [..., E] in fp32 (routing decisions are precision sensitive)."""
-        logits = F.linear(x.float(), self.weight.float())
+        x = x.float()
+        if self.scale is not None:  # Gemma: the un-normed stream, normalised and scaled here
+            x = rms_normalize(x, self.eps) * self.scale.float() * x.shape[-1] ** -0.5
+        logits = F.linear(x, self.weight.float())
         if self.score_func == "sqrtsoftplus":
             return F.softplus(logits).sqrt()
         if self.score_func == "sigmoid":
@@ -139,6 +151,8 @@ class Router(nn.Module):
         gates = scores.gather(-1, topk_idx)  # [T, k], unbiased
         if self.norm_topk_prob:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.per_expert_scale is not None:
+            gates = gates * self.per_expert_scale.float()[topk_idx]
         gates = gates * self.routed_scaling_factor
         aux_loss = self._seq_aux_loss(scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1), sequence)
         if self.training:
