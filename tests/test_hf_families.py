@@ -2,8 +2,12 @@
 
 Both directions on random tiny configs (fp32, CPU, eager attention): transformers -> import -> moesaic
 logits equal transformers', and moesaic -> export -> ``from_pretrained`` (nothing missing or
-unexpected) -> logits equal moesaic's. "Equal" is within 64 fp32 eps of the largest |logit| (two
-implementations of a whole model; the max differences are printed). Every weight is random, the
+unexpected) -> logits equal moesaic's. "Equal" is within ``Case.rtol_eps`` fp32 eps of the largest |logit|
+(max differences printed; observed: Qwen3-MoE <= 6 eps, 7e-7 absolute; Gemma 4 <= 102 eps, 2.1e-5 absolute).
+Qwen3-MoE gets 64 eps, Gemma 4 256: its scale-1 attention over normed q and k (logits up to
+head_dim x norm weight^2) and its softcap amplify rounding, so moesaic's fp32 logits alone differ from
+its own fp64 forward by 75-120 eps here; an fp64 cross-check cannot go lower, as transformers keeps
+Gemma's norms, RoPE and softmax in fp32 (it agrees to 6e-6 there). Every weight is random, the
 vectors transformers initialises to 1 or 0 (norms, router scales) and Gemma's ``layer_scalar``
 buffer included (MOSAIC_SPEC §8.3), so no mapping error hides behind an identity value.
 """
@@ -39,6 +43,7 @@ class Case:
     config: Callable[..., Any]  # transformers config class
     model: Callable[..., Any]  # transformers model class
     kwargs: dict[str, Any]
+    rtol_eps: float  # logits tolerance, in fp32 eps of the largest |logit| (module doc)
 
 
 QWEN = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -57,11 +62,11 @@ GEMMA_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_inte
 
 
 def qwen(**kwargs: Any) -> Case:
-    return Case(transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, {**QWEN, **kwargs})
+    return Case(transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, {**QWEN, **kwargs}, 64)
 
 
 def gemma(**kwargs: Any) -> Case:
-    return Case(transformers.Gemma4TextConfig, transformers.Gemma4ForCausalLM, {**GEMMA, **kwargs})
+    return Case(transformers.Gemma4TextConfig, transformers.Gemma4ForCausalLM, {**GEMMA, **kwargs}, 256)
 
 
 CASES = {
@@ -127,9 +132,9 @@ def moesaic_model(case: Case, seed: int = 0) -> Transformer:
     return model
 
 
-def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
+def assert_same_logits(case: Case, ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
     print(f"{what}: max |logit diff| {(ours - theirs).abs().max():.2e} (logits up to {theirs.abs().max():.2f})")
-    assert_close_scaled(ours, theirs, 64, what)
+    assert_close_scaled(ours, theirs, case.rtol_eps, what)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -149,7 +154,7 @@ def test_transformers_weights_load_in_moesaic_with_equal_logits(name: str, tmp_p
     for native in ("native_a", "native_b"):
         with torch.no_grad():
             ours = load_native(tmp_path / native).eval()(ids()).logits
-        assert_same_logits(ours, theirs, f"{name}: transformers -> moesaic ({native})")
+        assert_same_logits(case, ours, theirs, f"{name}: transformers -> moesaic ({native})")
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -162,7 +167,7 @@ def test_moesaic_weights_load_in_transformers_with_equal_logits(name: str, tmp_p
     hf = load_transformers(case, tmp_path / "hf")
     with torch.no_grad():
         ours, theirs = model(ids()).logits, hf(ids()).logits
-    assert_same_logits(ours, theirs, f"{name}: moesaic -> transformers")
+    assert_same_logits(case, ours, theirs, f"{name}: moesaic -> transformers")
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n.startswith("qwen3: norm") or n.startswith("gemma4: k_eq_v")])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from moesaic.configs import ModelConfig
+from moesaic.configs.schema import MOE_FFN_TYPES
 from moesaic.model.attention import layer_specs
 
 from .family import require
@@ -22,17 +23,23 @@ def architecture(cfg: ModelConfig) -> dict[str, Any]:
     the other.
     """
     m, n = cfg.moe, cfg.num_layers
+    ffn_types = [cfg.ffn_type(i) for i in range(n)]
     out: dict[str, Any] = {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_layers": n,
-        "ffn_types": [cfg.ffn_type(i) for i in range(n)], "rms_norm_eps": cfg.rms_norm_eps,
-        "tie_embeddings": cfg.tie_embeddings, "hc_mult": cfg.hc_mult, "mtp_layers": cfg.mtp_layers,
-        "moe.num_experts": m.num_experts, "moe.top_k": m.top_k, "moe.intermediate_size": m.intermediate_size,
-        "moe.num_shared_experts": m.num_shared_experts, "moe.score_func": m.score_func,
-        "moe.norm_topk_prob": m.norm_topk_prob, "moe.routed_scaling_factor": m.routed_scaling_factor,
-        "moe.swiglu_limit": m.swiglu_limit, "moe.num_hash_layers": m.num_hash_layers,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_layers": n, "ffn_types": ffn_types,
+        "rms_norm_eps": cfg.rms_norm_eps, "tie_embeddings": cfg.tie_embeddings, "hc_mult": cfg.hc_mult,
+        "mtp_layers": cfg.mtp_layers, "ffn_activation": cfg.ffn_activation, "embed_scale": cfg.embed_scale,
+        "sandwich_norm": cfg.sandwich_norm, "layer_scalar": cfg.layer_scalar, "ple_dim": cfg.ple_dim,
+        "final_logit_softcap": cfg.final_logit_softcap,
     }
-    if "dense" in out["ffn_types"]:
-        out["dense_intermediate_size"] = cfg.dense_intermediate_size
+    if cfg.ple_dim:
+        out["ple_vocab_size"] = cfg.ple_vocab_size or cfg.vocab_size
+    if any(t in MOE_FFN_TYPES for t in ffn_types) or cfg.mtp_layers:
+        out.update({f"moe.{k}": getattr(m, k) for k in (
+            "num_experts", "top_k", "intermediate_size", "num_shared_experts", "score_func", "norm_topk_prob",
+            "routed_scaling_factor", "swiglu_limit", "num_hash_layers", "router_input_norm", "per_expert_scale")})
+    if any(t != "moe" for t in ffn_types):
+        out["dense_intermediate_sizes"] = [cfg.dense_width(i) if t != "moe" else None for i, t in enumerate(ffn_types)]
+        out["moe.swiglu_limit"] = m.swiglu_limit  # dense layers clamp too
     if cfg.hc_mult > 1:
         out.update({"hc_sinkhorn_iters": cfg.hc_sinkhorn_iters, "hc_eps": cfg.hc_eps})
     for i, spec in enumerate(layer_specs(cfg)):

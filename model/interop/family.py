@@ -81,9 +81,10 @@ class Family(ABC):
 def families() -> list[Family]:
     """The families in the order export tries them: the first that claims a config exports it."""
     from .deepseek_v4 import DeepSeekV4
+    from .gemma4 import Gemma4
     from .qwen3_moe import Qwen3Moe
 
-    return [Qwen3Moe(), DeepSeekV4()]
+    return [Gemma4(), Qwen3Moe(), DeepSeekV4()]
 
 
 def family_for_hf(hf: dict[str, Any], source: str) -> Family:

@@ -74,7 +74,12 @@ def check_exportable(cfg: ModelConfig) -> None:
     """Refuse what Qwen3MoeForCausalLM cannot reproduce, naming the field."""
     m = cfg.moe
     require(cfg.hc_mult == 1, f"model.hc_mult={cfg.hc_mult}: Qwen3-MoE has a plain residual (hc_mult=1)")
-    require(cfg.mtp_layers == 0, f"model.mtp_layers={cfg.mtp_layers}: Qwen3-MoE has no MTP blocks")
+    for field, value in [("mtp_layers", 0), ("embed_scale", False), ("layer_scalar", False), ("ple_dim", 0),
+                         ("final_logit_softcap", 0.0), ("ffn_activation", "silu"), ("dense_intermediate_sizes", [])]:
+        require(getattr(cfg, field) == value, f"model.{field}={getattr(cfg, field)!r}: Qwen3-MoE needs {value!r}")
+    dense_moe = [i for i in range(cfg.num_layers) if cfg.ffn_type(i) == "dense+moe"]
+    require(not dense_moe, f"model.ffn_types[{dense_moe[0] if dense_moe else 0}]='dense+moe': Qwen3-MoE layers are "
+                           "dense or moe")
     for i, layer in enumerate(layer_specs(cfg)):
         require(layer.kind == GQA, f"model.attention.menu.{cfg.attention_type(i)}.kind='{layer.kind}' (layer {i}): "
                                    "Qwen3-MoE layers are all gqa")
@@ -85,7 +90,8 @@ def check_exportable(cfg: ModelConfig) -> None:
         require(getattr(spec, field) == value, f"{where}.{field}={getattr(spec, field)!r}: Qwen3-MoE needs {value!r}")
     require(spec.scale in (0.0, spec.head_dim ** -0.5), f"{where}.scale={spec.scale}: Qwen3-MoE scales by head_dim^-0.5")
     for field, value in [("score_func", "softmax"), ("num_shared_experts", 0), ("routed_scaling_factor", 1.0),
-                         ("swiglu_limit", 0.0), ("num_hash_layers", 0)]:
+                         ("swiglu_limit", 0.0), ("num_hash_layers", 0), ("router_input_norm", False),
+                         ("per_expert_scale", False)]:
         require(getattr(m, field) == value, f"model.moe.{field}={getattr(m, field)!r}: Qwen3-MoE needs {value!r}")
 
 
@@ -94,7 +100,7 @@ class Qwen3Moe(Family):
     model_types = ("qwen3_moe",)
 
     def claims(self, cfg: ModelConfig) -> bool:
-        return any(spec.kind == GQA for spec in layer_specs(cfg)) and not getattr(cfg, "sandwich_norm", False)
+        return any(spec.kind == GQA for spec in layer_specs(cfg)) and not cfg.sandwich_norm
 
     def from_hf(self, hf: dict[str, Any], tensor_names: set[str], source: str) -> ModelConfig:
         return _from_hf(hf, source)
