@@ -269,3 +269,51 @@ def test_cli_convert_both_ways(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert "native -> transformers (Qwen3-MoE)" in out and "transformers -> native (Qwen3-MoE)" in out
     back = load_native(tmp_path / "back")
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+
+
+def test_multimodal_gemma_checkpoints_import_their_language_model(tmp_path: Path) -> None:
+    """config.json of Gemma4ForConditionalGeneration (text_config nested), tensors under model.language_model.,
+    a vision tower to drop, and K/V weights of KV-shared layers (released checkpoints carry them) to drop."""
+    case = CASES["gemma4: k_eq_v, 3 shared, double-wide, MoE, softcap"]
+    hf = hf_model(case)
+    with torch.no_grad():
+        theirs = hf(ids()).logits
+    text = hf.config.to_dict()
+    tensors = {k.replace("model.", "model.language_model.", 1): v.clone() for k, v in hf.state_dict().items()
+               if k != "lm_head.weight"}
+    for i in (3, 4, 5):  # the shared layers: k/v/k_norm shaped like their source's
+        src = 1 if i < 5 else 2
+        for part in ("k_proj", "k_norm"):
+            key = f"model.language_model.layers.{src}.self_attn.{part}.weight"
+            tensors[key.replace(f"layers.{src}.", f"layers.{i}.")] = tensors[key].clone()
+    tensors["model.vision_tower.encoder.layers.0.mlp.up_proj.weight"] = torch.zeros(4, 4)
+    (tmp_path / "mm").mkdir()
+    save_file(tensors, str(tmp_path / "mm" / "model.safetensors"))
+    config = {"model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"], "text_config": text}
+    (tmp_path / "mm" / "config.json").write_text(json.dumps(config))
+    import_hf(tmp_path / "mm", tmp_path / "native")
+    with torch.no_grad():
+        ours = load_native(tmp_path / "native").eval()(ids()).logits
+    assert_same_logits(case, ours, theirs, "multimodal gemma4 -> moesaic")
+    with pytest.raises(ConfigError, match="layer type 'full_attention' occurs only in the KV-shared tail"):
+        import_hf(edited(tmp_path / "mm", tmp_path / "tail", text_config=True, num_kv_shared_layers=4),
+                  tmp_path / "tail_native")
+    assert not (tmp_path / "tail_native").exists()
+
+
+def test_gemma_export_names_what_transformers_cannot_express() -> None:
+    case = CASES["gemma4: k_eq_v, 3 shared, double-wide, MoE, softcap"]
+    assert to_hf_config(moesaic_cfg(case))["architectures"] == ["Gemma4ForCausalLM"]
+    for change, message in [
+        (lambda c: c.attention.menu["sliding_from_1"].update(kv_source=0),
+         "model.attention.menu.sliding_from_1.kv_source=0 \\(layer 3\\): Gemma 4 shares the K/V of the last layer"),
+        (lambda c: setattr(c, "dense_intermediate_sizes", [96, 96, 96, 192, 96, 192]), "model.dense_intermediate_sizes"),
+        (lambda c: [c.attention.menu[n].update(scale=0.0) for n in ("full", "full_from_2")],
+         "model.attention.menu.full.scale=0.0"),
+        (lambda c: setattr(c, "layer_scalar", False), "model.layer_scalar=False: Gemma 4 needs True"),
+        (lambda c: setattr(c.moe, "per_expert_scale", False), "model.moe.per_expert_scale=False"),
+    ]:
+        cfg = moesaic_cfg(case)
+        change(cfg)
+        with pytest.raises(ConfigError, match=message):
+            to_hf_config(cfg)
