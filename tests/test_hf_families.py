@@ -307,7 +307,8 @@ def test_gemma_export_names_what_transformers_cannot_express() -> None:
     for change, message in [
         (lambda c: c.attention.menu["sliding_from_1"].update(kv_source=0),
          "model.attention.menu.sliding_from_1.kv_source=0 \\(layer 3\\): Gemma 4 shares the K/V of the last layer"),
-        (lambda c: setattr(c, "dense_intermediate_sizes", [96, 96, 96, 192, 96, 192]), "model.dense_intermediate_sizes"),
+        (lambda c: setattr(c, "dense_intermediate_sizes", [96, 96, 96, 192, 96, 192]),
+         "model.dense_intermediate_sizes"),
         (lambda c: [c.attention.menu[n].update(scale=0.0) for n in ("full", "full_from_2")],
          "model.attention.menu.full.scale=0.0"),
         (lambda c: setattr(c, "layer_scalar", False), "model.layer_scalar=False: Gemma 4 needs True"),

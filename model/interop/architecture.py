@@ -61,7 +61,8 @@ def check_same_architecture(run: ModelConfig, checkpoint: ModelConfig, source: s
     """ConfigError naming the first ``model.*`` field where the run config disagrees with the checkpoint's."""
     mine, theirs = architecture(run), architecture(checkpoint)
     # Fields one side does not use come last: the field that makes them used is the one to name.
-    order = sorted(mine.keys() | theirs.keys(), key=lambda k: (k not in mine or k not in theirs, k.startswith("layers["), k))
+    order = sorted(mine.keys() | theirs.keys(),
+                   key=lambda k: (k not in mine or k not in theirs, k.startswith("layers["), k))
     for key in order:
         ours, ckpt = mine.get(key, "(unused)"), theirs.get(key, "(unused)")
         field = _config_path(run if key in mine else checkpoint, key)

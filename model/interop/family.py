@@ -30,7 +30,8 @@ def shared_entry(cfg: ModelConfig, family: str, layers: range, varying: tuple[st
     first = specs[layers[0]].architecture()
     for i in layers:
         other = specs[i].architecture()
-        field = next((k for k in first.keys() | other.keys() if k not in varying and first.get(k) != other.get(k)), None)
+        field = next((k for k in sorted(first.keys() | other.keys())
+                      if k not in varying and first.get(k) != other.get(k)), None)
         require(field is None, f"model.attention.menu.{cfg.attention_type(i)} and model.attention.menu."
                                f"{cfg.attention_type(layers[0])} disagree on {field} ({other.get(field)!r} vs "
                                f"{first.get(field)!r}): a {family} config.json has one value for those layers")

@@ -52,7 +52,8 @@ def _from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     r.expect("hidden_act", "silu", "silu", "moesaic's experts and dense layers are SwiGLU")
     experts = int(r.get("num_experts", r.get("num_local_experts", 128)))  # 5.14 saves num_local_experts
     require(experts > 0, f"{source}: num_experts=0 (no MoE layer) is not supported")
-    hidden, heads, num_layers = int(r.get("hidden_size")), int(r.get("num_attention_heads")), int(r.get("num_hidden_layers"))
+    hidden, heads = int(r.get("hidden_size")), int(r.get("num_attention_heads"))
+    num_layers = int(r.get("num_hidden_layers"))
     window = int(r.get("sliding_window")) if r.get("use_sliding_window", False) else 0
     gqa = {"kind": GQA, "num_heads": heads, "num_kv_heads": int(r.get("num_key_value_heads")),
            "head_dim": int(r.get("head_dim", hidden // heads)), "window": window, "qk_norm": True,
@@ -88,7 +89,8 @@ def check_exportable(cfg: ModelConfig) -> None:
     for field, value in [("qk_norm", True), ("v_norm", False), ("k_eq_v", False), ("rope_type", "default"),
                          ("rope_fraction", 1.0), ("kv_source", -1)]:
         require(getattr(spec, field) == value, f"{where}.{field}={getattr(spec, field)!r}: Qwen3-MoE needs {value!r}")
-    require(spec.scale in (0.0, spec.head_dim ** -0.5), f"{where}.scale={spec.scale}: Qwen3-MoE scales by head_dim^-0.5")
+    require(spec.scale in (0.0, spec.head_dim ** -0.5),
+            f"{where}.scale={spec.scale}: Qwen3-MoE scales by head_dim^-0.5 (0)")
     for field, value in [("score_func", "softmax"), ("num_shared_experts", 0), ("routed_scaling_factor", 1.0),
                          ("swiglu_limit", 0.0), ("num_hash_layers", 0), ("router_input_norm", False),
                          ("per_expert_scale", False)]:
