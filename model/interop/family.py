@@ -23,6 +23,13 @@ def require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def require_values(obj: Any, where: str, family: str, expected: list[tuple[str, Any]]) -> None:
+    """Each (field, value) of ``obj`` (config path ``where``) must hold value, the only one ``family`` expresses."""
+    for field, value in expected:
+        actual = getattr(obj, field)
+        require(actual == value, f"{where}.{field}={actual!r}: {family} needs {value!r}")
+
+
 def shared_entry(cfg: ModelConfig, family: str, layers: range, varying: tuple[str, ...] = ()) -> tuple[str, Any]:
     """The menu entry (name, spec) of ``layers[0]``, which every one of ``layers`` must equal but for ``varying``
     fields: a config.json holds one value per attention key for them all."""

@@ -21,7 +21,7 @@ from typing import Any
 from moesaic.configs import AttentionConfig, ModelConfig, MoEConfig
 from moesaic.model.attention import layer_specs
 
-from .family import ConfigReader, Family, require, shared_entry
+from .family import ConfigReader, Family, require, require_values, shared_entry
 from .tensor_map import GQA_NAMES, MLP_NAMES, ExpertLayout, TableNames, split_scope
 
 GQA, SLIDING, FULL = "gqa", "sliding_attention", "full_attention"
@@ -167,9 +167,8 @@ def _from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
 
 def _check_model(cfg: ModelConfig) -> None:
     """The block-level fields Gemma4ForCausalLM fixes."""
-    for field, value in [("hc_mult", 1), ("mtp_layers", 0), ("embed_scale", True), ("sandwich_norm", True),
-                         ("layer_scalar", True)]:
-        require(getattr(cfg, field) == value, f"model.{field}={getattr(cfg, field)!r}: Gemma 4 needs {value!r}")
+    require_values(cfg, "model", "Gemma 4", [("hc_mult", 1), ("mtp_layers", 0), ("embed_scale", True),
+                                             ("sandwich_norm", True), ("layer_scalar", True)])
     require(cfg.ffn_activation in ACTIVATIONS.values(),
             f"model.ffn_activation='{cfg.ffn_activation}': Gemma 4 uses {' or '.join(ACTIVATIONS.values())}")
     kinds = {cfg.ffn_type(i) for i in range(cfg.num_layers)}
@@ -178,14 +177,9 @@ def _check_model(cfg: ModelConfig) -> None:
     m = cfg.moe
     require(m.swiglu_limit == 0, f"model.moe.swiglu_limit={m.swiglu_limit}: Gemma 4's MLPs have no clamp (0)")
     if kinds == {"dense+moe"}:
-        for field, value in [("score_func", "softmax"), ("norm_topk_prob", True), ("routed_scaling_factor", 1.0),
-                             ("num_shared_experts", 0), ("num_hash_layers", 0), ("router_input_norm", True),
-                             ("per_expert_scale", True)]:
-            require(getattr(m, field) == value, f"model.moe.{field}={getattr(m, field)!r}: Gemma 4 needs {value!r}")
-
-
-def _layer_type(cfg: ModelConfig, i: int) -> str:
-    return SLIDING if layer_specs(cfg)[i].window > 0 else FULL
+        require_values(m, "model.moe", "Gemma 4", [
+            ("score_func", "softmax"), ("norm_topk_prob", True), ("routed_scaling_factor", 1.0),
+            ("num_shared_experts", 0), ("num_hash_layers", 0), ("router_input_norm", True), ("per_expert_scale", True)])
 
 
 def _check_sharing(cfg: ModelConfig, types: list[str]) -> int:
@@ -219,8 +213,7 @@ def _attention_keys(cfg: ModelConfig, types: list[str]) -> dict[str, Any]:
             continue
         name, spec = shared_entry(cfg, "Gemma 4", layers, varying=("kv_source",))
         where = f"model.attention.menu.{name}"
-        for field, value in [("qk_norm", True), ("v_norm", True), ("scale", 1.0)]:
-            require(getattr(spec, field) == value, f"{where}.{field}={getattr(spec, field)!r}: Gemma 4 needs {value!r}")
+        require_values(spec, where, "Gemma 4", [("qk_norm", True), ("v_norm", True), ("scale", 1.0)])
         rope = {"rope_type": spec.rope_type, "rope_theta": spec.rope_theta}
         if spec.rope_type == "proportional":
             require(t == FULL, f"{where}.rope_type='proportional': Gemma 4 uses it on full layers only")
@@ -262,7 +255,7 @@ class Gemma4(Family):
         for i, spec in enumerate(layer_specs(cfg)):
             require(spec.kind == GQA, f"model.attention.menu.{cfg.attention_type(i)}.kind='{spec.kind}': Gemma 4 "
                                       "layers are gqa")
-        types = [_layer_type(cfg, i) for i in range(cfg.num_layers)]
+        types = [SLIDING if spec.window > 0 else FULL for spec in layer_specs(cfg)[:cfg.num_layers]]
         num_shared = _check_sharing(cfg, types)
         moe, m = cfg.ffn_type(0) == "dense+moe", cfg.moe
         return {

@@ -18,7 +18,7 @@ from typing import Any
 from moesaic.configs import AttentionConfig, ModelConfig, MoEConfig
 from moesaic.model.attention import layer_specs
 
-from .family import ConfigReader, Family, require, shared_entry
+from .family import ConfigReader, Family, require, require_values, shared_entry
 from .tensor_map import GQA_NAMES, MLP_NAMES, ExpertLayout, NamePlan, TableNames
 
 GQA = "gqa"
@@ -73,28 +73,27 @@ def _from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
 
 def check_exportable(cfg: ModelConfig) -> None:
     """Refuse what Qwen3MoeForCausalLM cannot reproduce, naming the field."""
-    m = cfg.moe
     require(cfg.hc_mult == 1, f"model.hc_mult={cfg.hc_mult}: Qwen3-MoE has a plain residual (hc_mult=1)")
-    for field, value in [("mtp_layers", 0), ("embed_scale", False), ("layer_scalar", False), ("ple_dim", 0),
-                         ("final_logit_softcap", 0.0), ("ffn_activation", "silu"), ("dense_intermediate_sizes", [])]:
-        require(getattr(cfg, field) == value, f"model.{field}={getattr(cfg, field)!r}: Qwen3-MoE needs {value!r}")
-    dense_moe = [i for i in range(cfg.num_layers) if cfg.ffn_type(i) == "dense+moe"]
-    require(not dense_moe, f"model.ffn_types[{dense_moe[0] if dense_moe else 0}]='dense+moe': Qwen3-MoE layers are "
-                           "dense or moe")
+    require_values(cfg, "model", "Qwen3-MoE", [("mtp_layers", 0), ("embed_scale", False), ("layer_scalar", False),
+                                               ("ple_dim", 0), ("final_logit_softcap", 0.0), ("ffn_activation", "silu")])
+    for i in range(cfg.num_layers):
+        require(cfg.ffn_type(i) != "dense+moe",
+                f"model.ffn_types[{i}]='dense+moe': Qwen3-MoE layers are dense or moe")
+        require(cfg.ffn_type(i) == "moe" or cfg.dense_width(i) == cfg.dense_intermediate_size,
+                f"model.dense_intermediate_sizes[{i}]={cfg.dense_width(i)}: Qwen3-MoE's dense layers all have "
+                f"intermediate_size ({cfg.dense_intermediate_size})")
     for i, layer in enumerate(layer_specs(cfg)):
         require(layer.kind == GQA, f"model.attention.menu.{cfg.attention_type(i)}.kind='{layer.kind}' (layer {i}): "
                                    "Qwen3-MoE layers are all gqa")
     name, spec = shared_entry(cfg, "Qwen3-MoE", range(cfg.num_layers))
     where = f"model.attention.menu.{name}"
-    for field, value in [("qk_norm", True), ("v_norm", False), ("k_eq_v", False), ("rope_type", "default"),
-                         ("rope_fraction", 1.0), ("kv_source", -1)]:
-        require(getattr(spec, field) == value, f"{where}.{field}={getattr(spec, field)!r}: Qwen3-MoE needs {value!r}")
+    require_values(spec, where, "Qwen3-MoE", [("qk_norm", True), ("v_norm", False), ("k_eq_v", False),
+                                              ("rope_type", "default"), ("rope_fraction", 1.0), ("kv_source", -1)])
     require(spec.scale in (0.0, spec.head_dim ** -0.5),
             f"{where}.scale={spec.scale}: Qwen3-MoE scales by head_dim^-0.5 (0)")
-    for field, value in [("score_func", "softmax"), ("num_shared_experts", 0), ("routed_scaling_factor", 1.0),
-                         ("swiglu_limit", 0.0), ("num_hash_layers", 0), ("router_input_norm", False),
-                         ("per_expert_scale", False)]:
-        require(getattr(m, field) == value, f"model.moe.{field}={getattr(m, field)!r}: Qwen3-MoE needs {value!r}")
+    require_values(cfg.moe, "model.moe", "Qwen3-MoE", [
+        ("score_func", "softmax"), ("num_shared_experts", 0), ("routed_scaling_factor", 1.0), ("swiglu_limit", 0.0),
+        ("num_hash_layers", 0), ("router_input_norm", False), ("per_expert_scale", False)])
 
 
 class Qwen3Moe(Family):

@@ -11,6 +11,7 @@ Reading accepts both layouts; writing uses the family's (``ExpertLayout.write_fu
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -46,16 +47,16 @@ class ExpertLayout:
     write_fused: bool = True
 
 
-class NamePlan:
-    """One model's tensor names in one family's checkpoint; families override ``keys`` and the hooks."""
+class NamePlan(ABC):
+    """One model's tensor names in one family's checkpoint; families implement ``keys`` and may override the hooks."""
 
     experts = ExpertLayout(("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
 
+    @abstractmethod
     def keys(self, native: str) -> list[str]:
         """The keys that may hold ``native``, tried in order (the first is written); for routed experts the
         fused tensor's (its per-expert matrices sit beside it). [] = not stored: reads as zeros, and
         exports only if zero."""
-        raise NotImplementedError
 
     def write_key(self, native: str) -> Optional[str]:
         """The key ``native`` is written under; None: not written (not stored, or tied to another)."""
