@@ -74,8 +74,9 @@ def _from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
 def check_exportable(cfg: ModelConfig) -> None:
     """Refuse what Qwen3MoeForCausalLM cannot reproduce, naming the field."""
     require(cfg.hc_mult == 1, f"model.hc_mult={cfg.hc_mult}: Qwen3-MoE has a plain residual (hc_mult=1)")
-    require_values(cfg, "model", "Qwen3-MoE", [("mtp_layers", 0), ("embed_scale", False), ("layer_scalar", False),
-                                               ("ple_dim", 0), ("final_logit_softcap", 0.0), ("ffn_activation", "silu")])
+    require_values(cfg, "model", "Qwen3-MoE", [
+        ("mtp_layers", 0), ("embed_scale", False), ("layer_scalar", False), ("ple_dim", 0),
+        ("final_logit_softcap", 0.0), ("ffn_activation", "silu")])
     for i in range(cfg.num_layers):
         require(cfg.ffn_type(i) != "dense+moe",
                 f"model.ffn_types[{i}]='dense+moe': Qwen3-MoE layers are dense or moe")
