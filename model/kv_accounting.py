@@ -39,6 +39,8 @@ class LayerKV:
     kind: str
     window_bytes: float
     compressed_bytes: float
+    entry: str = ""  # the layer's model.attention.menu entry
+    own_kv_bytes: float = 0.0  # what the layer would hold computing its own K/V (differs for KV-shared layers)
 
     @property
     def total(self) -> float:
@@ -48,7 +50,9 @@ class LayerKV:
 def layer_kv_bytes(cfg: ModelConfig, tokens: int, fmt: str = "bf16", index_fmt: str | None = None) -> list[LayerKV]:
     """Bytes of each decoder layer's decode cache for one sequence of ``tokens`` tokens."""
     specs = layer_specs(cfg)[:cfg.num_layers]
-    return [LayerKV(i, spec.kind, *spec.kv_bytes(tokens, fmt, index_fmt or fmt)) for i, spec in enumerate(specs)]
+    index_fmt = index_fmt or fmt
+    return [LayerKV(i, spec.kind, *spec.kv_bytes(tokens, fmt, index_fmt), entry=cfg.attention_type(i),
+                    own_kv_bytes=sum(spec.own_kv().kv_bytes(tokens, fmt, index_fmt))) for i, spec in enumerate(specs)]
 
 
 def dense_kv_bytes(cfg: ModelConfig, tokens: int, fmt: str = "bf16") -> float:
@@ -56,14 +60,21 @@ def dense_kv_bytes(cfg: ModelConfig, tokens: int, fmt: str = "bf16") -> float:
     return tokens * sum(spec.dense_kv_bytes_per_token(fmt) for spec in layer_specs(cfg)[:cfg.num_layers])
 
 
+def _ratio(other: float, total: float) -> str:
+    return f"{other / total:.2f}x smaller" if other >= total else f"{total / other:.2f}x larger"
+
+
 def format_report(cfg: ModelConfig, tokens: int, fmt: str, index_fmt: str) -> str:
     """The table ``moesaic kv-report`` prints."""
     layers = layer_kv_bytes(cfg, tokens, fmt, index_fmt)
     total = sum(layer.total for layer in layers)
     gib = 2 ** 30
+    width = max(5, *(len(layer.entry) for layer in layers))
     lines = [f"KV cache for one sequence of {tokens:,} tokens (main entries {fmt}, indexer keys {index_fmt})",
-             f"{'layer':>5} {'type':>4} {'window MiB':>11} {'compressed MiB':>15} {'total MiB':>10}"]
-    lines += [f"{layer.layer:>5} {layer.kind:>4} {layer.window_bytes / 2**20:>11.3f} "
+             "basis: window-aware (a sliding-window layer keeps min(window, tokens) tokens); a layer reading "
+             "another layer's K/V holds 0 bytes",
+             f"{'layer':>5} {'entry':>{width}} {'type':>4} {'window MiB':>11} {'compressed MiB':>15} {'total MiB':>10}"]
+    lines += [f"{layer.layer:>5} {layer.entry:>{width}} {layer.kind:>4} {layer.window_bytes / 2**20:>11.3f} "
               f"{layer.compressed_bytes / 2**20:>15.3f} {layer.total / 2**20:>10.3f}" for layer in layers]
     counts = Counter(layer.kind for layer in layers)
     dense = dense_kv_bytes(cfg, tokens, fmt)
@@ -71,7 +82,12 @@ def format_report(cfg: ModelConfig, tokens: int, fmt: str, index_fmt: str) -> st
     lines += [
         "layers: " + ", ".join(f"{n} {kind.upper()}" for kind, n in counts.items()),
         f"total: {total / gib:.4f} GiB ({total / tokens:,.1f} B/token)",
-        f"vs uncompressed full-context KV of the same layers ({dense / gib:.3f} GiB): {dense / total:.2f}x smaller",
-        f"vs DeepSeek-V3.2 in {fmt} ({v32 / gib:.3f} GiB): {v32 / total:.2f}x smaller",
+        f"vs uncompressed full-context KV of the same layers ({dense / gib:.3f} GiB): {_ratio(dense, total)}",
+        f"vs DeepSeek-V3.2 in {fmt} ({v32 / gib:.3f} GiB): {_ratio(v32, total)}",
     ]
+    shared = [layer for layer in layers if layer.own_kv_bytes != layer.total]
+    if shared:
+        own = sum(layer.own_kv_bytes - layer.total for layer in shared)
+        lines.append(f"KV-shared layers {','.join(str(layer.layer) for layer in shared)}: 0 bytes; with their own "
+                     f"K/V they would add {own / gib:.4f} GiB ({(total + own) / total:.2f}x the total)")
     return "\n".join(lines)

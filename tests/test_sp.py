@@ -70,9 +70,9 @@ def test_sp2_and_sp2_with_ep2_on_two_ranks_match_one_process() -> None:
 
 
 @pytest.mark.multiproc
-def test_attention_mosaic_with_kv_sharing_at_sp2_matches_one_process() -> None:
+def test_attention_mosaic_with_kv_sharing_at_sp2_and_sp2_x_ep2_matches_one_process() -> None:
     run_workers(sp_matches_one_process, world=2, layout=MOSAIC_LAYOUT,
-                variants=[[], [*every_entry("query_chunk", 5)]], runs=[(2, 1, 1)]).assert_ok()
+                variants=[[], [*every_entry("query_chunk", 5)]], runs=[(2, 1, 1), (2, 2, 2)]).assert_ok()
 
 
 @pytest.mark.multiproc
@@ -82,10 +82,10 @@ def test_sp2_x_dp2_with_ep2_on_four_ranks_matches_one_process() -> None:
 
 @pytest.mark.multiproc
 def test_sp2_x_dp2_ep2_resume_is_bit_identical_and_resumes_at_another_dp(tmp_path: Path, tiny_corpus) -> None:
-    common = FAST + LAYOUT + [f"data.dataset={tiny_corpus.glob}", "model.vocab_size=512",
-                              f"data.cache_dir={tmp_path / 'cache'}", "train.steps=4", "checkpoint.every=2",
-                              "train.zero_stage=2", "train.lr=1e-4", "train.eval_every=100", "train.sample_tokens=0",
-                              "parallel.sp=2", "parallel.ep=2"]
+    common = FAST + MOSAIC_LAYOUT + [f"data.dataset={tiny_corpus.glob}", "model.vocab_size=512",
+                                     f"data.cache_dir={tmp_path / 'cache'}", "train.steps=4", "checkpoint.every=2",
+                                     "train.zero_stage=2", "train.lr=1e-4", "train.eval_every=100",
+                                     "train.sample_tokens=0", "parallel.sp=2", "parallel.ep=2"]
     straight, same, fewer = tmp_path / "straight", tmp_path / "same", tmp_path / "dp1"
     train(common + [f"run_dir={straight}"], nproc=4)
     mid = straight / "checkpoints" / "step_00000002"

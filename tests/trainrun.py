@@ -30,19 +30,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(overrides: list[str], nproc: int = 1) -> list[str]:
+def command(overrides: list[str], nproc: int = 1, config: str = "tiny") -> list[str]:
     if nproc == 1:
-        return [sys.executable, "-m", "moesaic.launch.cli", "train", "tiny", *overrides]
+        return [sys.executable, "-m", "moesaic.launch.cli", "train", config, *overrides]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}", "-m", "moesaic.launch.cli", "train", "tiny", *overrides]
+            f"--master-port={free_port()}", "-m", "moesaic.launch.cli", "train", config, *overrides]
 
 
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def train(overrides: list[str], nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(overrides, nproc), capture_output=True, text=True, timeout=timeout, env=env())
+def train(overrides: list[str], nproc: int = 1, timeout: float = 600,
+          config: str = "tiny") -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(overrides, nproc, config), capture_output=True, text=True, timeout=timeout,
+                          env=env())
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 

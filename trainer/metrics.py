@@ -112,8 +112,9 @@ def kv_metrics(cfg: Config) -> dict[str, float]:
         out[f"kv/{ctx}/compression"] = dense_kv_bytes(m, tokens, fmt) / total
         for layer in layers:
             out[f"kv_layers/{layer_label(layer.layer)}/{ctx}/bytes_per_token"] = layer.total / tokens
-            out[f"kv_layers/{layer_label(layer.layer)}/{ctx}/compression"] = \
-                dense_layer[layer.layer] * tokens / layer.total
+            if layer.total:  # a layer reading another's K/V holds none: nothing to compress
+                out[f"kv_layers/{layer_label(layer.layer)}/{ctx}/compression"] = \
+                    dense_layer[layer.layer] * tokens / layer.total
     return out
 
 

@@ -95,6 +95,10 @@ class AttentionSpec(ABC):
     def from_hf(cls, hf: HFReader) -> AttentionSpec:
         """The entry of this type described by a transformers config.json."""
 
+    def own_kv(self) -> AttentionSpec:
+        """This entry as it would be computing its own keys/values (itself, unless it reads another layer's)."""
+        return self
+
     def architecture(self) -> dict[str, Any]:
         """The fields that decide weights and outputs (a checkpoint of one layer fits another iff equal)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.not_architecture}

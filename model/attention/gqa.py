@@ -20,6 +20,7 @@ O(S x chunk) transient for global ones.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
@@ -99,6 +100,9 @@ class GQASpec(AttentionSpec):
                     f"whose K/V it reads (kv_source={src})")
         require(source.window == 0 or 0 < self.window <= source.window,
                 f"{where}.window={self.window} sees keys that layer {src} (window={source.window}) does not keep")
+
+    def own_kv(self) -> GQASpec:
+        return dataclasses.replace(self, kv_source=-1)
 
     def rotary_dim(self) -> int:
         """Channels of a head that RoPE rotates."""
