@@ -356,7 +356,8 @@ def test_whole_model_matches_transformers_gemma4_with_attention_stubbed():
                  "per_layer_input_gate": "ple.gate", "per_layer_projection": "ple.proj",
                  "post_per_layer_input_norm": "ple.norm"}
         names.update({"mlp.gate_proj": "ffn.dense.w1", "mlp.up_proj": "ffn.dense.w3", "mlp.down_proj": "ffn.dense.w2",
-                      "post_feedforward_layernorm_1": "ffn.post_dense_norm", "pre_feedforward_layernorm_2": "ffn.moe_norm",
+                      "post_feedforward_layernorm_1": "ffn.post_dense_norm",
+                      "pre_feedforward_layernorm_2": "ffn.moe_norm",
                       "post_feedforward_layernorm_2": "ffn.post_moe_norm", "router.proj": "ffn.moe.gate"})
         moe = layer.ffn.moe
         state.update({f"model.layers.{i}.router.scale": moe.gate.scale,

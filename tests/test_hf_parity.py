@@ -226,10 +226,14 @@ def test_export_refuses_what_transformers_cannot_express(tmp_path: Path) -> None
                                           "transformers' 'sliding_window' \\(16 vs 8\\)"):
         to_hf_config(two_windows)
     for change, message in [({"hc_mult": 1}, "model.hc_mult=1"), ({"ffn_types": ["dense", "moe"]}, "ffn_types"),
-                            ({"tie_embeddings": True}, "tie_embeddings"), ({"score_func": "softmax"}, "score_func")]:
+                            ({"tie_embeddings": True}, "tie_embeddings"), ({"score_func": "softmax"}, "score_func"),
+                            ({"ffn_types": ["dense+moe", "moe"]}, "ffn_types\\[0\\]='dense\\+moe'"),
+                            ({"sandwich_norm": True}, "model.sandwich_norm=True: a Gemma 4 option"),
+                            ({"ple_dim": 4}, "model.ple_dim=4"), ({"per_expert_scale": True}, "moe.per_expert_scale"),
+                            ({"ffn_activation": "gelu_tanh"}, "ffn_activation='gelu_tanh'")]:
         cfg = make_cfg(["swa", "swa"])
         for key, value in change.items():
-            setattr(cfg.moe if key == "score_func" else cfg, key, value)
+            setattr(cfg.moe if key in ("score_func", "per_expert_scale") else cfg, key, value)
         with pytest.raises(ConfigError, match=message):
             to_hf_config(cfg)
 

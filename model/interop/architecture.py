@@ -68,4 +68,4 @@ def check_same_architecture(run: ModelConfig, checkpoint: ModelConfig, source: s
         field = _config_path(run if key in mine else checkpoint, key)
         where = f" at {key.split('.attention.')[0]}" if key.startswith("layers[") else ""
         require(ours == ckpt, f"{field}={ours!r} disagrees with the checkpoint {source} ({ckpt!r}){where}; "
-                               f"set {field}={ckpt!r} or use another checkpoint")
+                              f"set {field}={ckpt!r} or use another checkpoint")

@@ -126,7 +126,8 @@ def load_native(directory: str | Path) -> Transformer:
     src = SafetensorsDir(directory)
     expected = _state_shapes(model)
     _check_native(src, expected)
-    _copy_into(model, [TensorPlan(n, src.dtype(n), shape, lambda n=n: src.get(n)) for n, (shape, _) in expected.items()])
+    _copy_into(model, [TensorPlan(n, src.dtype(n), shape, lambda n=n: src.get(n))
+                       for n, (shape, _) in expected.items()])
     return model
 
 

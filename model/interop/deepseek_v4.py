@@ -32,19 +32,27 @@ def check_exportable(cfg: ModelConfig) -> None:
     """Refuse models transformers' DeepseekV4ForCausalLM cannot reproduce exactly."""
     m = cfg.moe
     require(cfg.hc_mult > 1, f"model.hc_mult={cfg.hc_mult}: DeepSeek-V4 checkpoints always use mHC; "
-                              "moesaic's hc_mult=1 (plain residual) has no equivalent")
+                             "moesaic's hc_mult=1 (plain residual) has no equivalent")
     dense = [i for i in range(cfg.num_layers) if cfg.ffn_type(i) != "moe"]
-    require(not dense, f"model.ffn_types[{dense[0] if dense else 0}]='dense': DeepSeek-V4 has an MoE FFN in every layer")
+    require(not dense, f"model.ffn_types[{dense[0] if dense else 0}]='{cfg.ffn_type(dense[0]) if dense else ''}': "
+                       "DeepSeek-V4 has an MoE FFN in every layer")
+    gemma = {"embed_scale": cfg.embed_scale, "sandwich_norm": cfg.sandwich_norm, "layer_scalar": cfg.layer_scalar,
+             "ple_dim": cfg.ple_dim, "final_logit_softcap": cfg.final_logit_softcap,
+             "moe.router_input_norm": m.router_input_norm, "moe.per_expert_scale": m.per_expert_scale}
+    for name, value in gemma.items():
+        require(not value, f"model.{name}={value}: a Gemma 4 option that DeepSeek-V4 checkpoints cannot express")
+    require(cfg.ffn_activation == "silu",
+            f"model.ffn_activation='{cfg.ffn_activation}': DeepSeek-V4 uses SwiGLU (silu)")
     require(m.num_shared_experts == 1, f"model.moe.num_shared_experts={m.num_shared_experts}: "
-                                        "DeepSeek-V4 has exactly one shared expert")
+                                       "DeepSeek-V4 has exactly one shared expert")
     require(m.norm_topk_prob, "model.moe.norm_topk_prob=false: DeepSeek-V4 always normalises the top-k gates")
     require(m.score_func in SCORE_FUNCS, f"model.moe.score_func='{m.score_func}': transformers' DeepSeek-V4 "
-                                          f"builds only {' and '.join(SCORE_FUNCS)} routers")
+                                         f"builds only {' and '.join(SCORE_FUNCS)} routers")
     require(not cfg.tie_embeddings, "model.tie_embeddings=true: DeepSeek-V4 checkpoints have an untied head")
     mtp = layer_specs(cfg)[cfg.num_layers:]
     require(all(spec.hf_layer_type == "sliding_attention" for spec in mtp),
-             f"model.mtp_layer_type='{cfg.mtp_layer_type}': transformers' DeepSeek-V4 MTP blocks use sliding-window "
-             "attention")
+            f"model.mtp_layer_type='{cfg.mtp_layer_type}': transformers' DeepSeek-V4 MTP blocks use sliding-window "
+            "attention")
 
 
 def _merge(out: dict[str, Any], part: dict[str, Any], owner: dict[str, str], name: str, path: str = "") -> None:
@@ -56,8 +64,8 @@ def _merge(out: dict[str, Any], part: dict[str, Any], owner: dict[str, str], nam
             _merge(out.setdefault(key, {}), value, owner, name, f"{where}.")
             continue
         require(where not in owner or out[key] == value,
-                 f"model.attention.menu.{name} and model.attention.menu.{owner.get(where)} disagree on transformers' "
-                 f"'{where}' ({value!r} vs {out.get(key)!r}): a DeepSeek-V4 config.json has one value for every layer")
+                f"model.attention.menu.{name} and model.attention.menu.{owner.get(where)} disagree on transformers' "
+                f"'{where}' ({value!r} vs {out.get(key)!r}): a DeepSeek-V4 config.json has one value for every layer")
         out[key] = value
         owner.setdefault(where, name)
 
@@ -73,7 +81,7 @@ def _attention_keys(cfg: ModelConfig) -> dict[str, Any]:
     for i, spec in enumerate(layer_specs(cfg)):
         name = cfg.attention_type(i)
         require(spec.hf_layer_type is not None, f"model.attention.menu.{name}: kind '{spec.kind}' has no "
-                                                 "transformers DeepSeek-V4 layer type")
+                                                "transformers DeepSeek-V4 layer type")
         _merge(out, spec.to_hf(f"model.attention.menu.{name}"), owner, name)
     out["layer_types"] = [spec.hf_layer_type for spec in layer_specs(cfg)[:cfg.num_layers]]
     return out
@@ -146,11 +154,12 @@ def _rope(r: _Reader) -> dict[str, Any]:
     require(kind in ("default", "yarn"), f"{r.source}: compress rope_type '{kind}' is not supported (default, yarn)")
     if kind == "yarn":
         require(compress.get("attention_factor") == 1.0,
-                 f"{r.source}: YaRN attention_factor={compress.get('attention_factor')!r} is not supported "
-                 "(V4 applies no YaRN scaling to cos/sin; set it to 1.0)")
+                f"{r.source}: YaRN attention_factor={compress.get('attention_factor')!r} is not supported "
+                "(V4 applies no YaRN scaling to cos/sin; set it to 1.0)")
         out.update(yarn_factor=float(compress["factor"]),
                    yarn_original_max_position=int(compress["original_max_position_embeddings"]),
-                   yarn_beta_fast=float(compress.get("beta_fast") or 32), yarn_beta_slow=float(compress.get("beta_slow") or 1))
+                   yarn_beta_fast=float(compress.get("beta_fast") or 32),
+                   yarn_beta_slow=float(compress.get("beta_slow") or 1))
     return out
 
 
@@ -163,7 +172,7 @@ def _layer_types(r: _Reader, num_layers: int) -> list[str]:
                     if cls.hf_layer_type is not None}  # 0: no compression
         ratios = r.get("compress_ratios")  # official layout: one per layer, plus one per MTP block
         require(all(x in by_ratio for x in ratios), f"{r.source}: compress_ratios {ratios} use a ratio other than "
-                                                     f"{sorted(by_ratio)}")
+                                                    f"{sorted(by_ratio)}")
         names = [by_ratio[x] for x in ratios]
     require(len(names) >= num_layers, f"{r.source}: layer_types has {len(names)} entries for {num_layers} layers")
     for name in names[:num_layers]:
@@ -181,7 +190,7 @@ def _menu(r: _Reader, hf_types: list[str]) -> tuple[dict[str, Any], list[str]]:
 def _score_func(r: _Reader) -> str:
     score_func = r.get("scoring_func", "sqrtsoftplus")
     require(score_func in SCORE_FUNCS, f"{r.source}: scoring_func='{score_func}' is not supported "
-                                        f"(transformers builds {' and '.join(SCORE_FUNCS)} routers)")
+                                       f"(transformers builds {' and '.join(SCORE_FUNCS)} routers)")
     return score_func
 
 
@@ -191,7 +200,7 @@ def _num_hash_layers(r: _Reader, num_layers: int) -> int:
     kinds = list(r.get("mlp_layer_types"))[:num_layers]
     n = next((i for i, k in enumerate(kinds) if k != HASH_MOE), len(kinds))
     require(all(k == MOE for k in kinds[n:]), f"{r.source}: mlp_layer_types {kinds} must be hash_moe layers "
-                                               "followed by moe layers")
+                                              "followed by moe layers")
     return n
 
 
@@ -204,7 +213,7 @@ def from_hf_config(hf: dict[str, Any], mtp_layers: int, source: str = "config.js
     r = _Reader(hf, source)
     r.expect("model_type", "deepseek_v4", "deepseek_v4", "not a DeepSeek-V4 checkpoint")
     require("quantization_config" not in hf, f"{source}: quantized (FP8/FP4) checkpoints are not supported; "
-                                              "dequantize to bf16/fp32 first")
+                                             "dequantize to bf16/fp32 first")
     r.expect("num_key_value_heads", 1, 1, "V4 has one shared K=V head")
     r.expect("hidden_act", "silu", "silu", "V4 experts use SwiGLU")
     r.expect("attention_bias", False, False, "V4 projections have no bias")
@@ -214,7 +223,7 @@ def from_hf_config(hf: dict[str, Any], mtp_layers: int, source: str = "config.js
     r.expect("norm_topk_prob", True, True, "transformers always normalises the top-k gates")
     hc_mult = int(r.get("hc_mult", 4))
     require(hc_mult > 1, f"{source}: hc_mult={hc_mult} is a one-stream mHC, which moesaic does not build "
-                          "(its hc_mult=1 is a plain residual)")
+                         "(its hc_mult=1 is a plain residual)")
     num_layers = int(r.get("num_hidden_layers"))
     menu, layer_types = _menu(r, _layer_types(r, num_layers))
     moe = MoEConfig(

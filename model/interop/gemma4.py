@@ -245,7 +245,7 @@ class Gemma4(Family):
     model_types = ("gemma4_text", "gemma4")
 
     def claims(self, cfg: ModelConfig) -> bool:
-        return cfg.sandwich_norm
+        return cfg.sandwich_norm and any(spec.kind == GQA for spec in layer_specs(cfg))
 
     def from_hf(self, hf: dict[str, Any], tensor_names: set[str], source: str) -> ModelConfig:
         return _from_hf(hf, source)
