@@ -26,7 +26,7 @@ from moesaic.model import Transformer
 from moesaic.model.attention.presets import v4_attention
 from moesaic.model.interop import (ConversionError, export_hf, import_hf, load_hf_into, load_native,
                                    read_native_config, save_native, to_hf_config)
-from moesaic.model.interop.hf_config import architecture
+from moesaic.model.interop import architecture
 from moesaic.model.moe.router import hash_routing_table
 
 from attention_types import HF_KINDS, small_spec

@@ -1,4 +1,4 @@
-"""Checkpoint conversion between moesaic's native format and transformers' DeepSeek-V4 format.
+"""Checkpoint conversion between moesaic's native format and transformers' (DeepSeek-V4, Qwen3-MoE, Gemma 4).
 
 Every path streams: tensors are read one at a time (``safe_open``) and written as their turn
 comes, or copied straight into an existing model's parameters; expected names and shapes come
@@ -19,10 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 from moesaic.configs import ConfigError, ModelConfig
 
 from ..transformer import Transformer
-from .hf_config import check_same_architecture, from_hf_config, to_hf_config
-from .hf_names import Shapes, count_mtp_blocks, hf_plans, native_plans
+from .architecture import check_same_architecture
+from .family import Family, family_for_hf, family_for_model
 from .safetensors_io import (ConversionError, SafetensorsDir, TensorPlan, atomic_directory, write_safetensors,
                              write_sharded)
+from .tensor_map import Shapes, read_plans, unstored, write_plans
 
 NATIVE_CONFIG = "config.yaml"
 NATIVE_WEIGHTS = "model.safetensors"
@@ -55,8 +56,8 @@ def read_native_config(directory: str | Path) -> ModelConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def read_hf_config(directory: str | Path, src: Optional[SafetensorsDir] = None) -> ModelConfig:
-    """The ModelConfig of a transformers DeepSeek-V4 checkpoint directory (its MTP blocks counted from its tensors)."""
+def _read_hf(directory: str | Path, src: SafetensorsDir) -> tuple[Family, ModelConfig]:
+    """The family and ModelConfig of a transformers checkpoint directory."""
     path = Path(directory) / HF_CONFIG
     if not path.is_file():
         raise ConfigError(f"{directory} is not a transformers checkpoint: {HF_CONFIG} is missing")
@@ -64,8 +65,25 @@ def read_hf_config(directory: str | Path, src: Optional[SafetensorsDir] = None) 
         hf = json.loads(path.read_text())
     except ValueError as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    src = src or SafetensorsDir(directory)
-    return from_hf_config(hf, count_mtp_blocks(src.keys()), source=str(path))
+    family = family_for_hf(hf, str(path))
+    return family, family.from_hf(hf, src.keys(), str(path))
+
+
+def read_hf_config(directory: str | Path, src: Optional[SafetensorsDir] = None) -> ModelConfig:
+    """The ModelConfig of a transformers checkpoint directory (of any family; V4's MTP blocks counted from its
+    tensors)."""
+    return _read_hf(directory, src or SafetensorsDir(directory))[1]
+
+
+def from_hf_config(hf: dict, tensor_names: frozenset[str] = frozenset(), source: str = HF_CONFIG) -> ModelConfig:
+    """The ModelConfig of a config.json (``tensor_names``: the checkpoint's, where the family reads its layout)."""
+    return family_for_hf(hf, source).from_hf(hf, set(tensor_names), source)
+
+
+def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """The config.json exporting ``cfg``, in the family ``family_for_model`` infers (ConfigError: the field
+    that stops it)."""
+    return family_for_model(cfg).to_hf(cfg, dtype)
 
 
 def _check_native(src: SafetensorsDir, expected: Shapes) -> None:
@@ -108,26 +126,28 @@ def load_native(directory: str | Path) -> Transformer:
     src = SafetensorsDir(directory)
     expected = _state_shapes(model)
     _check_native(src, expected)
-    _copy_into(model, [TensorPlan(n, src.dtype(n), shape, lambda n=n: src.get(n)) for n, (shape, _) in expected.items()])
+    _copy_into(model, [TensorPlan(n, src.dtype(n), shape, lambda n=n: src.get(n))
+                       for n, (shape, _) in expected.items()])
     return model
 
 
 def load_hf_into(model: Transformer, directory: str | Path) -> None:
-    """Overwrite ``model``'s weights with a transformers DeepSeek-V4 checkpoint (``model.init_from``).
+    """Overwrite ``model``'s weights with a transformers checkpoint of any family (``model.init_from``).
 
     ConfigError names the first model field where ``model.cfg`` and the checkpoint's config.json
     disagree; ConversionError names a missing, misshapen or unexpected tensor.
     """
     src = SafetensorsDir(directory)
-    check_same_architecture(model.cfg, read_hf_config(directory, src), str(directory))
-    _copy_into(model, native_plans(src, _state_shapes(model)))
+    family, cfg = _read_hf(directory, src)
+    check_same_architecture(model.cfg, cfg, str(directory))
+    _copy_into(model, read_plans(family.names(cfg, frozenset(src.keys())), src, _state_shapes(model)))
 
 
 def import_hf(hf_dir: str | Path, native_dir: str | Path) -> Path:
-    """transformers DeepSeek-V4 checkpoint -> new native checkpoint directory, tensor by tensor."""
+    """transformers checkpoint (any family) -> new native checkpoint directory, tensor by tensor."""
     src = SafetensorsDir(hf_dir)
-    cfg = read_hf_config(hf_dir, src)
-    plans = native_plans(src, expected_state(cfg))
+    family, cfg = _read_hf(hf_dir, src)
+    plans = read_plans(family.names(cfg, frozenset(src.keys())), src, expected_state(cfg))
     with atomic_directory(native_dir) as tmp:
         (tmp / NATIVE_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         write_safetensors(tmp / NATIVE_WEIGHTS, plans, {"moesaic": "native"})
@@ -135,10 +155,10 @@ def import_hf(hf_dir: str | Path, native_dir: str | Path) -> Path:
 
 
 def export_hf(native_dir: str | Path, hf_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Native checkpoint -> new transformers DeepSeek-V4 checkpoint directory, tensor by tensor.
+    """Native checkpoint -> new transformers checkpoint directory of the family the model has, tensor by tensor.
 
-    ``DeepseekV4ForCausalLM.from_pretrained(hf_dir)`` then reproduces the model's logits; MTP
-    blocks are written under ``mtp.{i}.*``, which transformers skips.
+    ``<Family>ForCausalLM.from_pretrained(hf_dir)`` then reproduces the model's logits; DeepSeek-V4's
+    MTP blocks are written under ``mtp.{i}.*``, which transformers skips.
     """
     cfg = read_native_config(native_dir)
     src = SafetensorsDir(native_dir)
@@ -146,19 +166,26 @@ def export_hf(native_dir: str | Path, hf_dir: str | Path, max_shard_bytes: int =
     _check_native(src, expected)
     native = {name: (shape, src.dtype(name)) for name, (shape, _) in expected.items()}
     dtype = str(src.dtype("embed.weight")).removeprefix("torch.")
-    hf_config = to_hf_config(cfg, dtype)
+    family = family_for_model(cfg)
+    hf_config = family.to_hf(cfg, dtype)
+    plan = family.names(cfg)
+    for name in unstored(plan, native):
+        if src.get(name).any():
+            raise ConversionError(f"tensor '{name}' in {native_dir} is nonzero, but {family.name} checkpoints have "
+                                  f"no place for it (it would read back as zeros)")
     with atomic_directory(hf_dir) as tmp:
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
-        write_sharded(tmp, hf_plans(src.get, native), max_shard_bytes)
+        write_sharded(tmp, write_plans(plan, src.get, native), max_shard_bytes)
     return Path(hf_dir)
 
 
 def convert(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
-    """Convert either way, by what ``src`` is (config.json: transformers; config.yaml: native); returns the direction."""
+    """Convert either way, by what ``src`` is (config.json: transformers; config.yaml: native); returns the
+    direction and the family."""
     if (Path(src) / HF_CONFIG).is_file():
         import_hf(src, dst)
-        return "transformers -> native"
+        return f"transformers -> native ({family_for_model(read_native_config(dst)).name})"
     if (Path(src) / NATIVE_CONFIG).is_file():
         export_hf(src, dst, max_shard_bytes)
-        return "native -> transformers"
+        return f"native -> transformers ({family_for_model(read_native_config(src)).name})"
     raise ConfigError(f"{src} is neither a transformers checkpoint ({HF_CONFIG}) nor a moesaic one ({NATIVE_CONFIG})")

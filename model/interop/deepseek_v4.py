@@ -1,4 +1,4 @@
-"""transformers' DeepSeek-V4 ``config.json`` <-> moesaic ``ModelConfig``.
+"""The DeepSeek-V4 family: transformers' ``config.json`` <-> moesaic ``ModelConfig`` (names: deepseek_v4_names).
 
 Export writes the modern layout transformers' own ``save_pretrained`` writes (explicit
 ``layer_types``/``mlp_layer_types``/``compress_rates`` and nested ``rope_parameters``; never the
@@ -17,44 +17,42 @@ from __future__ import annotations
 
 from typing import Any
 
-from moesaic.configs import AttentionConfig, ConfigError, ModelConfig, MoEConfig
+from moesaic.configs import AttentionConfig, ModelConfig, MoEConfig
 from moesaic.model.attention import layer_specs, registered, spec_for_hf
 from moesaic.model.attention.base import HFReader
+
+from .deepseek_v4_names import DeepSeekV4Names, count_mtp_blocks
+from .family import ConfigReader, Family, require
 
 HASH_MOE, MOE = "hash_moe", "moe"
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid")  # transformers 5.14 has no "softmax" router activation
 
 
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
 def check_exportable(cfg: ModelConfig) -> None:
     """Refuse models transformers' DeepseekV4ForCausalLM cannot reproduce exactly."""
     m = cfg.moe
-    _require(cfg.hc_mult > 1, f"model.hc_mult={cfg.hc_mult}: DeepSeek-V4 checkpoints always use mHC; "
-                              "moesaic's hc_mult=1 (plain residual) has no equivalent")
+    require(cfg.hc_mult > 1, f"model.hc_mult={cfg.hc_mult}: DeepSeek-V4 checkpoints always use mHC; "
+                             "moesaic's hc_mult=1 (plain residual) has no equivalent")
     dense = [i for i in range(cfg.num_layers) if cfg.ffn_type(i) != "moe"]
-    _require(not dense, f"model.ffn_types[{dense[0] if dense else 0}]='{cfg.ffn_type(dense[0]) if dense else ''}': "
-                        "DeepSeek-V4 has an MoE FFN in every layer")
+    require(not dense, f"model.ffn_types[{dense[0] if dense else 0}]='{cfg.ffn_type(dense[0]) if dense else ''}': "
+                       "DeepSeek-V4 has an MoE FFN in every layer")
     gemma = {"embed_scale": cfg.embed_scale, "sandwich_norm": cfg.sandwich_norm, "layer_scalar": cfg.layer_scalar,
              "ple_dim": cfg.ple_dim, "final_logit_softcap": cfg.final_logit_softcap,
              "moe.router_input_norm": m.router_input_norm, "moe.per_expert_scale": m.per_expert_scale}
     for name, value in gemma.items():
-        _require(not value, f"model.{name}={value}: a Gemma 4 option that DeepSeek-V4 checkpoints cannot express")
-    _require(cfg.ffn_activation == "silu",
-             f"model.ffn_activation='{cfg.ffn_activation}': DeepSeek-V4 uses SwiGLU (silu)")
-    _require(m.num_shared_experts == 1, f"model.moe.num_shared_experts={m.num_shared_experts}: "
-                                        "DeepSeek-V4 has exactly one shared expert")
-    _require(m.norm_topk_prob, "model.moe.norm_topk_prob=false: DeepSeek-V4 always normalises the top-k gates")
-    _require(m.score_func in SCORE_FUNCS, f"model.moe.score_func='{m.score_func}': transformers' DeepSeek-V4 "
-                                          f"builds only {' and '.join(SCORE_FUNCS)} routers")
-    _require(not cfg.tie_embeddings, "model.tie_embeddings=true: DeepSeek-V4 checkpoints have an untied head")
+        require(not value, f"model.{name}={value}: a Gemma 4 option that DeepSeek-V4 checkpoints cannot express")
+    require(cfg.ffn_activation == "silu",
+            f"model.ffn_activation='{cfg.ffn_activation}': DeepSeek-V4 uses SwiGLU (silu)")
+    require(m.num_shared_experts == 1, f"model.moe.num_shared_experts={m.num_shared_experts}: "
+                                       "DeepSeek-V4 has exactly one shared expert")
+    require(m.norm_topk_prob, "model.moe.norm_topk_prob=false: DeepSeek-V4 always normalises the top-k gates")
+    require(m.score_func in SCORE_FUNCS, f"model.moe.score_func='{m.score_func}': transformers' DeepSeek-V4 "
+                                         f"builds only {' and '.join(SCORE_FUNCS)} routers")
+    require(not cfg.tie_embeddings, "model.tie_embeddings=true: DeepSeek-V4 checkpoints have an untied head")
     mtp = layer_specs(cfg)[cfg.num_layers:]
-    _require(all(spec.hf_layer_type == "sliding_attention" for spec in mtp),
-             f"model.mtp_layer_type='{cfg.mtp_layer_type}': transformers' DeepSeek-V4 MTP blocks use sliding-window "
-             "attention")
+    require(all(spec.hf_layer_type == "sliding_attention" for spec in mtp),
+            f"model.mtp_layer_type='{cfg.mtp_layer_type}': transformers' DeepSeek-V4 MTP blocks use sliding-window "
+            "attention")
 
 
 def _merge(out: dict[str, Any], part: dict[str, Any], owner: dict[str, str], name: str, path: str = "") -> None:
@@ -65,9 +63,9 @@ def _merge(out: dict[str, Any], part: dict[str, Any], owner: dict[str, str], nam
         if isinstance(value, dict):
             _merge(out.setdefault(key, {}), value, owner, name, f"{where}.")
             continue
-        _require(where not in owner or out[key] == value,
-                 f"model.attention.menu.{name} and model.attention.menu.{owner.get(where)} disagree on transformers' "
-                 f"'{where}' ({value!r} vs {out.get(key)!r}): a DeepSeek-V4 config.json has one value for every layer")
+        require(where not in owner or out[key] == value,
+                f"model.attention.menu.{name} and model.attention.menu.{owner.get(where)} disagree on transformers' "
+                f"'{where}' ({value!r} vs {out.get(key)!r}): a DeepSeek-V4 config.json has one value for every layer")
         out[key] = value
         owner.setdefault(where, name)
 
@@ -82,8 +80,8 @@ def _attention_keys(cfg: ModelConfig) -> dict[str, Any]:
     owner: dict[str, str] = {}
     for i, spec in enumerate(layer_specs(cfg)):
         name = cfg.attention_type(i)
-        _require(spec.hf_layer_type is not None, f"model.attention.menu.{name}: kind '{spec.kind}' has no "
-                                                 "transformers DeepSeek-V4 layer type")
+        require(spec.hf_layer_type is not None, f"model.attention.menu.{name}: kind '{spec.kind}' has no "
+                                                "transformers DeepSeek-V4 layer type")
         _merge(out, spec.to_hf(f"model.attention.menu.{name}"), owner, name)
     out["layer_types"] = [spec.hf_layer_type for spec in layer_specs(cfg)[:cfg.num_layers]]
     return out
@@ -122,23 +120,13 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     }
 
 
-class _Reader(HFReader):
-    """Typed access to config.json keys; every problem names the key and the file."""
+class _Reader(ConfigReader, HFReader):
+    """config.json as the V4 attention types read it (``AttentionSpec.from_hf``): parsed RoPE and rates."""
 
     def __init__(self, hf: dict[str, Any], source: str) -> None:
-        self.hf, self.source = hf, source
+        super().__init__(hf, source)
         self.rope = _rope(self)
         self.rates = dict(self.get("compress_rates", {}))
-
-    def get(self, key: str, default: Any = ...) -> Any:
-        if key in self.hf and self.hf[key] is not None:
-            return self.hf[key]
-        _require(default is not ..., f"{self.source}: '{key}' is missing")
-        return default
-
-    def expect(self, key: str, allowed: Any, default: Any, why: str) -> None:
-        value = self.get(key, default)
-        _require(value == allowed, f"{self.source}: {key}={value!r} is not supported ({why})")
 
 
 def _rope(r: _Reader) -> dict[str, Any]:
@@ -163,14 +151,15 @@ def _rope(r: _Reader) -> dict[str, Any]:
     out: dict[str, Any] = {"rope_head_dim": rope_head_dim, "rope_theta": float(theta),
                            "compress_rope_theta": float(compress_theta)}
     kind = compress.get("rope_type", compress.get("type", "default"))
-    _require(kind in ("default", "yarn"), f"{r.source}: compress rope_type '{kind}' is not supported (default, yarn)")
+    require(kind in ("default", "yarn"), f"{r.source}: compress rope_type '{kind}' is not supported (default, yarn)")
     if kind == "yarn":
-        _require(compress.get("attention_factor") == 1.0,
-                 f"{r.source}: YaRN attention_factor={compress.get('attention_factor')!r} is not supported "
-                 "(V4 applies no YaRN scaling to cos/sin; set it to 1.0)")
+        require(compress.get("attention_factor") == 1.0,
+                f"{r.source}: YaRN attention_factor={compress.get('attention_factor')!r} is not supported "
+                "(V4 applies no YaRN scaling to cos/sin; set it to 1.0)")
         out.update(yarn_factor=float(compress["factor"]),
                    yarn_original_max_position=int(compress["original_max_position_embeddings"]),
-                   yarn_beta_fast=float(compress.get("beta_fast") or 32), yarn_beta_slow=float(compress.get("beta_slow") or 1))
+                   yarn_beta_fast=float(compress.get("beta_fast") or 32),
+                   yarn_beta_slow=float(compress.get("beta_slow") or 1))
     return out
 
 
@@ -182,12 +171,12 @@ def _layer_types(r: _Reader, num_layers: int) -> list[str]:
         by_ratio = {getattr(cls.from_hf(r), "ratio", 0): cls.hf_layer_type for cls in registered().values()
                     if cls.hf_layer_type is not None}  # 0: no compression
         ratios = r.get("compress_ratios")  # official layout: one per layer, plus one per MTP block
-        _require(all(x in by_ratio for x in ratios), f"{r.source}: compress_ratios {ratios} use a ratio other than "
-                                                     f"{sorted(by_ratio)}")
+        require(all(x in by_ratio for x in ratios), f"{r.source}: compress_ratios {ratios} use a ratio other than "
+                                                    f"{sorted(by_ratio)}")
         names = [by_ratio[x] for x in ratios]
-    _require(len(names) >= num_layers, f"{r.source}: layer_types has {len(names)} entries for {num_layers} layers")
+    require(len(names) >= num_layers, f"{r.source}: layer_types has {len(names)} entries for {num_layers} layers")
     for name in names[:num_layers]:
-        _require(spec_for_hf(name) is not None, f"{r.source}: layer type '{name}' is not an attention type of moesaic")
+        require(spec_for_hf(name) is not None, f"{r.source}: layer type '{name}' is not an attention type of moesaic")
     return names[:num_layers]
 
 
@@ -200,8 +189,8 @@ def _menu(r: _Reader, hf_types: list[str]) -> tuple[dict[str, Any], list[str]]:
 
 def _score_func(r: _Reader) -> str:
     score_func = r.get("scoring_func", "sqrtsoftplus")
-    _require(score_func in SCORE_FUNCS, f"{r.source}: scoring_func='{score_func}' is not supported "
-                                        f"(transformers builds {' and '.join(SCORE_FUNCS)} routers)")
+    require(score_func in SCORE_FUNCS, f"{r.source}: scoring_func='{score_func}' is not supported "
+                                       f"(transformers builds {' and '.join(SCORE_FUNCS)} routers)")
     return score_func
 
 
@@ -210,8 +199,8 @@ def _num_hash_layers(r: _Reader, num_layers: int) -> int:
         return min(num_layers, int(r.get("num_hash_layers", 3)))  # transformers' default is 3
     kinds = list(r.get("mlp_layer_types"))[:num_layers]
     n = next((i for i, k in enumerate(kinds) if k != HASH_MOE), len(kinds))
-    _require(all(k == MOE for k in kinds[n:]), f"{r.source}: mlp_layer_types {kinds} must be hash_moe layers "
-                                               "followed by moe layers")
+    require(all(k == MOE for k in kinds[n:]), f"{r.source}: mlp_layer_types {kinds} must be hash_moe layers "
+                                              "followed by moe layers")
     return n
 
 
@@ -223,8 +212,8 @@ def from_hf_config(hf: dict[str, Any], mtp_layers: int, source: str = "config.js
     """
     r = _Reader(hf, source)
     r.expect("model_type", "deepseek_v4", "deepseek_v4", "not a DeepSeek-V4 checkpoint")
-    _require("quantization_config" not in hf, f"{source}: quantized (FP8/FP4) checkpoints are not supported; "
-                                              "dequantize to bf16/fp32 first")
+    require("quantization_config" not in hf, f"{source}: quantized (FP8/FP4) checkpoints are not supported; "
+                                             "dequantize to bf16/fp32 first")
     r.expect("num_key_value_heads", 1, 1, "V4 has one shared K=V head")
     r.expect("hidden_act", "silu", "silu", "V4 experts use SwiGLU")
     r.expect("attention_bias", False, False, "V4 projections have no bias")
@@ -233,8 +222,8 @@ def from_hf_config(hf: dict[str, Any], mtp_layers: int, source: str = "config.js
     r.expect("tie_word_embeddings", False, False, "V4 has an untied head")
     r.expect("norm_topk_prob", True, True, "transformers always normalises the top-k gates")
     hc_mult = int(r.get("hc_mult", 4))
-    _require(hc_mult > 1, f"{source}: hc_mult={hc_mult} is a one-stream mHC, which moesaic does not build "
-                          "(its hc_mult=1 is a plain residual)")
+    require(hc_mult > 1, f"{source}: hc_mult={hc_mult} is a one-stream mHC, which moesaic does not build "
+                         "(its hc_mult=1 is a plain residual)")
     num_layers = int(r.get("num_hidden_layers"))
     menu, layer_types = _menu(r, _layer_types(r, num_layers))
     moe = MoEConfig(
@@ -251,46 +240,20 @@ def from_hf_config(hf: dict[str, Any], mtp_layers: int, source: str = "config.js
         attention=AttentionConfig(menu=menu), moe=moe)
 
 
-def architecture(cfg: ModelConfig) -> dict[str, Any]:
-    """The fields that decide a model's weights and outputs, keyed by their config path (attention: per layer).
+class DeepSeekV4(Family):
+    """transformers' ``DeepseekV4ForCausalLM``: mHC, SWA/CSA/HCA attention, hash + routed MoE, MTP blocks."""
 
-    Fields a model does not use, and training-only ones (``AttentionSpec.not_architecture``), are
-    left out, so that two configs compare equal exactly when a checkpoint of one is a checkpoint of
-    the other.
-    """
-    m, n = cfg.moe, cfg.num_layers
-    out: dict[str, Any] = {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_layers": n,
-        "ffn_types": [cfg.ffn_type(i) for i in range(n)], "rms_norm_eps": cfg.rms_norm_eps,
-        "tie_embeddings": cfg.tie_embeddings, "hc_mult": cfg.hc_mult, "mtp_layers": cfg.mtp_layers,
-        "moe.num_experts": m.num_experts, "moe.top_k": m.top_k, "moe.intermediate_size": m.intermediate_size,
-        "moe.num_shared_experts": m.num_shared_experts, "moe.score_func": m.score_func,
-        "moe.norm_topk_prob": m.norm_topk_prob, "moe.routed_scaling_factor": m.routed_scaling_factor,
-        "moe.swiglu_limit": m.swiglu_limit, "moe.num_hash_layers": m.num_hash_layers,
-    }
-    if cfg.hc_mult > 1:
-        out.update({"hc_sinkhorn_iters": cfg.hc_sinkhorn_iters, "hc_eps": cfg.hc_eps})
-    for i, spec in enumerate(layer_specs(cfg)):
-        out[f"layers[{i}].attention.kind"] = spec.kind
-        out.update({f"layers[{i}].attention.{k}": v for k, v in spec.architecture().items()})
-    return out
+    name = "DeepSeek-V4"
+    model_types = ("deepseek_v4",)
 
+    def claims(self, cfg: ModelConfig) -> bool:
+        return True  # the fallback: check_exportable names what stops a config that fits no family
 
-def _config_path(cfg: ModelConfig, key: str) -> str:
-    """The config field behind an ``architecture`` key: a layer's attention field is its menu entry's."""
-    if not key.startswith("layers["):
-        return f"model.{key}"
-    layer, field = key[len("layers["):].split("].attention.")
-    name = cfg.attention_type(int(layer))
-    return "model.layer_types" if field == "kind" else f"model.attention.menu.{name}.{field}"
+    def from_hf(self, hf: dict[str, Any], tensor_names: set[str], source: str) -> ModelConfig:
+        return from_hf_config(hf, count_mtp_blocks(tensor_names), source)
 
+    def to_hf(self, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+        return to_hf_config(cfg, dtype)
 
-def check_same_architecture(run: ModelConfig, checkpoint: ModelConfig, source: str) -> None:
-    """ConfigError naming the first ``model.*`` field where the run config disagrees with the checkpoint's."""
-    mine, theirs = architecture(run), architecture(checkpoint)
-    for key in sorted(mine.keys() | theirs.keys(), key=lambda k: (k.startswith("layers["), k)):
-        ours, ckpt = mine.get(key, "(unused)"), theirs.get(key, "(unused)")
-        field = _config_path(run if key in mine else checkpoint, key)
-        where = f" at {key.split('.attention.')[0]}" if key.startswith("layers[") else ""
-        _require(ours == ckpt, f"{field}={ours!r} disagrees with the checkpoint {source} ({ckpt!r}){where}; "
-                               f"set {field}={ckpt!r} or use another checkpoint")
+    def names(self, cfg: ModelConfig, tensor_names: frozenset[str] = frozenset()) -> DeepSeekV4Names:
+        return DeepSeekV4Names(cfg)
