@@ -325,3 +325,33 @@ def test_gemma_export_names_what_transformers_cannot_express() -> None:
         change(cfg)
         with pytest.raises(ConfigError, match=message):
             to_hf_config(cfg)
+
+
+@pytest.mark.parametrize("preset, family", [("gemma4_tiny", "Gemma4ForCausalLM"), ("gemma4_e2b", "Gemma4ForCausalLM"),
+                                            ("gemma4_26b_a4b", "Gemma4ForCausalLM"),
+                                            ("qwen3_moe_tiny", "Qwen3MoeForCausalLM"),
+                                            ("qwen3_30b_a3b", "Qwen3MoeForCausalLM")])
+def test_bundled_presets_are_their_family_and_round_trip_through_config_json(preset: str, family: str) -> None:
+    from moesaic.configs import load_config
+    from moesaic.model.interop import check_same_architecture
+
+    cfg = load_config(preset).model
+    hf = to_hf_config(cfg)
+    assert hf["architectures"] == [family]
+    check_same_architecture(cfg, from_hf_config(hf), f"{preset} via config.json")
+
+
+@pytest.mark.parametrize("preset, case", [("gemma4_tiny", gemma()), ("qwen3_moe_tiny", qwen())])
+def test_tiny_presets_export_to_transformers_with_equal_logits(preset: str, case: Case, tmp_path: Path) -> None:
+    from moesaic.configs import load_config
+
+    torch.manual_seed(0)
+    model = Transformer(load_config(preset).model).eval()
+    randomise(model, 3)
+    save_native(model, tmp_path / "native")
+    export_hf(tmp_path / "native", tmp_path / "hf")
+    hf = load_transformers(dataclasses.replace(case, model=getattr(transformers, to_hf_config(model.cfg)
+                                                                   ["architectures"][0])), tmp_path / "hf")
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_same_logits(case, model(tokens).logits, hf(tokens).logits, f"{preset}: moesaic -> transformers")

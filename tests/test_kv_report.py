@@ -50,3 +50,17 @@ def test_layer_formula_small_context() -> None:
     assert layers[2].kind == "csa" and layers[2].compressed_bytes == 250 * (1024 + 256)
     assert layers[3].kind == "hca" and layers[3].compressed_bytes == 7 * 1024
     assert layer_kv_bytes(cfg, 100, "bf16")[0].window_bytes == 100 * 1024  # window capped by the context
+
+
+def test_gemma4_e2b_kv_sharing_reproduces_the_window_aware_saving() -> None:
+    """MOSAIC_SPEC §1.8, window-aware at 128K in bf16: E2B's 20 KV-shared layers save 4 global layers x 256 MiB
+    + 16 sliding layers x 0.5 MiB ~ 1.0 GiB of the 1.76 GiB the layers would hold with their own K/V (57%)."""
+    report = _report("gemma4_e2b", "--context", "128k")
+    assert "basis: window-aware" in report
+    shared = _number(r"they would add ([\d.]+) GiB", report)
+    total = _number(r"total: ([\d.]+) GiB", report)
+    assert shared == pytest.approx((4 * 256 + 16 * 0.5) / 1024, abs=1e-4)
+    assert total + shared == pytest.approx(1.76, abs=0.005)
+    layers = layer_kv_bytes(load_config("gemma4_e2b").model, 131072, "bf16")
+    assert [layer.total for layer in layers[15:]] == [0.0] * 20
+    assert layers[0].total == 512 * 1024 and layers[4].total == 131072 * 2048  # sliding capped at 512; global
