@@ -31,6 +31,7 @@ from moesaic.parallel.portable import full_model_state
 
 from attention_types import KINDS, MOSAIC, every_entry, menu_overrides
 from exactness import TOL, check_engine, reference_steps
+from test_ep import GEMMA
 from harness import Checks, run_workers
 from trainrun import FAST, assert_identical, command, env, latest, losses, train
 
@@ -52,6 +53,9 @@ VARIANT = [*every_entry("window", 20), *every_entry("query_chunk", 5), "model.hc
 # The attention mosaic (attention_types.MOSAIC) on top of LAYOUT's menu: the sharing layers reuse the keys their
 # source exchanged between shards.
 MOSAIC_LAYOUT = [*LAYOUT, *MOSAIC]
+# Gemma 4's block on it (test_ep.GEMMA: dense MLP beside the MoE, GeGLU, its router, sandwich norms, layer scalars)
+# and its per-token parts: the scaled embedding, per-layer embeddings, the final-logit softcap in the fused loss.
+GEMMA_MODEL = [*GEMMA, "model.embed_scale=true", "model.ple_dim=8", "model.final_logit_softcap=30.0"]
 # lr 1e-4 and a clip far below the gradient norm, as in test_ep.py: 1e-6 is 1% of an Adam step.
 TRAIN = ["train.micro_batch_size=2", "train.global_batch_size=8", "train.grad_clip=0.05", "train.warmup_steps=1",
          "train.lr=1e-4"]
@@ -72,7 +76,7 @@ def test_sp2_and_sp2_with_ep2_on_two_ranks_match_one_process() -> None:
 @pytest.mark.multiproc
 def test_attention_mosaic_with_kv_sharing_at_sp2_and_sp2_x_ep2_matches_one_process() -> None:
     run_workers(sp_matches_one_process, world=2, layout=MOSAIC_LAYOUT,
-                variants=[[], [*every_entry("query_chunk", 5)]], runs=[(2, 1, 1), (2, 2, 2)]).assert_ok()
+                variants=[[], [*every_entry("query_chunk", 5)], GEMMA_MODEL], runs=[(2, 1, 1), (2, 2, 2)]).assert_ok()
 
 
 @pytest.mark.multiproc
