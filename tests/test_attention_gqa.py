@@ -270,25 +270,26 @@ def test_bad_fields_are_one_line():
         assert message in str(err.value)
 
 
-def test_mosaic_demo_config_trains_with_its_panels(tmp_path):
-    """configs/mosaic_tiny.yaml (V4 + Gemma-style GQA + a KV-shared layer) in the trainer: the loss falls, the
-    GQA layers log their statistics, and the KV panel counts the shared layer as 0 bytes."""
+@pytest.mark.parametrize("config, shared, source", [("mosaic_tiny", "L05", "L04"), ("gemma4_tiny", "L05", "L02")])
+def test_demo_configs_train_with_their_panels(config, shared, source, tmp_path):
+    """configs/mosaic_tiny.yaml (V4 + Gemma-style GQA + a KV-shared layer) and gemma4_tiny.yaml in the trainer: the
+    loss falls, the GQA layers log their statistics, and the KV panel counts a shared layer as 0 bytes."""
     from trainrun import losses, train
 
     run = tmp_path / "run"
     train([f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "model.hidden_size=64", "data.seq_len=64",
            "train.steps=16", "train.micro_batch_size=4", "train.global_batch_size=4", "train.warmup_steps=2",
            "train.log_every=4", "train.eval_every=100", "train.sample_tokens=0", "logging.wandb=disabled",
-           "logging.progress_bar=false", "logging.kv_contexts=[4096]"], config="mosaic_tiny")
+           "logging.progress_bar=false", "logging.kv_contexts=[4096]"], config=config)
     by_step = losses(run)
     assert by_step[16] < by_step[4] - 0.3, by_step
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = {k: v for row in rows for k, v in row.items()}
-    for layer in ("L02", "L04", "L05"):  # sliding, global, global reading layer 4's K/V
+    for layer in (shared, source):
         assert 0 < logged[f"attn_layers/{layer}/mass_first"] < 1
         assert math.isfinite(logged[f"attn_layers/{layer}/max_logit"])
-    assert logged["kv_layers/L05/4k/bytes_per_token"] == 0.0
-    assert logged["kv_layers/L04/4k/bytes_per_token"] == 2 * 1 * 64 * 4  # K and V of one 64-wide head, fp32
+    assert logged[f"kv_layers/{shared}/4k/bytes_per_token"] == 0.0
+    assert logged[f"kv_layers/{source}/4k/bytes_per_token"] == 2 * 1 * 64 * 4  # K and V of one 64-wide head, fp32
 
 
 def test_flops_count_the_keys_each_query_sees():
