@@ -39,6 +39,8 @@ from .tokenizer import Tokenizer, check_bpe_vocab, load_tokenizer_file, read_tok
 
 log = logging.getLogger(__name__)
 
+COUNT_CHUNK = 2**22  # tokens per bincount when counting part of a shard
+
 
 def resolve_sources(d: DataConfig) -> list[tuple[Source, float]]:
     """``data.sources`` (a weighted mixture), or ``data.dataset`` as the only source."""
@@ -109,13 +111,23 @@ class TokenStream:
         return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, self.dtype)
 
     def counts(self, stop: int, vocab_size: int) -> np.ndarray:
-        """Unigram counts of tokens [0, stop): whole shards from their saved counts, the last one counted."""
+        """Unigram counts of tokens [0, stop): from the shards' saved counts, less or plus the shorter
+        part of the shard that ``stop`` cuts (usually the last block's remainder), counted in chunks."""
         total = np.zeros(vocab_size, dtype=np.int64)
         for i, path in enumerate(self.count_files):
-            if self.starts[i + 1] <= stop:
-                total += np.load(path)["counts"][:vocab_size]
-            elif self.starts[i] < stop:
-                total += np.bincount(self.read(int(self.starts[i]), stop), minlength=vocab_size)
+            start, end = int(self.starts[i]), int(self.starts[i + 1])
+            if start >= stop:
+                break
+            if stop - start < end - stop:
+                total += self.count_range(start, stop, vocab_size)
+            else:
+                total += np.load(path)["counts"][:vocab_size] - self.count_range(min(stop, end), end, vocab_size)
+        return total
+
+    def count_range(self, start: int, stop: int, vocab_size: int) -> np.ndarray:
+        total = np.zeros(vocab_size, dtype=np.int64)
+        for pos in range(start, stop, COUNT_CHUNK):  # bincount copies to int64: keep the copies small
+            total += np.bincount(self.read(pos, min(stop, pos + COUNT_CHUNK)), minlength=vocab_size)
         return total
 
     def strided(self, step: int, count: int) -> np.ndarray:
