@@ -145,7 +145,8 @@ class TokenBlocks:
 
     def __init__(self, streams: Sequence[TokenStream], sizes: Sequence[int], seq_len: int, dtype: np.dtype,
                  order: np.ndarray | None = None) -> None:
-        self.streams, self.sizes, self.seq_len, self.dtype, self.order = list(streams), list(sizes), seq_len, dtype, order
+        self.streams, self.sizes, self.seq_len, self.dtype = list(streams), list(sizes), seq_len, dtype
+        self.order = order
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
 
     def __len__(self) -> int:
