@@ -26,6 +26,7 @@ from .schema import (
     ModelConfig,
     MoEConfig,
     ParallelConfig,
+    SourceConfig,
     TrainConfig,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "ModelConfig",
     "MoEConfig",
     "ParallelConfig",
+    "SourceConfig",
     "TrainConfig",
     "load_config",
     "resolve_config_path",
@@ -221,6 +223,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     _require(d.max_train_tokens >= 0, f"data.max_train_tokens={d.max_train_tokens} must be >= 0")
+    _check_positive("data", d, ["num_proc", "shard_tokens", "tokenizer_sample_bytes"])
+    for i, src in enumerate(d.sources):
+        _require(bool(src.dataset), f"data.sources[{i}].dataset is empty (give a dataset as for data.dataset)")
+        _require(src.weight > 0 and math.isfinite(src.weight),
+                 f"data.sources[{i}].weight={src.weight} must be a finite number > 0")
     _check_choice("train.schedule", t.schedule, ("cosine", "wsd", "constant"))
     _check_choice("train.dtype", t.dtype, ("fp32", "bf16"))
     _check_choice("train.device", t.device, ("auto", "cpu", "cuda"))

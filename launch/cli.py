@@ -7,6 +7,9 @@
                                              launcher for a hostfile); per-rank logs in run_dir/logs
     moesaic slurm CONFIG [key=value ...] --nodes M --gpus-per-node G --time T
                                              write run_dir/slurm.sbatch (pre-emption signal, requeue)
+    moesaic prepare-data CONFIG [key=value ...] [--num-proc N] [--shard-tokens M] [--rank R --world W]
+                                             tokenise the data into sharded token files (what train
+                                             would do first); with --world, this machine's share only
     moesaic config CONFIG [key=value ...]    print the resolved, validated config
     moesaic kv-report CONFIG [--context N] [--dtype bf16] [--index-dtype fp4]
                                              per-layer KV-cache bytes at a context length
@@ -25,10 +28,12 @@ or a checkpoint end the command with one ``moesaic: error: ...`` line and exit s
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
 from typing import Sequence
 
-from ..configs import ConfigError, load_config, to_yaml
+from ..configs import Config, ConfigError, load_config, to_yaml, validate
 from ..model.attention.base import describe_layers
 from ..model.kv_accounting import INDEX_FORMATS, MAIN_FORMATS, format_report
 
@@ -55,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config_args(sub.add_parser("train", help="train or resume a model (checkpoint.resume=auto)"))
     _add_config_args(sub.add_parser("config", help="print the resolved and validated config"))
+    prep = sub.add_parser("prepare-data", help="tokenise the data into sharded token files (resumable)")
+    _add_config_args(prep)
+    prep.add_argument("--num-proc", type=int, default=None, help="tokenising worker processes (data.num_proc)")
+    prep.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (data.shard_tokens)")
+    prep.add_argument("--rank", type=int, default=0, help="this machine's index among --world machines")
+    prep.add_argument("--world", type=int, default=1,
+                      help="machines preparing disjoint file ranges of each source into one data.cache_dir")
     la = sub.add_parser("launch", help="start a multi-process (multi-node) run with torchrun or the DeepSpeed launcher")
     _add_config_args(la)
     la.add_argument("--nproc", type=int, required=True, help="processes (GPUs) per node")
@@ -90,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prepare_data_command(cfg: Config, args: argparse.Namespace) -> int:
+    """Prepare this machine's share; on one machine (or once all shares exist) print the blocks it gives."""
+    from ..trainer.data import prepare_data, prepare_sources, resolve_sources
+
+    if args.num_proc is not None:
+        cfg.data.num_proc = args.num_proc
+    if args.shard_tokens is not None:
+        cfg.data.shard_tokens = args.shard_tokens
+    if not 0 <= args.rank < args.world:
+        raise ConfigError(f"--rank {args.rank} must be in [0, --world {args.world})")
+    validate(cfg)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress: trained BPE, resumed, prepared
+    start = time.perf_counter()
+    _, paths, _ = prepare_sources(cfg, resolve_sources(cfg.data), args.rank, args.world)
+    if args.world > 1:
+        print(f"prepared share {args.rank} of {args.world} in {time.perf_counter() - start:.1f}s: "
+              f"{', '.join(map(str, paths))}")
+        return 0
+    bundle = prepare_data(cfg)
+    print(f"prepared in {time.perf_counter() - start:.1f}s: {bundle.stats} -> {', '.join(map(str, paths))}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may follow options (`launch tiny --nproc 2 train.steps=5`): argparse leaves those over.
@@ -121,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("# attention per layer (menu entry: kind and the fields that differ from its defaults)")
             print("\n".join(f"#   {line}" for line in describe_layers(cfg.model)))
             return 0
+        if args.command == "prepare-data":
+            return prepare_data_command(cfg, args)
         if args.command == "launch":
             from .launcher import LaunchSpec, launch
 

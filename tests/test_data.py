@@ -14,16 +14,10 @@ import pytest
 import torch
 
 from moesaic.configs import Config, ConfigError, validate
-from moesaic.trainer import data as data_mod
-from moesaic.trainer.data import (
-    GlobalSampler,
-    parse_hub_spec,
-    prepare_data,
-    rank_slice,
-    shakespeare_source,
-    split_documents,
-    unigram_entropy,
-)
+from moesaic.trainer import data_prep
+from moesaic.trainer.data import prepare_data, rank_slice, unigram_entropy
+from moesaic.trainer.mixture import GlobalSampler
+from moesaic.trainer.sources import parse_hub_spec, shakespeare_source
 from moesaic.trainer.tokenizer import Tokenizer
 
 
@@ -51,6 +45,12 @@ def make_cfg(tmp_path: Path, dataset: str, **data: object) -> Config:
 
 def eos_joined(docs: list[str], tok: Tokenizer) -> np.ndarray:
     return np.array([t for d in docs for t in tok.encode(d) + [tok.eos_id]], dtype=np.int64)
+
+
+def split(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val) documents in source order, as preparation splits them."""
+    val = [data_prep.is_val_document(d, val_fraction) for d in docs]
+    return [d for d, v in zip(docs, val) if not v], [d for d, v in zip(docs, val) if v]
 
 
 def config_error(cfg: Config) -> str:
@@ -85,7 +85,8 @@ def test_all_local_source_kinds_give_the_same_blocks(tiny_corpus, tmp_path):
 
 
 def test_shakespeare_builtin_corpus():
-    docs = shakespeare_source().documents
+    source = shakespeare_source()
+    docs = list(source.read(0, source.units))
     assert len(docs) >= 30
     assert sum(map(len, docs)) > 1_000_000
     assert any("O Romeo, Romeo! wherefore art thou Romeo?" in d for d in docs)
@@ -114,7 +115,9 @@ def test_hub_stream_stops_near_the_token_cap(tiny_corpus, tmp_path, monkeypatch)
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
     bundle = prepare_data(make_cfg(tmp_path, "hf:owner/corpus:en", max_train_tokens=2000))
     assert len(bundle.train) == 2000 // 33 and len(bundle.val) > 0
-    assert len(consumed) < 20  # stopped after ~8 bytes per capped token of train text
+    # Each pass (the tokenizer's sample, then preparation) stopped after ~8 bytes per capped token of
+    # train text and the first validation document.
+    assert max(consumed) < 20 and len(consumed) < 40
     message = config_error(make_cfg(tmp_path, "hf:owner/corpus:en", max_train_tokens=2000, text_field="body"))
     assert message == "data.text_field='body' is not a column of data.dataset='hf:owner/corpus:en' (columns: id, text)"
 
@@ -124,17 +127,17 @@ def test_hub_stream_stops_near_the_token_cap(tiny_corpus, tmp_path, monkeypatch)
 
 def test_split_is_deterministic_by_content():
     docs = [f"document number {i}" for i in range(1000)]
-    train, val = split_documents(docs, 0.2)
+    train, val = split(docs, 0.2)
     assert 150 < len(val) < 250 and len(train) + len(val) == 1000
-    assert split_documents(docs, 0.2) == (train, val)
-    assert set(split_documents(docs[::-1], 0.2)[1]) == set(val)  # order does not matter
-    assert split_documents(docs, 0.0) == (docs, [])
+    assert split(docs, 0.2) == (train, val)
+    assert set(split(docs[::-1], 0.2)[1]) == set(val)  # order does not matter
+    assert split(docs, 0.0) == (docs, [])
 
 
-@pytest.mark.parametrize("fraction", [1e-12, 0.999999])
-def test_split_keeps_one_document_each_side(fraction):
-    train, val = split_documents(["a", "b", "c"], fraction)
-    assert len(train) >= 1 and len(val) >= 1 and sorted(train + val) == ["a", "b", "c"]
+def test_a_split_without_validation_documents_is_one_line(tiny_corpus, tmp_path):
+    """A streamed split cannot move a document after the fact: too small a fraction is reported instead."""
+    message = config_error(make_cfg(tmp_path, tiny_corpus.glob, val_fraction=1e-12))
+    assert message.startswith(f"data.val_fraction=1e-12 holds out 0 of the {len(tiny_corpus.documents)} documents")
 
 
 # --- tokenizer, packing, cache ---------------------------------------------------------------
@@ -154,7 +157,7 @@ def test_blocks_are_contiguous_slices_of_eos_joined_documents(tiny_corpus, tmp_p
     cfg = make_cfg(tmp_path, tiny_corpus.glob)
     bundle = prepare_data(cfg)
     tok = bundle.tokenizer
-    train_docs, val_docs = split_documents(tiny_corpus.documents, 0.2)
+    train_docs, val_docs = split(tiny_corpus.documents, 0.2)
     for blocks, docs in ((bundle.train, train_docs), (bundle.val, val_docs)):
         stream = eos_joined(docs, tok)
         assert len(blocks) == len(stream) // 33 > 0
@@ -183,17 +186,18 @@ def test_second_call_reads_the_cache(tiny_corpus, tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, tiny_corpus.glob)
     first = prepare_data(cfg)
     assert not first.from_cache
-    mtime = (first.path / "train.npy").stat().st_mtime_ns
+    (shard,) = first.path.glob("train-*.bin")
+    mtime = shard.stat().st_mtime_ns
 
     def fail(*args: object) -> None:
         raise AssertionError("cache miss: documents were read or tokenised again")
 
     with monkeypatch.context() as m:
-        m.setattr(data_mod, "clean_documents", fail)
+        m.setattr(data_prep.Reader, "__iter__", fail)
         m.setattr(Tokenizer, "encode_batch", fail)
         second = prepare_data(cfg)
     assert second.from_cache and second.path == first.path
-    assert (second.path / "train.npy").stat().st_mtime_ns == mtime
+    assert shard.stat().st_mtime_ns == mtime
     np.testing.assert_array_equal(second.train.blocks, first.train.blocks)
     assert second.unigram_entropy == first.unigram_entropy
     assert not list(Path(cfg.data.cache_dir).rglob("*.tmp"))
@@ -207,13 +211,13 @@ def test_second_call_reads_the_cache(tiny_corpus, tmp_path, monkeypatch):
 def test_concurrent_builds_happen_once(tiny_corpus, tmp_path, monkeypatch):
     """Two callers at once (as ranks would): one builds under the file lock, the other reads its cache."""
     cfg = make_cfg(tmp_path, tiny_corpus.glob)
-    build = data_mod.build_blocks
+    build = data_prep.prepare_range
 
-    def slow_build(*args: object) -> None:
+    def slow_build(*args: object) -> bool:
         time.sleep(0.5)  # keep the build open long enough for the other caller to reach the cache check
-        build(*args)
+        return build(*args)
 
-    monkeypatch.setattr(data_mod, "build_blocks", slow_build)
+    monkeypatch.setattr(data_prep, "prepare_range", slow_build)
     with ThreadPoolExecutor(2) as pool:
         bundles = list(pool.map(prepare_data, [cfg, cfg]))
     assert sorted(b.from_cache for b in bundles) == [False, True]

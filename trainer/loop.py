@@ -22,7 +22,8 @@ from ..model import Transformer
 from ..model.attention import StatsSink
 from . import checkpoint as ckpt_io
 from .balance import update_router_biases
-from .data import DataBundle, GlobalSampler, prepare_data, rank_slice, sequence_shard
+from .data import DataBundle, prepare_data, rank_slice, sequence_shard
+from .mixture import MixtureSampler
 from .distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
 from .engine import build_engine
 from .rng import get_rng_state, set_rng_state
@@ -72,8 +73,8 @@ class Trainer:
         self.sampler = self._make_sampler()
         self.stop_signal: int | None = None
 
-    def _make_sampler(self) -> GlobalSampler:
-        return GlobalSampler(len(self.data.train), self.cfg.train.seed + 1000 * self.rollbacks)
+    def _make_sampler(self) -> MixtureSampler:
+        return self.data.sampler(self.cfg.train.seed + 1000 * self.rollbacks)
 
     def _prepare_data(self) -> DataBundle:
         """The main rank tokenises and fills the cache, then the others read it.
@@ -338,6 +339,9 @@ class Trainer:
                     "train/skipped_steps": float(self.skipped_steps),
                     "train/rollbacks": float(self.rollbacks),
                 })
+                if len(self.data.weights) > 1:  # tokens drawn from each source of a mixture
+                    drawn = self.sampler.drawn(self.step * cfg.train.global_batch_size)
+                    metrics.update({f"data/tokens/{i}": float(n * cfg.data.seq_len) for i, n in enumerate(drawn)})
                 if sums[2] > 0:
                     metrics["train/loss"] = (sums[0] / sums[2]).item()
                     metrics["train/aux_loss"] = (sums[1] / sums[2]).item()
