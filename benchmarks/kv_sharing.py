@@ -55,7 +55,7 @@ def main() -> None:
     for name, shared in (("own", False), ("shared", True)):
         torch.manual_seed(0)
         models[name] = Transformer(config(shared))
-    print(f"| tokens | KV own (MiB, bf16) | KV shared (MiB) | KV ratio | step own (s) | step shared (s) | time ratio |")
+    print("| tokens | KV own (MiB, bf16) | KV shared (MiB) | KV ratio | step own (s) | step shared (s) | time ratio |")
     print("|---|---|---|---|---|---|---|")
     for tokens in [*args.lengths, 131072]:
         kv = {name: sum(layer.total for layer in layer_kv_bytes(m.cfg, tokens, "bf16")) / 2**20

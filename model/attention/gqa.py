@@ -162,7 +162,8 @@ class GQACache:
         self.pos = 0  # absolute position of the next token
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Append the new tokens' k, v [B,S,n_kv,hd]; return [past ; new] keys and values and the first key's position."""
+        """Append the new tokens' k, v [B,S,n_kv,hd]; return [past ; new] keys and values, and the position of
+        the first key."""
         key_start = self.pos - self.k.shape[1]
         keys, values = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
         keep = min(self.window, keys.shape[1]) if self.window else keys.shape[1]
