@@ -218,3 +218,30 @@ def test_large_corpora_use_a_seeded_bijection(monkeypatch):
     assert sorted(epoch0) == sorted(epoch1) == list(range(1000)) and epoch0 != epoch1
     assert epoch0 != list(range(1000)) and GlobalSampler(1000, seed=6).indices(0, 1000) != epoch0
     assert GlobalSampler(1000, seed=5).indices(950, 100) == (epoch0 + epoch1)[950:1050]
+
+
+@pytest.mark.parametrize("template, framed", [("<s> $A", ["<s>", "a", "b", "</s>"]),
+                                              ("<s> $A </s>", ["<s>", "a", "b", "</s>"]),
+                                              (None, ["a", "b", "</s>"])])
+def test_documents_follow_the_tokenizer_files_bos_eos_template(tmp_path, template, framed) -> None:
+    """A transformers tokenizer.json frames documents its own way (Llama: BOS first); EOS ends each document
+    once, whether or not the template already adds it."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, processors
+
+    from moesaic.trainer.data_prep import encode
+    from moesaic.trainer.tokenizer import load_tokenizer_file
+
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3}
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>"])
+    if template is not None:
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 0), ("</s>", 1)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = load_tokenizer_file(str(tmp_path), 8)
+    encoded = encode(tokenizer, ["a b", "b a"], 0.0)
+    first = [vocab[t] for t in framed]
+    second = [vocab[t] for t in framed[:-3]] + [3, 2, 1]
+    assert encoded.tokens.tolist() == first + second
+    assert encoded.lengths.tolist() == [len(first), len(second)]

@@ -129,17 +129,15 @@ class Reader:
 
 @dataclass
 class Encoded:
-    tokens: np.ndarray  # every document's ids followed by EOS, in read order
+    tokens: np.ndarray  # every document's ids as the tokenizer frames it, ending with EOS, in read order
     lengths: np.ndarray  # tokens per document, EOS included
     is_val: np.ndarray  # bool per document
 
 
 def encode(tokenizer: Tokenizer, texts: list[str], val_fraction: float) -> Encoded:
-    ids = tokenizer.encode_batch(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    eos = (tokenizer.eos_id,)
-    tokens = np.fromiter(chain.from_iterable(chain(x, eos) for x in ids), dtype=token_dtype(tokenizer.vocab_size),
-                         count=int(lengths.sum()))
+    ids = tokenizer.encode_batch(texts)  # each ends with EOS
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    tokens = np.fromiter(chain.from_iterable(ids), dtype=token_dtype(tokenizer.vocab_size), count=int(lengths.sum()))
     is_val = np.fromiter((is_val_document(t, val_fraction) for t in texts), dtype=bool, count=len(texts))
     return Encoded(tokens, lengths, is_val)
 

@@ -44,9 +44,12 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Parallel (Rust-side) encoding of many documents."""
+        """Token ids of many documents (Rust-side, in parallel), each framed as the tokenizer frames a sequence
+        (a transformers tokenizer.json's template adds its BOS, for instance; moesaic's BPE has none) and ending
+        with EOS, appended unless the template already put it there."""
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+        docs = [e.ids for e in encode(list(texts), add_special_tokens=True)]
+        return [ids if ids and ids[-1] == self.eos_id else [*ids, self.eos_id] for ids in docs]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
