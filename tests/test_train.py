@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -17,8 +18,12 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"data.cache_dir={tmp_path_factory.mktemp('data_cache')}"
 
 
-def test_straight_equals_stop_and_resume_single_process(tmp_path: Path, cache: str) -> None:
-    common = FAST + [cache, "train.steps=8", "checkpoint.every=100"]
+@pytest.mark.parametrize("mixture", [False, True])
+def test_straight_equals_stop_and_resume_single_process(tmp_path: Path, cache: str, tiny_corpus, mixture: bool) -> None:
+    """One source, and a 3:1 weighted mixture of two (its draws per source logged and resumed too)."""
+    sources = [f"data.sources=[{{dataset: shakespeare, weight: 3}}, {{dataset: '{tiny_corpus.glob}', weight: 1}}]",
+               "model.vocab_size=512", "data.val_fraction=0.2"] if mixture else []
+    common = FAST + [cache, "train.steps=8", "checkpoint.every=100", *sources]
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(common + [f"run_dir={straight}"])
     train(common + [f"run_dir={split}", "train.stop_at=4"])
@@ -28,6 +33,11 @@ def test_straight_equals_stop_and_resume_single_process(tmp_path: Path, cache: s
     assert losses(straight) == losses(split)  # bit-identical floats, every step
     assert len(losses(straight)) == 8
     assert_identical(final_params(latest(straight)), final_params(latest(split)))
+    if mixture:
+        rows = {r["step"]: r for r in map(json.loads, (split / "metrics.jsonl").read_text().splitlines())
+                if "data/tokens/0" in r}
+        drawn = rows[8]["data/tokens/0"], rows[8]["data/tokens/1"]
+        assert drawn == (3 * drawn[1], drawn[1]) and sum(drawn) == 8 * 8 * 128  # steps x batch x seq_len
 
 
 @pytest.mark.multiproc
