@@ -89,7 +89,8 @@ def test_sp2_x_dp2_ep2_resume_is_bit_identical_and_resumes_at_another_dp(tmp_pat
     common = FAST + MOSAIC_LAYOUT + [f"data.dataset={tiny_corpus.glob}", "model.vocab_size=512",
                                      f"data.cache_dir={tmp_path / 'cache'}", "train.steps=4", "checkpoint.every=2",
                                      "train.zero_stage=2", "train.lr=1e-4", "train.eval_every=100",
-                                     "train.sample_tokens=0", "parallel.sp=2", "parallel.ep=2"]
+                                     "train.sample_tokens=0", "parallel.sp=2", "parallel.ep=2",
+                                     "data.val_fraction=0.2"]  # 24 documents: hold some out
     straight, same, fewer = tmp_path / "straight", tmp_path / "same", tmp_path / "dp1"
     train(common + [f"run_dir={straight}"], nproc=4)
     mid = straight / "checkpoints" / "step_00000002"
@@ -112,7 +113,8 @@ def test_sp2_x_dp2_ep2_resume_is_bit_identical_and_resumes_at_another_dp(tmp_pat
     (["parallel.sp=2", "data.seq_len=24"], None,
      "data.seq_len=24 must be divisible by parallel.sp=2 x 8 (equal sequence shards, starting "
      "model.attention.menu.csa at multiples of 4, model.attention.menu.hca at multiples of 8)"),
-    (["parallel.sp=3", "model.layer_types=[swa,swa,swa]", "data.seq_len=32"], None,
+    (["parallel.sp=3", "model.num_layers=3", "model.layer_types=[swa,swa,swa]",
+      "model.ffn_types=[dense,moe,moe]", "data.seq_len=32"], None,
      "data.seq_len=32 must be divisible by parallel.sp=3 (equal sequence shards)"),
     (["parallel.sp=2"], 3, "parallel.ep=1 and parallel.sp=2 must divide the world size 3"),
     (["parallel.sp=2", "train.zero_stage=0"], None, "train.zero_stage=0 cannot run parallel.sp=2: use 1 or 2"),
