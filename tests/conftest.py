@@ -37,3 +37,12 @@ def tiny_corpus(tmp_path: Path) -> TinyCorpus:
     for i, doc in enumerate(docs):
         (root / f"doc_{i:03d}.txt").write_text(doc, encoding="utf-8")
     return TinyCorpus(docs, str(root / "*.txt"))
+
+
+@pytest.fixture
+def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every Hugging Face cache in tmp and forbid network use (the data tests)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_home" / "datasets"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

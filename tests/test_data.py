@@ -21,13 +21,7 @@ from moesaic.trainer.sources import parse_hub_spec, shakespeare_source
 from moesaic.trainer.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True)
-def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every Hugging Face cache in tmp and forbid network use."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_home" / "datasets"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_hf")  # conftest: HF caches in tmp, no network
 
 
 def make_cfg(tmp_path: Path, dataset: str, **data: object) -> Config:

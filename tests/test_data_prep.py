@@ -23,11 +23,7 @@ from moesaic.trainer.mixture import GlobalSampler, Mixture
 SHARD_TOKENS = 200_000  # ~20 shards for the 10 MiB corpus, so blocks cross shard boundaries
 
 
-@pytest.fixture(autouse=True)
-def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_hf")  # conftest: HF caches in tmp, no network
 
 
 def make_cfg(cache: Path, dataset: str, **data: object) -> Config:

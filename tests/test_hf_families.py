@@ -31,6 +31,7 @@ from moesaic.model import Transformer
 from moesaic.model.interop import (ConversionError, export_hf, from_hf_config, import_hf, load_hf_into, load_native,
                                    save_native, to_hf_config)
 
+from hf_checkpoints import import_both_layouts
 from numerics import assert_close_scaled
 
 pytestmark = pytest.mark.numerics
@@ -143,18 +144,12 @@ def test_transformers_weights_load_in_moesaic_with_equal_logits(name: str, tmp_p
     hf = hf_model(case)
     with torch.no_grad():
         theirs = hf(ids()).logits
-    # 1) what save_pretrained writes (Qwen3: one matrix per expert; Gemma: fused experts, no shared-layer K/V)
-    hf.save_pretrained(tmp_path / "saved")
-    import_hf(tmp_path / "saved", tmp_path / "native_a")
-    # 2) the module's state dict as is (fused experts; Gemma's tied lm_head.weight included)
-    (tmp_path / "raw").mkdir()
-    shutil.copy(tmp_path / "saved" / "config.json", tmp_path / "raw" / "config.json")
-    save_file({k: v.clone() for k, v in hf.state_dict().items()}, str(tmp_path / "raw" / "model.safetensors"))
-    import_hf(tmp_path / "raw", tmp_path / "native_b")
-    for native in ("native_a", "native_b"):
+    # save_pretrained's layout (Qwen3: one matrix per expert; Gemma: fused experts, no shared-layer K/V) and the
+    # module's state dict as is (fused experts; Gemma's tied lm_head.weight included)
+    for native in import_both_layouts(hf, tmp_path):
         with torch.no_grad():
-            ours = load_native(tmp_path / native).eval()(ids()).logits
-        assert_same_logits(case, ours, theirs, f"{name}: transformers -> moesaic ({native})")
+            ours = load_native(native).eval()(ids()).logits
+        assert_same_logits(case, ours, theirs, f"{name}: transformers -> moesaic ({native.name})")
 
 
 @pytest.mark.parametrize("name", CASES)

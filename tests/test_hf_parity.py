@@ -30,6 +30,7 @@ from moesaic.model.interop import architecture
 from moesaic.model.moe.router import hash_routing_table
 
 from attention_types import HF_KINDS, small_spec
+from hf_checkpoints import import_both_layouts
 from numerics import assert_close_scaled
 
 pytestmark = pytest.mark.numerics
@@ -122,20 +123,14 @@ def test_transformers_weights_load_in_moesaic_with_equal_logits(tmp_path: Path) 
     with torch.no_grad():
         theirs = hf(ids()).logits
     # 1) what transformers' own save_pretrained writes (head.weight, per-expert w1/w2/w3 names)
-    hf.save_pretrained(tmp_path / "saved")
-    import_hf(tmp_path / "saved", tmp_path / "native_a")
     # 2) its module state dict written as is (lm_head.weight, fused gate_up_proj)
-    (tmp_path / "raw").mkdir()
-    shutil.copy(tmp_path / "saved" / "config.json", tmp_path / "raw" / "config.json")
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "raw" / "model.safetensors"))
-    import_hf(tmp_path / "raw", tmp_path / "native_b")
-    for native in ("native_a", "native_b"):
-        model = load_native(tmp_path / native).eval()
+    for native in import_both_layouts(hf, tmp_path):
+        model = load_native(native).eval()
         assert model.cfg.layer_types == ["csa", "hca", "swa"] and model.cfg.moe.num_hash_layers == 1
         with torch.no_grad():
             ours = model(ids()).logits
-        print(f"transformers -> moesaic ({native}): max |logit diff| {(ours - theirs).abs().max():.2e}")
-        assert_close_scaled(ours, theirs, 64, f"logits ({native})")  # (observed: 8 eps)
+        print(f"transformers -> moesaic ({native.name}): max |logit diff| {(ours - theirs).abs().max():.2e}")
+        assert_close_scaled(ours, theirs, 64, f"logits ({native.name})")  # (observed: 8 eps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
