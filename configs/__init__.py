@@ -208,6 +208,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"model.moe.top_k={e.top_k} must be <= model.moe.num_experts={e.num_experts}")
     _check_choice("model.moe.score_func", e.score_func, SCORE_FUNCS)
     _require(e.num_shared_experts >= 0, f"model.moe.num_shared_experts={e.num_shared_experts} must be >= 0")
+    _require(e.shared_intermediate_size >= 0,
+             f"model.moe.shared_intermediate_size={e.shared_intermediate_size} must be >= 0 (0 = num_shared_experts "
+             "x intermediate_size)")
+    _require(e.router_logit_softcap >= 0, f"model.moe.router_logit_softcap={e.router_logit_softcap} must be >= 0 "
+                                          "(0 disables)")
     _require(e.swiglu_limit >= 0, f"model.moe.swiglu_limit={e.swiglu_limit} must be >= 0 (0 disables)")
     _require(e.bias_update_rate >= 0, f"model.moe.bias_update_rate={e.bias_update_rate} must be >= 0")
     _require(e.seq_aux_loss_coef >= 0, f"model.moe.seq_aux_loss_coef={e.seq_aux_loss_coef} must be >= 0")

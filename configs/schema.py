@@ -48,6 +48,8 @@ class MoEConfig:
     # Gemma 4's router: scores from rms_normalize(x) * scale * hidden_size^-0.5 (scale: a [D] weight from 1)
     router_input_norm: bool = False
     per_expert_scale: bool = False  # Gemma 4: the selected gates times a learned [E] scale (from 1), after renorm
+    router_logit_softcap: float = 0.0  # Laguna: logits -> c * tanh(logits / c) before the score function; 0 = off
+    shared_intermediate_size: int = 0  # shared-expert width; 0 = num_shared_experts x intermediate_size
 
 
 @dataclass

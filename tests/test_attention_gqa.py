@@ -32,6 +32,10 @@ SPECS = {
                             rope_type="proportional", rope_fraction=0.25, rope_theta=1e6, query_chunk=7),
     "gemma_sliding": GQASpec(num_heads=4, num_kv_heads=2, head_dim=16, window=4, v_norm=True, scale=1.0,
                              query_chunk=3),
+    # Laguna (MOSAIC_SPEC §2.2): per-head gate, half the head rotated, YaRN; sliding: more heads, per-element gate
+    "laguna_global": GQASpec(num_heads=6, num_kv_heads=2, head_dim=16, rope_fraction=0.5, rope_theta=5e5,
+                             gate="head", yarn_factor=4.0, yarn_original_max_position=8, query_chunk=5),
+    "laguna_sliding": GQASpec(num_heads=8, num_kv_heads=2, head_dim=16, window=4, gate="element", query_chunk=6),
 }
 
 
@@ -56,11 +60,13 @@ def rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def rotate_half_rope(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """transformers' apply_rotary_pos_emb on the leading 2 * len(inv_freq) channels."""
+def rotate_half_rope(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor,
+                     scaling: float = 1.0) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb on the leading 2 * len(inv_freq) channels, cos/sin times ``scaling``."""
     rot = 2 * inv_freq.numel()
     freqs = positions.double()[:, None] * inv_freq.double()
-    cos, sin = torch.cat([freqs, freqs], -1).cos()[:, None], torch.cat([freqs, freqs], -1).sin()[:, None]
+    cos, sin = (scaling * torch.cat([freqs, freqs], -1).cos()[:, None],
+                scaling * torch.cat([freqs, freqs], -1).sin()[:, None])
     head, rest = x[..., :rot], x[..., rot:]
     rotated = torch.cat([-head[..., rot // 2:], head[..., :rot // 2]], -1)
     return torch.cat([head * cos + rotated * sin, rest], -1)
@@ -68,11 +74,12 @@ def rotate_half_rope(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.T
 
 def naive(spec: GQASpec, weights: dict[str, torch.Tensor], x: torch.Tensor, kv_x: torch.Tensor | None = None,
           kv_weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Full [S, S] masked softmax, written from the formulas; K/V from ``kv_x``/``kv_weights`` when shared."""
+    """Full [S, S] masked softmax, written from the formulas; K/V from ``kv_x``/``kv_weights`` when shared.
+    The rotary frequencies and YaRN factor are the spec's (checked against transformers' separately)."""
     B, S, _ = x.shape
     H, n_kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     kv_x, kv_weights = (x, weights) if kv_x is None else (kv_x, kv_weights)
-    inv_freq = half_split_inv_freq(hd, spec.rope_theta, spec.rope_fraction, spec.rope_type == "proportional")
+    inv_freq, scaling = spec.rotary().inv_freq, spec.rope_scaling()
     pos = torch.arange(S)
     q = (x @ weights["q_proj.weight"].T).view(B, S, H, hd)
     raw = (kv_x @ kv_weights["k_proj.weight"].T).view(B, S, n_kv, hd)
@@ -82,14 +89,16 @@ def naive(spec: GQASpec, weights: dict[str, torch.Tensor], x: torch.Tensor, kv_x
         q, k = rms(q) * weights["q_norm.weight"], rms(k) * kv_weights["k_norm.weight"]
     if spec.v_norm:
         v = rms(v)
-    q, k = rotate_half_rope(q, inv_freq, pos), rotate_half_rope(k, inv_freq, pos)
+    q, k = rotate_half_rope(q, inv_freq, pos, scaling), rotate_half_rope(k, inv_freq, pos, scaling)
     k, v = k.repeat_interleave(H // n_kv, dim=2), v.repeat_interleave(H // n_kv, dim=2)  # [B,S,H,hd]
     logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * (spec.scale or hd ** -0.5)
     qi, ki = pos[:, None], pos[None]
     visible = (ki <= qi) & ((ki > qi - spec.window) if spec.window else True)
     probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)
-    o = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, S, H * hd)
-    return o @ weights["o_proj.weight"].T
+    o = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # [B,S,H,hd]
+    if spec.gate != "none":  # softplus of the layer input's projection, one per head (broadcast) or per channel
+        o = o * torch.nn.functional.softplus(x @ weights["g_proj.weight"].T).view(B, S, H, -1)
+    return o.reshape(B, S, H * hd) @ weights["o_proj.weight"].T
 
 
 def fp64_weights(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -296,3 +305,65 @@ def test_flops_count_the_keys_each_query_sees():
     sliding, glob = SPECS["sliding_partial_rope"], SPECS["qwen3"]
     assert sliding.flops_per_token(8) == pytest.approx(12 * 6 * 8 * (1 + 2 + 3 + 4 + 5 + 5 + 5 + 5) / 8)
     assert glob.flops_per_token(8) == pytest.approx(12 * 4 * 16 * 4.5)
+
+
+@pytest.mark.parametrize("factor, attention_factor", [(1.0, None), (4.0, None), (8.0, 1.3)])
+def test_laguna_rope_and_yarn_match_transformers(factor, attention_factor):
+    """Frequencies and cos/sin multiplier of a partial (half the head) RoPE layer, YaRN or not, equal
+    transformers' Laguna rotary embedding (its per-layer-type rope_parameters)."""
+    from transformers import LagunaConfig
+    from transformers.models.laguna.modeling_laguna import LagunaRotaryEmbedding
+
+    rope = {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5}
+    if factor > 1:
+        rope.update(rope_type="yarn", factor=factor, original_max_position_embeddings=64, beta_fast=16.0, beta_slow=2.0)
+        if attention_factor:
+            rope["attention_factor"] = attention_factor
+    cfg = LagunaConfig(head_dim=32, num_hidden_layers=1, layer_types=["full_attention"], max_position_embeddings=512,
+                       rope_parameters={"full_attention": rope})
+    theirs = LagunaRotaryEmbedding(cfg)
+    spec = GQASpec(head_dim=32, rope_theta=5e5, rope_fraction=0.5, yarn_factor=factor, yarn_original_max_position=64,
+                   yarn_beta_fast=16.0, yarn_beta_slow=2.0, yarn_attention_factor=attention_factor or 0.0)
+    torch.testing.assert_close(spec.rotary().inv_freq, theirs.full_attention_inv_freq, rtol=2 * 2 ** -23, atol=0)
+    assert spec.rope_scaling() == pytest.approx(theirs.full_attention_attention_scaling, rel=1e-12)
+
+
+def test_gate_statistics_and_bad_gate_fields():
+    spec = SPECS["laguna_sliding"]
+    torch.manual_seed(0)
+    layer = randomised(spec.build(model_cfg({"a": spec}, ["a"]), 0))
+    assert layer.g_proj.weight.shape == (8 * 16, D)
+    sink = StatsSink()
+    x = torch.randn(2, 9, D)
+    with torch.no_grad():
+        layer(x, ForwardContext(stats=sink))
+        g = torch.nn.functional.softplus(layer.g_proj(x))
+    stats = dict(sink.items())[0]
+    total, count = stats.means["gate_mean"]
+    assert count == g.numel() and total.item() / count == pytest.approx(g.mean().item(), rel=1e-5)
+    closed, _ = stats.means["gate_closed"]
+    assert closed.item() == (g < 0.1).sum().item() > 0
+    assert stats.maxima["gate_max"].item() == pytest.approx(g.max().item(), rel=1e-6)
+    for change, message in [({"gate": "sigmoid"}, "gate='sigmoid' must be one of none, head, element"),
+                            ({"yarn_factor": 0.5}, "yarn_factor=0.5 must be >= 1"),
+                            ({"yarn_factor": 2.0, "rope_type": "proportional"}, "needs rope_type='default'")]:
+        with pytest.raises(ConfigError, match="model.attention.menu.g") as err:
+            validate(Config(model=model_cfg({"g": {"kind": "gqa", **change}}, ["g"])))
+        assert message in str(err.value)
+
+
+def test_layers_with_different_query_heads_account_their_own():
+    """Laguna's budget: a 6-head and an 8-head layer over one KV shape cost the same KV bytes; FLOPs, weights and
+    the panel's static head count follow each layer's heads."""
+    from moesaic.trainer.metrics import head_metrics
+
+    glob, sliding = SPECS["laguna_global"], dataclasses.replace(SPECS["laguna_global"], num_heads=8)
+    cfg = model_cfg({"g": glob, "s": sliding}, ["g", "s", "g"])
+    assert head_metrics(Config(model=cfg)) == {"attn_layers/L00/query_heads": 6.0, "attn_layers/L01/query_heads": 8.0,
+                                               "attn_layers/L02/query_heads": 6.0}
+    kv = layer_kv_bytes(cfg, 20, "bf16")
+    assert kv[0].total == kv[1].total == 20 * 2 * 2 * 16 * 2
+    assert sliding.flops_per_token(8) == pytest.approx(glob.flops_per_token(8) * 8 / 6)
+    model = Transformer(cfg)
+    assert model.layers[1].attn.q_proj.weight.shape == (8 * 16, D) and model.layers[1].attn.g_proj.weight.shape == (8, D)
+    assert model.layers[2].attn.o_proj.weight.shape == (D, 6 * 16)

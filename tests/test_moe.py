@@ -296,3 +296,35 @@ def test_router_state_stays_fp32_and_only_bias_is_saved() -> None:
     assert "gate.expert_bias" in keys and "gate.load_counts" not in keys
     y, _ = moe(torch.randn(2, 3, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("softcap", [0.0, 0.5])
+def test_laguna_sparse_block_equals_transformers(softcap: float) -> None:
+    """Laguna's MoE (MOSAIC_SPEC §2.4): sigmoid of soft-capped logits, the bias for selection only, renormalised
+    gates times routed_scaling_factor, plus a shared expert of its own width, against transformers'
+    LagunaSparseMoeBlock with every weight and the bias random (softcap 0.5 makes the cap bite: |logits| ~ 1)."""
+    from transformers import LagunaConfig
+    from transformers.models.laguna.modeling_laguna import LagunaSparseMoeBlock
+
+    hf_cfg = LagunaConfig(hidden_size=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
+                          shared_expert_intermediate_size=12, moe_routed_scaling_factor=2.5,
+                          moe_router_logit_softcapping=softcap, num_hidden_layers=1)
+    torch.manual_seed(0)
+    theirs = LagunaSparseMoeBlock(hf_cfg).eval()
+    ours = MoE(make_cfg(num_experts=6, intermediate_size=8, shared_intermediate_size=12, score_func="sigmoid",
+                        routed_scaling_factor=2.5, router_logit_softcap=softcap, swiglu_limit=0.0), 0).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.5)
+        theirs.gate.e_score_correction_bias.uniform_(-0.2, 0.2)
+        ours.gate.weight.copy_(theirs.gate.weight)
+        ours.gate.expert_bias.copy_(theirs.gate.e_score_correction_bias)
+        gate, up = theirs.experts.gate_up_proj.chunk(2, dim=1)
+        ours.experts.w1.copy_(gate), ours.experts.w3.copy_(up), ours.experts.w2.copy_(theirs.experts.down_proj)
+        for name in ("w1", "w3", "w2"):
+            hf_name = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}[name]
+            getattr(ours.shared_experts, name).weight.copy_(getattr(theirs.shared_experts, hf_name).weight)
+        x = torch.randn(2, 9, 16)
+        logits = x.reshape(-1, 16) @ theirs.gate.weight.T
+        assert softcap == 0 or logits.abs().max() > 2 * softcap  # the cap changes the scores
+        assert_close_scaled(ours(x)[0], theirs(x), 16, "Laguna MoE output")

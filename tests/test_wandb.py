@@ -24,7 +24,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 # moe_heatmap_every=2. The last step of each invocation is a log and an eval step.
 EXPECTED_STEPS = {"log": {2, 3, 4, 6}, "eval": {3, 6}, "first": {2, 4}, "heatmap": {2, 4, 6}}
 CONDITIONS = {"": True, "moe": True, "seq-aux": True, "peak": True, "ep>1": False, "csa/hca": True, "csa": True,
-              "mixture": False}
+              "mixture": False, "gqa gate": False}
 LAYERS, MOE_LAYERS, CSA_LAYERS, CONTEXTS = ["L00", "L01"], ["L00", "L01"], ["L00"], ["4k"]
 
 

@@ -118,6 +118,12 @@ def kv_metrics(cfg: Config) -> dict[str, float]:
     return out
 
 
+def head_metrics(cfg: Config) -> dict[str, float]:
+    """Static query heads per layer (its menu entry's; layers may differ, e.g. Laguna's per-layer budget)."""
+    return {f"attn_layers/{layer_label(i)}/query_heads": float(spec.num_heads)
+            for i, spec in enumerate(layer_specs(cfg.model)) if hasattr(spec, "num_heads")}
+
+
 def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
     """Model FLOPs per trained token: 6 x active non-embedding parameters (routed experts count
     top_k of num_experts) + each attention layer's real work over the keys its queries see, MTP blocks
@@ -176,7 +182,7 @@ class MetricsPanel:
         self.flops_per_token = flops_per_token(model, cfg)
         self.peak_flops = cfg.logging.peak_flops or (H100_BF16_PEAK_FLOPS if device.type == "cuda" else None)
         # Constant values, logged with the first collect of each invocation (resumed runs included).
-        self.pending_static = {**kv_metrics(cfg), "perf/flops_per_token": self.flops_per_token}
+        self.pending_static = {**kv_metrics(cfg), **head_metrics(cfg), "perf/flops_per_token": self.flops_per_token}
 
     def set_enabled(self, on: bool) -> None:
         """Turn the routers' per-forward accumulation on or off (off = the panel costs nothing)."""

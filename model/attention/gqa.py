@@ -3,8 +3,13 @@
 The baseline every other design is measured against (Qwen3-MoE: per-head q/k RMS norms, half-split
 RoPE, scale head_dim^-1/2), and with its options Gemma 4's two layer kinds (MOSAIC_SPEC §1.3):
 scale 1.0, a weight-free v norm, ``k_eq_v`` (V from the raw K projection) and proportional RoPE
-on global layers. Query head h reads KV head h // (num_heads / num_kv_heads) (transformers'
-``repeat_kv``). Tensor names are transformers' (``q_proj``, ``k_norm``, ...).
+on global layers; and Laguna's (§2.2): a softplus output ``gate`` per head or per element, read
+from the layer input and applied to each head's output before ``o_proj`` (a learned per-head
+"budget" that can switch heads off), partial RoPE and YaRN, whose attention factor scales the
+rotated channels of q and k only. Every menu entry has its own ``num_heads``, so layers of one
+model may differ in query heads while sharing one KV shape (Laguna's per-layer head counts).
+Query head h reads KV head h // (num_heads / num_kv_heads) (transformers'
+``repeat_kv``). Tensor names are transformers' (``q_proj``, ``k_norm``, ``g_proj``, ...).
 
 Cross-layer KV sharing (``kv_source``): a layer may read the K/V of an earlier layer instead of
 computing its own (Gemma 4's last layers). Every own-KV layer leaves its K/V (after norm and RoPE,
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
     from moesaic.configs.schema import ModelConfig
 
 ROPE_TYPES = ("default", "proportional")
+GATES = ("none", "head", "element")
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 
 
@@ -62,6 +68,12 @@ class GQASpec(AttentionSpec):
     rope_fraction: float = 1.0  # share of each head's channels carrying RoPE (partial rotary factor)
     rope_type: str = "default"  # default | proportional (whole head, zero frequencies past the fraction; Gemma 4)
     kv_source: int = -1  # -1: own K/V; else an earlier decoder layer whose K/V this layer reads
+    gate: str = "none"  # softplus output gate from the layer input (Laguna): none | head | element
+    yarn_factor: float = 1.0  # YaRN context extension of the rotary frequencies; 1.0 disables it
+    yarn_original_max_position: int = 4096  # YaRN: context the RoPE base was trained for
+    yarn_beta_fast: float = 32.0  # YaRN: rotations above which frequencies are kept
+    yarn_beta_slow: float = 1.0  # YaRN: rotations below which frequencies are interpolated
+    yarn_attention_factor: float = 0.0  # YaRN: multiplier of the rotated q/k channels; 0 = 0.1 ln(factor) + 1
     query_chunk: int = 512  # queries per kernel call, bounds the [chunk, keys] mask and scores
 
     not_architecture = frozenset({"kind", "query_chunk"})
@@ -82,6 +94,13 @@ class GQASpec(AttentionSpec):
                 f"{where}.rope_fraction={self.rope_fraction} must be in (0, 1] and give an even number of "
                 f"rotary channels of head_dim={self.head_dim}")
         require(self.kv_source >= -1, f"{where}.kv_source={self.kv_source} must be -1 (own K/V) or a layer index")
+        require(self.gate in GATES, f"{where}.gate='{self.gate}' must be one of {', '.join(GATES)}")
+        require(self.yarn_factor >= 1.0, f"{where}.yarn_factor={self.yarn_factor} must be >= 1 (1 disables YaRN)")
+        require(self.yarn_factor == 1.0 or self.rope_type == "default",
+                f"{where}.yarn_factor={self.yarn_factor} needs rope_type='default' (not '{self.rope_type}')")
+        check_positive(where, self, ["yarn_original_max_position", "yarn_beta_fast", "yarn_beta_slow"])
+        require(self.yarn_attention_factor >= 0,
+                f"{where}.yarn_attention_factor={self.yarn_attention_factor} must be >= 0 (0 = 0.1 ln(factor) + 1)")
 
     def check_in_model(self, where: str, layer: int, specs: list[AttentionSpec], num_layers: int) -> None:
         """A sharing layer reads an earlier own-KV gqa decoder layer whose keys it can use unchanged."""
@@ -94,7 +113,8 @@ class GQASpec(AttentionSpec):
         require(isinstance(source, GQASpec) and not source.shares_kv,
                 f"{where}.kv_source={src}: layer {src} must compute its own K/V with a gqa entry")
         assert isinstance(source, GQASpec)
-        for name in ("num_kv_heads", "head_dim", "rope_theta", "rope_fraction", "rope_type"):
+        for name in ("num_kv_heads", "head_dim", "rope_theta", "rope_fraction", "rope_type", "yarn_factor",
+                     "yarn_original_max_position", "yarn_beta_fast", "yarn_beta_slow", "yarn_attention_factor"):
             require(getattr(self, name) == getattr(source, name),
                     f"{where}.{name}={getattr(self, name)} differs from layer {src}'s ({getattr(source, name)}), "
                     f"whose K/V it reads (kv_source={src})")
@@ -107,6 +127,22 @@ class GQASpec(AttentionSpec):
     def rotary_dim(self) -> int:
         """Channels of a head that RoPE rotates."""
         return self.head_dim if self.rope_type == "proportional" else int(self.head_dim * self.rope_fraction)
+
+    def rope_scaling(self) -> float:
+        """The multiplier of cos and sin (transformers' ``attention_scaling``): YaRN's attention factor, else 1."""
+        if self.yarn_factor == 1.0:
+            return 1.0
+        return self.yarn_attention_factor or 0.1 * math.log(self.yarn_factor) + 1.0
+
+    def rotary(self) -> RotaryEmbedding:
+        inv_freq = half_split_inv_freq(self.head_dim, self.rope_theta, self.rope_fraction,
+                                       self.rope_type == "proportional")
+        return RotaryEmbedding(2 * inv_freq.numel(), self.rope_theta, self.yarn_factor, self.yarn_original_max_position,
+                               self.yarn_beta_fast, self.yarn_beta_slow, inv_freq=inv_freq)
+
+    def gate_width(self) -> int:
+        """Outputs of ``g_proj`` per token: one gate per head or per head channel (0: no gate)."""
+        return {"none": 0, "head": self.num_heads, "element": self.num_heads * self.head_dim}[self.gate]
 
     def softmax_scale(self) -> float:
         return self.scale if self.scale > 0 else 1.0 / math.sqrt(self.head_dim)
@@ -262,8 +298,9 @@ class GQAAttention(AttentionLayer):
         self.k_proj = nn.Linear(D, n_kv * hd, bias=False) if own else None
         self.v_proj = nn.Linear(D, n_kv * hd, bias=False) if own and not spec.k_eq_v else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if own and spec.qk_norm else None
-        inv_freq = half_split_inv_freq(hd, spec.rope_theta, spec.rope_fraction, spec.rope_type == "proportional")
-        self.rope = RotaryEmbedding(2 * inv_freq.numel(), spec.rope_theta, inv_freq=inv_freq)
+        self.g_proj = nn.Linear(D, spec.gate_width(), bias=False) if spec.gate != "none" else None
+        self.rope = spec.rotary()
+        self.rope_scaling = spec.rope_scaling()
 
     def make_cache(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32) -> Optional[GQACache]:
@@ -309,6 +346,8 @@ class GQAAttention(AttentionLayer):
             cache = ctx.cache(self.layer_idx)
             query_start = cache.pos if cache is not None else ctx.sequence.offset(S)
         cos, sin = self.rope(torch.arange(query_start, query_start + S, device=x.device))  # [S, rot/2]
+        if self.rope_scaling != 1.0:
+            cos, sin = cos * self.rope_scaling, sin * self.rope_scaling
         q = self.q_proj(x).unflatten(-1, (self.spec.num_heads, -1))  # [B,S,H,hd]
         q = rope_half_split(self.q_norm(q) if self.q_norm is not None else q, cos[:, None], sin[:, None])
         if not self.spec.shares_kv:
@@ -319,4 +358,19 @@ class GQAAttention(AttentionLayer):
         if stats is not None:
             record_stats(stats, q, kv.k, query_start, kv.key_start, self.spec.window, self.scale,
                          self.spec.query_chunk)
+        if self.g_proj is not None:
+            o = o * self._gate(x, stats)
         return self.o_proj(o.flatten(2)), x.new_zeros(())
+
+    def _gate(self, x: torch.Tensor, stats: Optional[AttentionStats]) -> torch.Tensor:
+        """softplus(g_proj(x)) in fp32, cast to x's dtype, as [B,S,H,1] (per head) or [B,S,H,hd] (per element).
+
+        Log steps record its mean and its largest value, and the share of gates below 0.1 (heads
+        nearly switched off)."""
+        g = F.softplus(self.g_proj(x).float())  # [B,S,H] or [B,S,H*hd]
+        if stats is not None:
+            with torch.no_grad():
+                stats.add_mean("gate_mean", g.sum(), g.numel())
+                stats.add_mean("gate_closed", (g < 0.1).sum(), g.numel())
+                stats.add_max("gate_max", g.max())
+        return g.to(x.dtype).unflatten(-1, (self.spec.num_heads, -1))

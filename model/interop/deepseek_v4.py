@@ -45,6 +45,11 @@ def check_exportable(cfg: ModelConfig) -> None:
             f"model.ffn_activation='{cfg.ffn_activation}': DeepSeek-V4 uses SwiGLU (silu)")
     require(m.num_shared_experts == 1, f"model.moe.num_shared_experts={m.num_shared_experts}: "
                                        "DeepSeek-V4 has exactly one shared expert")
+    require(m.shared_intermediate_size in (0, m.intermediate_size),
+            f"model.moe.shared_intermediate_size={m.shared_intermediate_size}: DeepSeek-V4's shared expert is as "
+            f"wide as a routed one (0 or {m.intermediate_size})")
+    require(m.router_logit_softcap == 0, f"model.moe.router_logit_softcap={m.router_logit_softcap}: DeepSeek-V4's "
+                                         "router has no softcap (0)")
     require(m.norm_topk_prob, "model.moe.norm_topk_prob=false: DeepSeek-V4 always normalises the top-k gates")
     require(m.score_func in SCORE_FUNCS, f"model.moe.score_func='{m.score_func}': transformers' DeepSeek-V4 "
                                          f"builds only {' and '.join(SCORE_FUNCS)} routers")

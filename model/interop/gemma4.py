@@ -179,7 +179,8 @@ def _check_model(cfg: ModelConfig) -> None:
     if kinds == {"dense+moe"}:
         require_values(m, "model.moe", "Gemma 4", [
             ("score_func", "softmax"), ("norm_topk_prob", True), ("routed_scaling_factor", 1.0),
-            ("num_shared_experts", 0), ("num_hash_layers", 0), ("router_input_norm", True), ("per_expert_scale", True)])
+            ("num_shared_experts", 0), ("num_hash_layers", 0), ("router_input_norm", True), ("per_expert_scale", True),
+            ("router_logit_softcap", 0.0)])
 
 
 def _check_sharing(cfg: ModelConfig, types: list[str]) -> int:
@@ -213,7 +214,8 @@ def _attention_keys(cfg: ModelConfig, types: list[str]) -> dict[str, Any]:
             continue
         name, spec = shared_entry(cfg, "Gemma 4", layers, varying=("kv_source",))
         where = f"model.attention.menu.{name}"
-        require_values(spec, where, "Gemma 4", [("qk_norm", True), ("v_norm", True), ("scale", 1.0)])
+        require_values(spec, where, "Gemma 4", [("qk_norm", True), ("v_norm", True), ("scale", 1.0), ("gate", "none"),
+                                                ("yarn_factor", 1.0)])
         rope = {"rope_type": spec.rope_type, "rope_theta": spec.rope_theta}
         if spec.rope_type == "proportional":
             require(t == FULL, f"{where}.rope_type='proportional': Gemma 4 uses it on full layers only")

@@ -89,12 +89,14 @@ def check_exportable(cfg: ModelConfig) -> None:
     name, spec = shared_entry(cfg, "Qwen3-MoE", range(cfg.num_layers))
     where = f"model.attention.menu.{name}"
     require_values(spec, where, "Qwen3-MoE", [("qk_norm", True), ("v_norm", False), ("k_eq_v", False),
-                                              ("rope_type", "default"), ("rope_fraction", 1.0), ("kv_source", -1)])
+                                              ("rope_type", "default"), ("rope_fraction", 1.0), ("kv_source", -1),
+                                              ("gate", "none"), ("yarn_factor", 1.0)])
     require(spec.scale in (0.0, spec.head_dim ** -0.5),
             f"{where}.scale={spec.scale}: Qwen3-MoE scales by head_dim^-0.5 (0)")
     require_values(cfg.moe, "model.moe", "Qwen3-MoE", [
         ("score_func", "softmax"), ("num_shared_experts", 0), ("routed_scaling_factor", 1.0), ("swiglu_limit", 0.0),
-        ("num_hash_layers", 0), ("router_input_norm", False), ("per_expert_scale", False)])
+        ("num_hash_layers", 0), ("router_input_norm", False), ("per_expert_scale", False),
+        ("router_logit_softcap", 0.0)])
 
 
 class Qwen3Moe(Family):

@@ -39,8 +39,8 @@ class MoE(nn.Module):
             moe.num_experts, cfg.hidden_size, moe.intermediate_size, moe.swiglu_limit,
             init_std=cfg.init_std, seed=expert_seed(layer_idx, moe.num_experts), activation=cfg.ffn_activation)
         self.shared_experts = (
-            SwiGLU(cfg.hidden_size, moe.intermediate_size * moe.num_shared_experts, moe.swiglu_limit,
-                   cfg.ffn_activation)
+            SwiGLU(cfg.hidden_size, moe.shared_intermediate_size or moe.intermediate_size * moe.num_shared_experts,
+                   moe.swiglu_limit, cfg.ffn_activation)
             if moe.num_shared_experts > 0 else None)
 
     def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,

@@ -72,6 +72,13 @@ class Router(nn.Module):
     and ``per_expert_scale`` multiplies the selected, renormalised gates by ``per_expert_scale[idx]``
     ([E] from 1 = HF ``router.per_expert_scale``); ``weight`` is HF ``router.proj.weight``. With
     softmax scores, norm_topk_prob, routed_scaling_factor 1 and no bias update this is Gemma's router.
+
+    Laguna's (``LagunaTopKRouter``, MOSAIC_SPEC §2.4) is sigmoid scores of logits optionally
+    soft-capped (``router_logit_softcap`` c: c * tanh(logits / c)), the bias (HF
+    ``e_score_correction_bias``) for selection only, gates always renormalised, then times
+    ``routed_scaling_factor``. transformers' Laguna aux loss takes a softmax over these sigmoid logits
+    (§2.5), a Switch loss that does not fit the router, so it has no counterpart here: balance comes from
+    the bias update and ``seq_aux_loss_coef``, and the panel's balance metrics read the real selections.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -89,6 +96,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(moe.num_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.init_std)
         self.eps = cfg.rms_norm_eps
+        self.logit_softcap = moe.router_logit_softcap
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size)) if moe.router_input_norm else None
         self.per_expert_scale = nn.Parameter(torch.ones(moe.num_experts)) if moe.per_expert_scale else None
         self.register_buffer("expert_bias", torch.zeros(moe.num_experts), persistent=True)
@@ -120,6 +128,8 @@ class Router(nn.Module):
         if self.scale is not None:  # Gemma: the un-normed stream, normalised and scaled here
             x = rms_normalize(x, self.eps) * self.scale.float() * x.shape[-1] ** -0.5
         logits = F.linear(x, self.weight.float())
+        if self.logit_softcap > 0:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         if self.score_func == "sqrtsoftplus":
             return F.softplus(logits).sqrt()
         if self.score_func == "sigmoid":
