@@ -365,5 +365,6 @@ def test_layers_with_different_query_heads_account_their_own():
     assert kv[0].total == kv[1].total == 20 * 2 * 2 * 16 * 2
     assert sliding.flops_per_token(8) == pytest.approx(glob.flops_per_token(8) * 8 / 6)
     model = Transformer(cfg)
-    assert model.layers[1].attn.q_proj.weight.shape == (8 * 16, D) and model.layers[1].attn.g_proj.weight.shape == (8, D)
+    assert model.layers[1].attn.q_proj.weight.shape == (8 * 16, D)
+    assert model.layers[1].attn.g_proj.weight.shape == (8, D)
     assert model.layers[2].attn.o_proj.weight.shape == (D, 6 * 16)
