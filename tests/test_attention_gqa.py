@@ -368,3 +368,23 @@ def test_layers_with_different_query_heads_account_their_own():
     assert model.layers[1].attn.q_proj.weight.shape == (8 * 16, D)
     assert model.layers[1].attn.g_proj.weight.shape == (8, D)
     assert model.layers[2].attn.o_proj.weight.shape == (D, 6 * 16)
+
+
+def test_laguna_tiny_trains_with_its_gate_and_head_panel(tmp_path):
+    """configs/laguna_tiny.yaml in the trainer: the loss falls; the panel logs each layer's query heads (6 global,
+    8 sliding), the gates' statistics and equal KV bytes for both layer kinds (one KV shape, the budget aside)."""
+    from trainrun import losses, train
+
+    run = tmp_path / "run"
+    train([f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "model.hidden_size=64", "data.seq_len=64",
+           "train.steps=16", "train.micro_batch_size=4", "train.global_batch_size=4", "train.warmup_steps=2",
+           "train.log_every=4", "train.eval_every=100", "train.sample_tokens=0", "logging.wandb=disabled",
+           "logging.progress_bar=false", "logging.kv_contexts=[32]"], config="laguna_tiny")
+    by_step = losses(run)
+    assert by_step[16] < by_step[4] - 0.3, by_step
+    logged = {k: v for line in (run / "metrics.jsonl").read_text().splitlines() for k, v in json.loads(line).items()}
+    assert [logged[f"attn_layers/L0{i}/query_heads"] for i in range(4)] == [6, 8, 8, 6]
+    for i in range(4):
+        assert 0 < logged[f"attn_layers/L0{i}/gate_mean"] <= logged[f"attn_layers/L0{i}/gate_max"]
+        assert 0 <= logged[f"attn_layers/L0{i}/gate_closed"] < 1
+        assert logged[f"kv_layers/L0{i}/32/bytes_per_token"] == 2 * 2 * 32 * 4  # 2 KV heads of 32, K and V, fp32

@@ -19,10 +19,11 @@ import pytest
 import torch
 import transformers
 
-from moesaic.configs import ConfigError
+from moesaic.configs import ConfigError, load_config
 from moesaic.launch.cli import main as cli
 from moesaic.model import Transformer
-from moesaic.model.interop import export_hf, import_hf, load_hf_into, load_native, save_native, to_hf_config
+from moesaic.model.interop import (check_same_architecture, export_hf, from_hf_config, import_hf, load_hf_into,
+                                   load_native, save_native, to_hf_config)
 
 from hf_checkpoints import import_both_layouts
 from test_hf_families import (VOCAB, Case, assert_same_logits, edited, hf_model, ids, load_transformers,
@@ -183,3 +184,23 @@ def test_unsupported_laguna_configs_fail_in_one_line(tmp_path: Path, capsys: pyt
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("preset", ["laguna_tiny", "laguna_xs2"])
+def test_laguna_presets_are_laguna_and_round_trip_through_config_json(preset: str) -> None:
+    cfg = load_config(preset).model
+    hf = to_hf_config(cfg)
+    assert hf["architectures"] == ["LagunaForCausalLM"]
+    assert sorted(set(hf["num_attention_heads_per_layer"])) == ([6, 8] if preset == "laguna_tiny" else [48, 64])
+    check_same_architecture(cfg, from_hf_config(hf), f"{preset} via config.json")
+
+
+def test_laguna_tiny_preset_exports_to_transformers_with_equal_logits(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = randomise_bias(Transformer(load_config("laguna_tiny").model).eval(), 3)
+    save_native(model, tmp_path / "native")
+    export_hf(tmp_path / "native", tmp_path / "hf")
+    hf = load_transformers(laguna(), tmp_path / "hf")
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 80), generator=torch.Generator().manual_seed(2))  # > YaRN 64
+    with torch.no_grad():
+        assert_same_logits(laguna(), model(tokens).logits, hf(tokens).logits, "laguna_tiny: moesaic -> transformers")

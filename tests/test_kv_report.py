@@ -64,3 +64,15 @@ def test_gemma4_e2b_kv_sharing_reproduces_the_window_aware_saving() -> None:
     layers = layer_kv_bytes(load_config("gemma4_e2b").model, 131072, "bf16")
     assert [layer.total for layer in layers[15:]] == [0.0] * 20
     assert layers[0].total == 512 * 1024 and layers[4].total == 131072 * 2048  # sliding capped at 512; global
+
+
+def test_laguna_xs2_budget_changes_no_kv_bytes() -> None:
+    """MOSAIC_SPEC §2.6 at 128K in bf16: 4096 B/token/layer (8 KV heads x 128, K and V) whatever the query heads;
+    only the 10 global layers grow with the context (10 x 512 MiB), the 30 sliding ones keep 512 tokens (2 MiB)."""
+    report = _report("laguna_xs2", "--context", "128k")
+    assert "layers: 40 GQA" in report
+    assert _number(r"total: ([\d.]+) GiB", report) == pytest.approx((10 * 512 + 30 * 2) / 1024, abs=1e-4)
+    cfg = load_config("laguna_xs2").model
+    layers = layer_kv_bytes(cfg, 131072, "bf16")
+    heads = {cfg.attention.menu[name]["num_heads"] for name in ("global", "sliding")}
+    assert heads == {48, 64} and layers[0].total == 131072 * 4096 and layers[1].total == 512 * 4096

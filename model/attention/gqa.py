@@ -113,13 +113,24 @@ class GQASpec(AttentionSpec):
         require(isinstance(source, GQASpec) and not source.shares_kv,
                 f"{where}.kv_source={src}: layer {src} must compute its own K/V with a gqa entry")
         assert isinstance(source, GQASpec)
+        mine, theirs = self.architecture(), source.architecture()
         for name in ("num_kv_heads", "head_dim", "rope_theta", "rope_fraction", "rope_type", "yarn_factor",
                      "yarn_original_max_position", "yarn_beta_fast", "yarn_beta_slow", "yarn_attention_factor"):
-            require(getattr(self, name) == getattr(source, name),
+            require(mine.get(name) == theirs.get(name),
                     f"{where}.{name}={getattr(self, name)} differs from layer {src}'s ({getattr(source, name)}), "
                     f"whose K/V it reads (kv_source={src})")
         require(source.window == 0 or 0 < self.window <= source.window,
                 f"{where}.window={self.window} sees keys that layer {src} (window={source.window}) does not keep")
+
+    def architecture(self) -> dict[str, Any]:
+        """YaRN by its effective attention factor (0 = derived, or the same value spelled out, are one model);
+        its fields are left out where YaRN is off."""
+        out = super().architecture()
+        out["yarn_attention_factor"] = self.rope_scaling()
+        if self.yarn_factor == 1.0:
+            for name in ("yarn_original_max_position", "yarn_beta_fast", "yarn_beta_slow"):
+                del out[name]
+        return out
 
     def own_kv(self) -> GQASpec:
         return dataclasses.replace(self, kv_source=-1)
