@@ -62,6 +62,25 @@ def test_ep2_with_gemma_ffn_on_the_attention_mosaic_matches_single_process() -> 
                 runs=[(2, 1)]).assert_ok()
 
 
+# Laguna (MOSAIC_SPEC §2): sliding layers with twice the query heads of the global ones over one KV shape, per-head
+# and per-element gates, YaRN on the global layers; the soft-capped sigmoid router with a shared expert of its own
+# width. Under SP (seq_len 32, shards of 16) the sliding window (6) crosses the shard edge.
+_LAGUNA_HEAD = "kind: gqa, num_kv_heads: 2, head_dim: 16"
+LAGUNA = ["model.num_layers=4", "model.layer_types=[lg_global,lg_sliding,lg_sliding,lg_global]",
+          "model.ffn_types=[dense,moe,moe,moe]", "data.seq_len=32",
+          f"model.attention.menu.lg_global={{{_LAGUNA_HEAD}, num_heads: 4, gate: head, rope_fraction: 0.5, "
+          "rope_theta: 500000.0, yarn_factor: 4.0, yarn_original_max_position: 8}",
+          f"model.attention.menu.lg_sliding={{{_LAGUNA_HEAD}, num_heads: 8, gate: element, window: 6, query_chunk: 5}}",
+          "model.moe.score_func=sigmoid", "model.moe.router_logit_softcap=2.0", "model.moe.shared_intermediate_size=24",
+          "model.moe.routed_scaling_factor=2.5", "model.moe.swiglu_limit=0", "model.moe.seq_aux_loss_coef=0.01",
+          "model.moe.bias_update_rate=0.01"]
+
+
+@pytest.mark.multiproc
+def test_ep2_with_laguna_layers_and_router_matches_single_process() -> None:
+    run_workers(ep_matches_one_process, world=2, timeout=600, overrides=OVERRIDES + LAGUNA, runs=[(2, 1)]).assert_ok()
+
+
 @pytest.mark.parametrize("overrides, world, message", [
     (["model.moe.num_experts=6", "parallel.ep=4"], None, "model.moe.num_experts=6 must be divisible by parallel.ep=4"),
     (["parallel.ep=2"], 3, "parallel.ep=2 and parallel.sp=1 must divide the world size 3"),

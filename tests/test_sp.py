@@ -31,7 +31,7 @@ from moesaic.parallel.portable import full_model_state
 
 from attention_types import KINDS, MOSAIC, every_entry, menu_overrides
 from exactness import TOL, check_engine, reference_steps
-from test_ep import GEMMA
+from test_ep import GEMMA, LAGUNA
 from harness import Checks, run_workers
 from trainrun import FAST, assert_identical, command, env, latest, losses, train
 
@@ -77,6 +77,11 @@ def test_sp2_and_sp2_with_ep2_on_two_ranks_match_one_process() -> None:
 def test_attention_mosaic_with_kv_sharing_at_sp2_and_sp2_x_ep2_matches_one_process() -> None:
     run_workers(sp_matches_one_process, world=2, layout=MOSAIC_LAYOUT,
                 variants=[[], [*every_entry("query_chunk", 5)], GEMMA_MODEL], runs=[(2, 1, 1), (2, 2, 2)]).assert_ok()
+
+
+@pytest.mark.multiproc
+def test_laguna_layers_and_router_at_sp2_and_sp2_x_ep2_match_one_process() -> None:
+    run_workers(sp_matches_one_process, world=2, layout=LAGUNA, variants=[[]], runs=[(2, 1, 1), (2, 2, 2)]).assert_ok()
 
 
 @pytest.mark.multiproc

@@ -26,7 +26,8 @@ from moesaic.configs import AttentionConfig, ModelConfig, MoEConfig
 from moesaic.model.attention import layer_specs
 
 from .family import ConfigReader, Family, require, require_values, shared_entry
-from .tensor_map import GQA_NAMES, MLP_NAMES, ExpertLayout, NamePlan, TableNames, split_scope
+from .qwen3_moe import Qwen3MoeNames
+from .tensor_map import NamePlan, split_scope
 
 GQA, SLIDING, FULL = "gqa", "sliding_attention", "full_attention"
 ENTRY = {SLIDING: "sliding", FULL: "full"}
@@ -37,16 +38,13 @@ _SHARED = {f"ffn.shared_experts.{ours}.weight": f"{theirs}.weight"
            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))}
 
 
-class LagunaNames(TableNames):
+class LagunaNames(Qwen3MoeNames):
+    """Qwen3-MoE's names, the gate, the selection bias and the shared expert added (as written on disk)."""
+
     family = "Laguna"
-    experts = ExpertLayout(("gate_proj.weight", "up_proj.weight", "down_proj.weight"), write_fused=False)
-    top = {"embed.weight": "embed_tokens.weight", "norm.weight": "norm.weight", "head.weight": "lm_head.weight"}
-    block = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-             **GQA_NAMES, "attn.g_proj.weight": "self_attn.g_proj.weight", **MLP_NAMES,
-             "ffn.gate.weight": "mlp.gate.weight", "ffn.gate.expert_bias": "mlp.experts.e_score_correction_bias",
-             **{k: f"mlp.shared_expert.{v}" for k, v in _SHARED.items()},
-             "ffn.experts.w1": "mlp.experts.gate_up_proj", "ffn.experts.w3": "mlp.experts.gate_up_proj",
-             "ffn.experts.w2": "mlp.experts.down_proj"}
+    block = {**Qwen3MoeNames.block, "attn.g_proj.weight": "self_attn.g_proj.weight",
+             "ffn.gate.expert_bias": "mlp.experts.e_score_correction_bias",
+             **{k: f"mlp.shared_expert.{v}" for k, v in _SHARED.items()}}
     # transformers' module names, which conversion_mapping renames on load: read, never written
     module_names = {"ffn.gate.expert_bias": "mlp.gate.e_score_correction_bias",
                     **{k: f"mlp.shared_experts.{v}" for k, v in _SHARED.items()}}
