@@ -177,7 +177,10 @@ def test_unsupported_laguna_configs_fail_in_one_line(tmp_path: Path, capsys: pyt
     longrope = {FULL: {"rope_type": "longrope", "rope_theta": 1e4}, SLIDING: {"rope_type": "default"}}
     cases = [(edited(src, tmp_path / "heads", num_attention_heads_per_layer=[6, 8, 8, 5]), "entry 5 is not a multiple"),
              (edited(src, tmp_path / "rope", rope_parameters=longrope), "rope_type='longrope' is not supported"),
-             (edited(src, tmp_path / "gating", gating="sigmoid"), "gating='sigmoid' is not supported")]
+             (edited(src, tmp_path / "gating", gating="sigmoid"), "gating='sigmoid' is not supported"),
+             (edited(src, tmp_path / "truncate", rope_parameters={**LAGUNA["rope_parameters"], "truncate": False}),
+              "rope_parameters.truncate=false is not supported"),
+             (edited(src, tmp_path / "flat", rope_parameters=YARN), "one entry per layer type")]
     capsys.readouterr()
     for path, message in cases:
         assert cli(["convert", str(path), str(tmp_path / "out" / path.name)]) == 2

@@ -57,22 +57,26 @@ class LagunaNames(Qwen3MoeNames):
 
 def _yarn(r: ConfigReader, params: dict[str, Any], where: str) -> dict[str, Any]:
     """gqa YaRN fields of a YaRN rope_parameters entry (attention factor as transformers derives it)."""
-    factor = params.get("factor") or r.get("max_position_embeddings") / params["original_max_position_embeddings"]
-    factor = float(factor)
+    require("original_max_position_embeddings" in params, f"{where}.original_max_position_embeddings is missing")
+    original = int(params["original_max_position_embeddings"])
+    factor = float(params.get("factor") or r.get("max_position_embeddings") / original)
     attention = params.get("attention_factor")
     mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
     if attention is None:
         def get_mscale(m: float) -> float:
             return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
         attention = get_mscale(mscale) / get_mscale(mscale_all) if mscale and mscale_all else get_mscale(1.0)
-    require("original_max_position_embeddings" in params, f"{where}.original_max_position_embeddings is missing")
-    return {"yarn_factor": factor, "yarn_original_max_position": int(params["original_max_position_embeddings"]),
+    return {"yarn_factor": factor, "yarn_original_max_position": original,
             "yarn_beta_fast": float(params.get("beta_fast") or 32.0),
             "yarn_beta_slow": float(params.get("beta_slow") or 1.0), "yarn_attention_factor": float(attention)}
 
 
 def _rope(r: ConfigReader, layer_type: str) -> dict[str, Any]:
     rope = r.get("rope_parameters", DEFAULT_ROPE)
+    require(isinstance(rope, dict) and "rope_type" not in rope,
+            f"{r.source}: rope_parameters must hold one entry per layer type ({FULL}, {SLIDING})")
+    # transformers reads YaRN's truncate from the top level only (MOSAIC_SPEC §0.1); moesaic's YaRN truncates
+    require(rope.get("truncate", True) is True, f"{r.source}: rope_parameters.truncate=false is not supported")
     params = dict(rope.get(layer_type) or DEFAULT_ROPE[layer_type])
     where = f"{r.source}: rope_parameters.{layer_type}"
     kind = params.get("rope_type", "default")
