@@ -138,26 +138,23 @@ def assert_same_logits(case: Case, ours: torch.Tensor, theirs: torch.Tensor, wha
     assert_close_scaled(ours, theirs, case.rtol_eps, what)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_transformers_weights_load_in_moesaic_with_equal_logits(name: str, tmp_path: Path) -> None:
-    case = CASES[name]
-    hf = hf_model(case)
+def check_import(case: Case, name: str, hf: torch.nn.Module, tmp_path: Path) -> list[Transformer]:
+    """Both layouts of ``hf`` imported give its logits; the imported models."""
     with torch.no_grad():
         theirs = hf(ids()).logits
-    # save_pretrained's layout (Qwen3: one matrix per expert; Gemma: fused experts, no shared-layer K/V) and the
-    # module's state dict as is (fused experts; Gemma's tied lm_head.weight included)
+    models = []
     for native in import_both_layouts(hf, tmp_path):
+        models.append(load_native(native).eval())
         with torch.no_grad():
-            ours = load_native(native).eval()(ids()).logits
+            ours = models[-1](ids()).logits
         assert_same_logits(case, ours, theirs, f"{name}: transformers -> moesaic ({native.name})")
+    return models
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_moesaic_weights_load_in_transformers_with_equal_logits(name: str, tmp_path: Path) -> None:
-    case = CASES[name]
-    model = moesaic_model(case)
+def check_export(case: Case, name: str, model: Transformer, tmp_path: Path) -> None:
+    """``model`` exported (several shards + index) loads in transformers with its logits."""
     save_native(model, tmp_path / "native")
-    export_hf(tmp_path / "native", tmp_path / "hf", max_shard_bytes=200_000)  # several shards + index
+    export_hf(tmp_path / "native", tmp_path / "hf", max_shard_bytes=200_000)
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     hf = load_transformers(case, tmp_path / "hf")
     with torch.no_grad():
@@ -165,12 +162,27 @@ def test_moesaic_weights_load_in_transformers_with_equal_logits(name: str, tmp_p
     assert_same_logits(case, ours, theirs, f"{name}: moesaic -> transformers")
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_transformers_weights_load_in_moesaic_with_equal_logits(name: str, tmp_path: Path) -> None:
+    # save_pretrained's layout (Qwen3: one matrix per expert; Gemma: fused experts, no shared-layer K/V) and the
+    # module's state dict as is (fused experts; Gemma's tied lm_head.weight included)
+    check_import(CASES[name], name, hf_model(CASES[name]), tmp_path)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_moesaic_weights_load_in_transformers_with_equal_logits(name: str, tmp_path: Path) -> None:
+    check_export(CASES[name], name, moesaic_model(CASES[name]), tmp_path)
+
+
 @pytest.mark.parametrize("name", [n for n in CASES if n.startswith("qwen3: norm") or n.startswith("gemma4: k_eq_v")])
 def test_greedy_decoding_matches_transformers(name: str, tmp_path: Path) -> None:
     """Prefill + cached decode (moesaic's caches; Gemma's shared layers read their source's) picks transformers'
     greedy tokens."""
-    case = CASES[name]
-    hf = hf_model(case)
+    check_greedy(hf_model(CASES[name]), tmp_path)
+
+
+def check_greedy(hf: torch.nn.Module, tmp_path: Path) -> None:
+    """8 greedy tokens after a 10-token prompt: moesaic's import of ``hf`` generates ``hf``'s."""
     hf.save_pretrained(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "native")
     prompt = ids()[:, :10]

@@ -22,12 +22,11 @@ import transformers
 from moesaic.configs import ConfigError, load_config
 from moesaic.launch.cli import main as cli
 from moesaic.model import Transformer
-from moesaic.model.interop import (check_same_architecture, export_hf, from_hf_config, import_hf, load_hf_into,
+from moesaic.model.interop import (check_same_architecture, export_hf, from_hf_config, load_hf_into,
                                    load_native, save_native, to_hf_config)
 
-from hf_checkpoints import import_both_layouts
-from test_hf_families import (VOCAB, Case, assert_same_logits, edited, hf_model, ids, load_transformers,
-                              moesaic_cfg, randomise)
+from test_hf_families import (VOCAB, Case, assert_same_logits, check_export, check_greedy, check_import, edited,
+                              hf_model, load_transformers, moesaic_cfg, randomise)
 
 pytestmark = pytest.mark.numerics
 
@@ -88,41 +87,20 @@ def laguna_moesaic(case: Case) -> Transformer:
 
 @pytest.mark.parametrize("name", CASES)
 def test_transformers_laguna_loads_in_moesaic_with_equal_logits(name: str, tmp_path: Path) -> None:
-    case = CASES[name]
-    hf = laguna_hf(case)
-    with torch.no_grad():
-        theirs = hf(ids()).logits
     # save_pretrained's layout (per-expert matrices, mlp.experts.e_score_correction_bias, mlp.shared_expert.) and
     # the module's names (fused experts, mlp.gate.e_score_correction_bias, mlp.shared_experts.)
-    for native in import_both_layouts(hf, tmp_path):
-        model = load_native(native).eval()
+    for model in check_import(CASES[name], name, laguna_hf(CASES[name]), tmp_path):
         assert model.layers[-1].ffn.gate.expert_bias.abs().min() > 0  # the bias arrived
-        with torch.no_grad():
-            assert_same_logits(case, model(ids()).logits, theirs, f"{name}: transformers -> moesaic ({native.name})")
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_moesaic_laguna_loads_in_transformers_with_equal_logits(name: str, tmp_path: Path) -> None:
-    case = CASES[name]
-    model = laguna_moesaic(case)
-    save_native(model, tmp_path / "native")
-    export_hf(tmp_path / "native", tmp_path / "hf", max_shard_bytes=200_000)
-    hf = load_transformers(case, tmp_path / "hf")
-    with torch.no_grad():
-        assert_same_logits(case, model(ids()).logits, hf(ids()).logits, f"{name}: moesaic -> transformers")
+    check_export(CASES[name], name, laguna_moesaic(CASES[name]), tmp_path)
 
 
 def test_laguna_greedy_decoding_matches_transformers(tmp_path: Path) -> None:
     """Prefill + cached decode past the sliding window picks transformers' greedy tokens."""
-    case = CASES["laguna: 6/8/8/6 heads, YaRN full layers, per-head gate, dense layer 0"]
-    hf = laguna_hf(case)
-    hf.save_pretrained(tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "native")
-    prompt = ids()[:, :10]
-    with torch.no_grad():
-        ours = load_native(tmp_path / "native").eval().generate(prompt, max_new_tokens=8)
-        theirs = hf.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    assert torch.equal(ours, theirs), (ours, theirs)
+    check_greedy(laguna_hf(CASES["laguna: 6/8/8/6 heads, YaRN full layers, per-head gate, dense layer 0"]), tmp_path)
 
 
 def test_laguna_cli_convert_and_init_from_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
