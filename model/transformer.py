@@ -52,6 +52,9 @@ class Transformer(nn.Module):
         # The positions a forward holds (moesaic.model.sequence): the whole sequence, or a shard of it once
         # parallel.sp applies sequence parallelism; every forward hands it to the layers in its context.
         self.sequence: WholeSequence = WHOLE
+        # The token that ends each packed document (the tokenizer's EOS; set by the trainer, None: unknown). Layers
+        # that mix neighbouring tokens (cca) restart at the token after it instead of reading the previous document.
+        self.doc_end_token: Optional[int] = None
         specs = layer_specs(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.ple = PerLayerEmbedding(cfg) if cfg.ple_dim else None
@@ -80,7 +83,8 @@ class Transformer(nn.Module):
                 caches: Optional[Sequence[object]] = None, stats: Optional[StatsSink] = None) -> ModelOutput:
         """input_ids [B,S] -> logits [B,S,V]; with ``caches`` the tokens continue the cached sequence;
         with ``stats`` every attention layer adds its statistics of this forward to the sink."""
-        ctx = ForwardContext(sequence=self.sequence, caches=caches, stats=stats)
+        doc_ends = None if self.doc_end_token is None else input_ids == self.doc_end_token  # [B,S]
+        ctx = ForwardContext(sequence=self.sequence, caches=caches, stats=stats, doc_ends=doc_ends)
         x = self.embed_tokens(input_ids)
         ple = self.ple(input_ids, x) if self.ple is not None else None  # [B,S,L,P]
         if self.hc.n > 1:

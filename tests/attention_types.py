@@ -21,6 +21,7 @@ SMALL: dict[str, dict] = {
     "csa": dict(_COMPRESSED, ratio=4, index_heads=16, index_head_dim=16, index_topk=3),
     "hca": dict(_COMPRESSED, ratio=8),
     "gqa": dict(num_heads=4, num_kv_heads=2, head_dim=16, rope_fraction=0.5, query_chunk=6),
+    "cca": dict(num_heads=4, num_kv_heads=2, head_dim=16, query_chunk=6),
 }
 KINDS = list(registered())
 HF_KINDS = [kind for kind, cls in registered().items() if cls.hf_layer_type is not None]
