@@ -221,3 +221,33 @@ def test_bad_fields_are_one_line():
         with pytest.raises(ConfigError, match="model.attention.menu.c") as err:
             validate(cfg)
         assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# Global, sliding (window longer than a 16-token shard) and 3+3-tap (look-back 4) cca layers at S = 32, sp = 2.
+SP_LAYOUT = ["model.num_layers=3", "model.layer_types=[c,cs,c3]", "model.ffn_types=[dense,moe,moe]",
+             "data.seq_len=32", "model.moe.seq_aux_loss_coef=0.01",
+             "model.attention.menu.c={kind: cca, num_heads: 4, num_kv_heads: 2, head_dim: 16, window: 0}",
+             "model.attention.menu.cs={kind: cca, num_heads: 2, num_kv_heads: 2, head_dim: 16, window: 20, "
+             "query_chunk: 5}",
+             "model.attention.menu.c3={kind: cca, num_heads: 2, num_kv_heads: 1, head_dim: 32, window: 0, "
+             "conv_kernel: 3, mix_kernel: 3}"]
+
+
+def sp_worker(checks, layout: list[str]) -> None:
+    """Harness worker: the sharded model vs whole sequences, without and with document ends at and just before
+    the shard edge (position 15 ends a document, so shard 1 starts one; 14 leaves a one-token document)."""
+    from moesaic.configs import ParallelConfig
+    from moesaic.parallel.topology import Topology
+
+    from test_sp import _cfg, _check_model
+
+    topology = Topology(ParallelConfig(sp=2))
+    _check_model(checks, _cfg(layout), topology, "cca, one document")
+    _check_model(checks, _cfg(layout), topology, "cca, documents ending at 3, 13, 14, 15, 22", (3, 13, 14, 15, 22))
+
+
+@pytest.mark.multiproc
+def test_sp2_matches_one_process_with_halo_and_document_resets():
+    from harness import run_workers
+
+    run_workers(sp_worker, world=2, layout=SP_LAYOUT).assert_ok()
