@@ -17,6 +17,7 @@ from .schema import (
     FFN_ACTIVATIONS,
     FFN_TYPES,
     MOE_FFN_TYPES,
+    ROUTERS,
     SCORE_FUNCS,
     AttentionConfig,
     CheckpointConfig,
@@ -207,6 +208,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(e.top_k <= e.num_experts,
              f"model.moe.top_k={e.top_k} must be <= model.moe.num_experts={e.num_experts}")
     _check_choice("model.moe.score_func", e.score_func, SCORE_FUNCS)
+    _check_choice("model.moe.router", e.router, ROUTERS)
+    if e.router == "mlp":
+        _require(e.router_hidden_size > 0, f"model.moe.router_hidden_size={e.router_hidden_size} must be > 0")
+        _require(e.score_func == "softmax", f"model.moe.score_func='{e.score_func}': model.moe.router='mlp' scores "
+                                            f"with a softmax over the experts and the skip expert; set softmax")
+        _require(e.num_hash_layers == 0 and not e.router_input_norm and not e.per_expert_scale,
+                 "model.moe.router='mlp' takes no num_hash_layers, router_input_norm or per_expert_scale")
     _require(e.num_shared_experts >= 0, f"model.moe.num_shared_experts={e.num_shared_experts} must be >= 0")
     _require(e.swiglu_limit >= 0, f"model.moe.swiglu_limit={e.swiglu_limit} must be >= 0 (0 disables)")
     _require(e.bias_update_rate >= 0, f"model.moe.bias_update_rate={e.bias_update_rate} must be >= 0")

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 FFN_TYPES = ("moe", "dense", "dense+moe")  # dense+moe: Gemma 4's dense MLP and MoE side by side (model/dense_moe.py)
 MOE_FFN_TYPES = ("moe", "dense+moe")  # the FFN types holding a MoE
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+ROUTERS = ("linear", "mlp")
 FFN_ACTIVATIONS = ("silu", "gelu_tanh")  # act of act(gate) * up: SwiGLU, or GeGLU with gelu(approximate="tanh")
 
 
@@ -48,6 +49,8 @@ class MoEConfig:
     # Gemma 4's router: scores from rms_normalize(x) * scale * hidden_size^-0.5 (scale: a [D] weight from 1)
     router_input_norm: bool = False
     per_expert_scale: bool = False  # Gemma 4: the selected gates times a learned [E] scale (from 1), after renorm
+    router: str = "linear"  # ROUTERS: linear scores, or ZAYA1's MLP router (layer-to-layer state, a skip expert)
+    router_hidden_size: int = 256  # the MLP router's width R
 
 
 @dataclass

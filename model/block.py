@@ -80,7 +80,7 @@ class Block(nn.Module):
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.ffn_norm(x)
         if self.ffn_type == "moe":
-            h, aux_loss = self.ffn(h, input_ids, ctx.sequence)
+            h, aux_loss = self.ffn(h, input_ids, ctx.sequence, carry=ctx.shared)
         elif self.ffn_type == "dense+moe":
             h, aux_loss = self.ffn(h, x, input_ids, ctx.sequence)  # Gemma routes from the un-normed x
         else:

@@ -62,6 +62,19 @@ def test_ep2_with_gemma_ffn_on_the_attention_mosaic_matches_single_process() -> 
                 runs=[(2, 1)]).assert_ok()
 
 
+# ZAYA1's FFN (MLP router carrying its state from layer 0 to layer 1, skip expert, top-1, no shared expert) beside
+# a cca layer: the router and its state stay on the tokens' rank, only the experts' inputs travel.
+ZAYA = ["model.layer_types=[cca,swa]", "model.attention.menu.cca={kind: cca, num_kv_heads: 1, window: 0}",
+        "model.ffn_types=[moe,moe]", "model.moe.router=mlp", "model.moe.router_hidden_size=16",
+        "model.moe.score_func=softmax", "model.moe.top_k=1", "model.moe.norm_topk_prob=false",
+        "model.moe.routed_scaling_factor=1.0", "model.moe.num_shared_experts=0"]
+
+
+@pytest.mark.multiproc
+def test_ep2_with_zaya_router_and_cca_matches_single_process() -> None:
+    run_workers(ep_matches_one_process, world=2, timeout=600, overrides=OVERRIDES + ZAYA, runs=[(2, 1)]).assert_ok()
+
+
 @pytest.mark.parametrize("overrides, world, message", [
     (["model.moe.num_experts=6", "parallel.ep=4"], None, "model.moe.num_experts=6 must be divisible by parallel.ep=4"),
     (["parallel.ep=2"], 3, "parallel.ep=2 and parallel.sp=1 must divide the world size 3"),
