@@ -32,8 +32,8 @@ def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.uniform_(0.5, 1.5) if name.endswith(("norm.weight", "router_states_scale")) else p.normal_(0, 0.5)
-        module.expert_bias.uniform_(-0.2, 0.2)
-        module.skip_bias.fill_(0.05)
+        module.balancing_biases.uniform_(-0.2, 0.2)
+        module.balancing_biases[-1] = 0.05
     return module
 
 
@@ -50,7 +50,7 @@ def reference(routers: list[MLPRouter], xs: list[torch.Tensor]) -> list[tuple[to
         h = F.gelu(h @ w["fc1.weight"].T + w["fc1.bias"])
         h = F.gelu(h @ w["fc2.weight"].T + w["fc2.bias"])
         p = (h @ w["out_proj.weight"].T).softmax(-1).flatten(0, 1)  # [T, E+1]
-        choice = (p + torch.cat([router.expert_bias, router.skip_bias]).double()).argmax(-1)
+        choice = (p + router.balancing_biases.double()).argmax(-1)
         out.append((choice, p.gather(-1, choice[:, None])[:, 0]))
     return out
 
@@ -92,7 +92,7 @@ def test_skipping_tokens_get_no_expert_output_and_gradients_reach_the_carry():
     first, second = MoE(c, 0), MoE(c, 1)
     for moe in (first, second):
         randomised(moe.gate, seed=3)
-    second.gate.skip_bias.fill_(0.2)  # most tokens skip in the second layer
+    second.gate.balancing_biases[-1] = 0.2  # most tokens skip in the second layer
     x = torch.randn(2, 10, D, requires_grad=True)
     carry: dict = {}
     y0, _ = first(x, carry=carry)
@@ -114,3 +114,11 @@ def test_bad_router_settings_are_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
         validate(load_config("tiny", overrides))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bias_update_moves_the_experts_entries_only_and_buffers_stay_fp32():
+    router = MLPRouter(cfg(bias_update_rate=0.1), 1).bfloat16()
+    assert router.balancing_biases.dtype == torch.float32 and router.expert_bias.dtype == torch.float32
+    router.update_bias(torch.tensor([5.0, 0.0, 1.0, 3.0]))
+    assert torch.equal(router.balancing_biases, torch.tensor([-0.1, 0.1, 0.1, -0.1, -1.0]))
+    assert set(router.state_dict()) >= {"balancing_biases"} and "expert_bias" not in router.state_dict()

@@ -10,8 +10,8 @@ A token that chooses the skip class gets gate 0 at expert 0 (transformers comput
 output is exact) and counts towards no expert's load. The state is per token and the router runs where
 its tokens live (replicated under expert parallelism, before the all-to-all), so the carry never leaves
 its token's rank; under sequence parallelism it is per local token too. transformers' ``balancing_biases``
-[E+1] are ``expert_bias`` (the experts', updated by the trainer like the linear router's) and
-``skip_bias`` (kept as loaded; its update rule is not published).
+[E+1] is a buffer here too: its first E entries are ``expert_bias`` (updated by the trainer like the linear
+router's); the skip class's last entry is kept as initialised or loaded (its update rule is not published).
 
 moesaic name (under ffn.gate.)   transformers name (under mlp.gate.)   shape
 down_proj.weight / .bias         down_proj.weight / .bias              [R, D] / [R]
@@ -19,7 +19,7 @@ router_states_scale              router_states_scale                   [R] (laye
 norm.weight                      router_mlp.norm.weight                [R]
 fc1 / fc2 .weight / .bias        router_mlp.fc1 / fc2 .weight / .bias  [R, R] / [R]
 out_proj.weight                  router_mlp.out_proj.weight            [E+1, R]
-expert_bias ; skip_bias          balancing_biases[:E] ; [E:]           [E] ; [1] (fp32 buffers)
+balancing_biases                 balancing_biases                      [E+1] (fp32 buffer)
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ STATE_KEY = "moe.router_state"
 
 
 class MLPRouter(Router):
-    fp32_buffers = (*_FP32_BUFFERS, "skip_bias")
+    fp32_buffers = tuple(name for name in _FP32_BUFFERS if name != "expert_bias") + ("balancing_biases",)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)
         del self.weight  # the MLP replaces the linear scorer
+        del self.expert_bias  # a view of balancing_biases (the property below)
         D, R, E = cfg.hidden_size, cfg.moe.router_hidden_size, cfg.moe.num_experts
         self.down_proj = nn.Linear(D, R)
         # Decoder layers only (MTP blocks run on shifted tokens); the first MoE layer has no state to receive.
@@ -55,7 +56,17 @@ class MLPRouter(Router):
         self.fc1, self.fc2 = nn.Linear(R, R), nn.Linear(R, R)
         self.out_proj = nn.Linear(R, E + 1, bias=False)
         # transformers starts the skip class's bias at -1: the skip is rarely chosen until trained otherwise.
-        self.register_buffer("skip_bias", torch.full((1,), -1.0), persistent=True)
+        self.register_buffer("balancing_biases", torch.cat([torch.zeros(E), torch.full((1,), -1.0)]),
+                             persistent=True)
+
+    @property
+    def expert_bias(self) -> torch.Tensor:
+        """The experts' selection bias [E] (the linear router's buffer; here a view of balancing_biases)."""
+        return self.balancing_biases[:self.num_experts]
+
+    @expert_bias.setter
+    def expert_bias(self, value: torch.Tensor) -> None:  # ``update_bias``'s in-place ``+=`` assigns it back
+        self.balancing_biases[:self.num_experts] = value
 
     def probabilities(self, x: torch.Tensor, carry: Optional[dict]) -> torch.Tensor:
         """fp32 softmax [B,S,E+1] over the experts and the skip class; updates ``carry`` with this layer's state."""
@@ -72,7 +83,7 @@ class MLPRouter(Router):
         batch, seq, _ = x.shape
         E = self.num_experts
         probs = self.probabilities(x, carry).view(batch * seq, E + 1)  # [T, E+1]
-        biased = probs.detach() + torch.cat([self.expert_bias, self.skip_bias])
+        biased = probs.detach() + self.balancing_biases
         chosen = biased.sort(dim=-1, descending=True, stable=True).indices[:, :self.top_k]  # [T, k]
         gates = probs.gather(-1, chosen)
         if self.norm_topk_prob:
