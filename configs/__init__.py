@@ -199,6 +199,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"(it is {e.swiglu_limit}; the clamp is SwiGLU's)")
     _require(m.ple_dim >= 0, f"model.ple_dim={m.ple_dim} must be >= 0 (0 disables per-layer embeddings)")
     _require(m.ple_vocab_size >= 0, f"model.ple_vocab_size={m.ple_vocab_size} must be >= 0 (0 = model.vocab_size)")
+    _require(m.hc_mult == 1 or not (m.residual_scale or m.fp32_residual),
+             f"model.hc_mult={m.hc_mult}: model.residual_scale and model.fp32_residual need a plain residual (1)")
     _require(m.final_logit_softcap >= 0, f"model.final_logit_softcap={m.final_logit_softcap} must be >= 0 (0 disables)")
     used = check_attention(m, d.seq_len)
     _require(m.attention.backend != "cpu" or (t.dtype == "fp32" and t.device != "cuda"),

@@ -76,6 +76,9 @@ class ModelConfig:
     ple_dim: int = 0  # per-layer embedding width P (Gemma hidden_size_per_layer_input); 0 = no PLE
     ple_vocab_size: int = 0  # rows of the PLE table; 0 = vocab_size
     final_logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) (Gemma 4: 30); 0 = off
+    # ZAYA1 options (MOSAIC_SPEC §3.4), off by default; both need hc_mult 1.
+    residual_scale: bool = False  # learned [D] scales and biases on the embedding and on both terms of every residual add
+    fp32_residual: bool = False  # keep the residual stream in fp32 whatever the weights' dtype
     hc_mult: int = 1  # mHC residual streams; 1 is a plain residual
     hc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp iterations making the mHC comb doubly stochastic
     hc_eps: float = 1e-6  # mHC floor on pre gates and Sinkhorn denominators

@@ -91,8 +91,9 @@ def families() -> list[Family]:
     from .deepseek_v4 import DeepSeekV4
     from .gemma4 import Gemma4
     from .qwen3_moe import Qwen3Moe
+    from .zaya import Zaya
 
-    return [Gemma4(), Qwen3Moe(), DeepSeekV4()]
+    return [Zaya(), Gemma4(), Qwen3Moe(), DeepSeekV4()]
 
 
 def family_for_hf(hf: dict[str, Any], source: str) -> Family:
