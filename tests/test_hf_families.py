@@ -348,7 +348,8 @@ def test_gemma_export_names_what_transformers_cannot_express() -> None:
 @pytest.mark.parametrize("preset, family", [("gemma4_tiny", "Gemma4ForCausalLM"), ("gemma4_e2b", "Gemma4ForCausalLM"),
                                             ("gemma4_26b_a4b", "Gemma4ForCausalLM"),
                                             ("qwen3_moe_tiny", "Qwen3MoeForCausalLM"),
-                                            ("qwen3_30b_a3b", "Qwen3MoeForCausalLM")])
+                                            ("qwen3_30b_a3b", "Qwen3MoeForCausalLM"),
+                                            ("zaya1_tiny", "ZayaForCausalLM"), ("zaya1_8b", "ZayaForCausalLM")])
 def test_bundled_presets_are_their_family_and_round_trip_through_config_json(preset: str, family: str) -> None:
     from moesaic.configs import load_config
     from moesaic.model.interop import check_same_architecture
