@@ -77,7 +77,7 @@ class ModelConfig:
     ple_vocab_size: int = 0  # rows of the PLE table; 0 = vocab_size
     final_logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) (Gemma 4: 30); 0 = off
     # ZAYA1 options (MOSAIC_SPEC §3.4), off by default; both need hc_mult 1.
-    residual_scale: bool = False  # learned [D] scales and biases on the embedding and on both terms of every residual add
+    residual_scale: bool = False  # learned [D] scales and biases on the embedding and both terms of each residual add
     fp32_residual: bool = False  # keep the residual stream in fp32 whatever the weights' dtype
     hc_mult: int = 1  # mHC residual streams; 1 is a plain residual
     hc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp iterations making the mHC comb doubly stochastic
@@ -85,7 +85,7 @@ class ModelConfig:
     mtp_layers: int = 0  # multi-token-prediction blocks after the last layer (attention + MoE, like V4's)
     mtp_layer_type: str = "swa"  # menu entry of the MTP blocks' attention (V4: sliding window)
     mtp_loss_coef: float = 0.3  # total weight of the MTP losses, averaged over the MTP depths
-    init_from: Optional[str] = None  # transformers checkpoint (DeepSeek-V4, Qwen3-MoE, Gemma 4) to start from
+    init_from: Optional[str] = None  # transformers checkpoint (DeepSeek-V4, Qwen3-MoE, Gemma 4, ZAYA1) to start from
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 

@@ -1,6 +1,6 @@
 """Model families moesaic converts to and from transformers, and how one is chosen.
 
-A family is one transformers architecture (DeepSeek-V4, Qwen3-MoE, Gemma 4 text) answering four
+A family is one transformers architecture (DeepSeek-V4, Qwen3-MoE, Gemma 4 text, ZAYA1) answering four
 questions: which ModelConfig a config.json describes (``from_hf``), which config.json a ModelConfig
 exports to (``to_hf``, refusing with a ConfigError naming the field it cannot express), and where
 each tensor lives in a checkpoint (``names``, a ``tensor_map.NamePlan``). On import the family is
