@@ -221,6 +221,26 @@ def test_init_from_fills_a_built_model_and_names_a_disagreeing_field(tmp_path: P
             load_hf_into(Transformer(other), tmp_path / "hf")
 
 
+def test_zaya_init_from_fills_a_model_that_resets_at_documents(tmp_path: Path) -> None:
+    """A ZAYA1 checkpoint fills a model whose cca entries restart at document starts (doc_reset is not part of the
+    architecture); on one document it reproduces transformers' logits, and a different conv_kernel is refused."""
+    case = CASES["zaya: hybrid + sliding, router state, skip expert"]
+    hf = hf_model(case)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = moesaic_cfg(case)
+    for entry in cfg.attention.menu.values():
+        entry.update(doc_reset=True)
+    target = Transformer(cfg).eval()
+    load_hf_into(target, tmp_path / "hf")
+    target.doc_end_token = 0  # ids() draws from 3..VOCAB: one document
+    with torch.no_grad():
+        assert_same_logits(case, target(ids()).logits, hf(ids()).logits, "zaya init_from")
+    other = moesaic_cfg(case)
+    other.attention.menu["cca"].update(conv_kernel=3)
+    with pytest.raises(ConfigError, match="model.attention.menu.cca.conv_kernel=3"):
+        load_hf_into(Transformer(other), tmp_path / "hf")
+
+
 def edited(src: Path, dst: Path, text_config: bool = False, **changes: Any) -> Path:
     """A copy of a checkpoint with config.json keys changed (None: removed)."""
     shutil.copytree(src, dst)

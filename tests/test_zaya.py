@@ -51,3 +51,19 @@ def test_zaya1_tiny_trains_with_its_panels(tmp_path: Path) -> None:
     state = (6 * 32 * 2 + 2 * 32 // 2) * 4  # two raw [q ; k] rows and one delayed value row, fp32
     assert logged["kv_layers/L00/4k/bytes_per_token"] == 2 * 2 * 32 * 4 + state / 4096
     assert logged["kv_layers/L01/4k/bytes_per_token"] == (32 * 2 * 2 * 32 * 4 + state) / 4096
+
+
+def test_mtp_block_with_cca_reads_its_own_documents():
+    """An MTP block of depth d runs on tokens d.. of the sequence: its cca layer reads the document ends from there
+    (their length matches its tokens') and trains."""
+    cfg = load_config("zaya1_tiny", ["model.hidden_size=64", "model.vocab_size=256", "model.mtp_layers=1",
+                                     "model.mtp_layer_type=cca"]).model
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ids = torch.randint(1, 256, (2, 12))
+    ids[:, 5] = 0
+    model.doc_end_token = 0
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert math.isfinite(out.mtp_loss.item())
+    assert model.mtp[0].attn.temp.grad is not None

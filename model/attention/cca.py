@@ -197,7 +197,8 @@ class CCAAttention(AttentionLayer):
             return cache.halo
         P, rows = self.spec.lookback, max(self.spec.lookback, 1)
         parts = [qk, v_delayed] + ([ends[..., None].to(qk.dtype)] if ends is not None else [])
-        prev = ctx.sequence.preceding(torch.cat(parts, dim=-1), rows)  # [B, <=rows, C + Cv (+1)]
+        tails = torch.cat([p[:, -rows:] for p in parts], dim=-1)  # [B, <=rows, C + Cv (+1)]: all a next shard reads
+        prev = ctx.sequence.preceding(tails, rows)  # [B, <=rows, C + Cv (+1)]
         prev = F.pad(prev, (0, 0, rows - prev.shape[1], 0))  # [B, rows, ...]: zeros before the sequence
         C = qk.shape[-1]
         doc_pos = torch.full(qk.shape[:1], rows, dtype=torch.long, device=qk.device)
