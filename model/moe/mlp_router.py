@@ -3,7 +3,7 @@ and a skip expert.
 
     r      = down_proj(x) (+ previous layer's r * router_states_scale)     # [B,S,R]; r goes on to the next layer
     probs  = softmax(out_proj(gelu(fc2(gelu(fc1(norm(r)))))))              # [B,S,E+1], the last class "skip"
-    chosen = top-k of probs + [expert_bias ; skip_bias]                     # selection only, as the linear router
+    chosen = top-k of probs + balancing_biases [E+1]                        # selection only, as the linear router
     gates  = probs at the chosen classes (not renormalised unless norm_topk_prob), x routed_scaling_factor
 
 A token that chooses the skip class gets gate 0 at expert 0 (transformers computes it there too, so the
