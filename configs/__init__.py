@@ -17,6 +17,7 @@ from .schema import (
     FFN_ACTIVATIONS,
     FFN_TYPES,
     MOE_FFN_TYPES,
+    ROUTERS,
     SCORE_FUNCS,
     AttentionConfig,
     CheckpointConfig,
@@ -198,6 +199,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"(it is {e.swiglu_limit}; the clamp is SwiGLU's)")
     _require(m.ple_dim >= 0, f"model.ple_dim={m.ple_dim} must be >= 0 (0 disables per-layer embeddings)")
     _require(m.ple_vocab_size >= 0, f"model.ple_vocab_size={m.ple_vocab_size} must be >= 0 (0 = model.vocab_size)")
+    _require(m.hc_mult == 1 or not (m.residual_scale or m.fp32_residual),
+             f"model.hc_mult={m.hc_mult}: model.residual_scale and model.fp32_residual need a plain residual (1)")
     _require(m.final_logit_softcap >= 0, f"model.final_logit_softcap={m.final_logit_softcap} must be >= 0 (0 disables)")
     used = check_attention(m, d.seq_len)
     _require(m.attention.backend != "cpu" or (t.dtype == "fp32" and t.device != "cuda"),
@@ -207,6 +210,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(e.top_k <= e.num_experts,
              f"model.moe.top_k={e.top_k} must be <= model.moe.num_experts={e.num_experts}")
     _check_choice("model.moe.score_func", e.score_func, SCORE_FUNCS)
+    _check_choice("model.moe.router", e.router, ROUTERS)
+    if e.router == "mlp":
+        _require(e.router_hidden_size > 0, f"model.moe.router_hidden_size={e.router_hidden_size} must be > 0")
+        _require(e.score_func == "softmax", f"model.moe.score_func='{e.score_func}': model.moe.router='mlp' scores "
+                                            f"with a softmax over the experts and the skip expert; set softmax")
+        _require(e.num_hash_layers == 0 and not e.router_input_norm and not e.per_expert_scale,
+                 "model.moe.router='mlp' takes no num_hash_layers, router_input_norm or per_expert_scale")
     _require(e.num_shared_experts >= 0, f"model.moe.num_shared_experts={e.num_shared_experts} must be >= 0")
     _require(e.shared_intermediate_size >= 0,
              f"model.moe.shared_intermediate_size={e.shared_intermediate_size} must be >= 0 (0 = num_shared_experts "

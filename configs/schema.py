@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 FFN_TYPES = ("moe", "dense", "dense+moe")  # dense+moe: Gemma 4's dense MLP and MoE side by side (model/dense_moe.py)
 MOE_FFN_TYPES = ("moe", "dense+moe")  # the FFN types holding a MoE
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+ROUTERS = ("linear", "mlp")
 FFN_ACTIVATIONS = ("silu", "gelu_tanh")  # act of act(gate) * up: SwiGLU, or GeGLU with gelu(approximate="tanh")
 
 
@@ -50,6 +51,8 @@ class MoEConfig:
     per_expert_scale: bool = False  # Gemma 4: the selected gates times a learned [E] scale (from 1), after renorm
     router_logit_softcap: float = 0.0  # Laguna: logits -> c * tanh(logits / c) before the score function; 0 = off
     shared_intermediate_size: int = 0  # shared-expert width; 0 = num_shared_experts x intermediate_size
+    router: str = "linear"  # ROUTERS: linear scores, or ZAYA1's MLP router (layer-to-layer state, a skip expert)
+    router_hidden_size: int = 256  # the MLP router's width R
 
 
 @dataclass
@@ -75,13 +78,16 @@ class ModelConfig:
     ple_dim: int = 0  # per-layer embedding width P (Gemma hidden_size_per_layer_input); 0 = no PLE
     ple_vocab_size: int = 0  # rows of the PLE table; 0 = vocab_size
     final_logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) (Gemma 4: 30); 0 = off
+    # ZAYA1 options (MOSAIC_SPEC §3.4), off by default; both need hc_mult 1.
+    residual_scale: bool = False  # learned [D] scales and biases on the embedding and both terms of each residual add
+    fp32_residual: bool = False  # keep the residual stream in fp32 whatever the weights' dtype
     hc_mult: int = 1  # mHC residual streams; 1 is a plain residual
     hc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp iterations making the mHC comb doubly stochastic
     hc_eps: float = 1e-6  # mHC floor on pre gates and Sinkhorn denominators
     mtp_layers: int = 0  # multi-token-prediction blocks after the last layer (attention + MoE, like V4's)
     mtp_layer_type: str = "swa"  # menu entry of the MTP blocks' attention (V4: sliding window)
     mtp_loss_coef: float = 0.3  # total weight of the MTP losses, averaged over the MTP depths
-    init_from: Optional[str] = None  # transformers checkpoint (DeepSeek-V4, Qwen3-MoE, Gemma 4, Laguna)
+    init_from: Optional[str] = None  # transformers checkpoint (DeepSeek-V4, Qwen3-MoE, Gemma 4, Laguna, ZAYA1)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 

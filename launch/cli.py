@@ -15,8 +15,9 @@
                                              per-layer KV-cache bytes at a context length
     moesaic report RUN_DIR [--out DIR]       PNG plots of a run's metrics.jsonl (loss, MoE load, KV)
     moesaic convert SRC DST [--shard-gib G]  transformers checkpoint <-> moesaic native checkpoint; families
-                                             DeepSeek-V4, Qwen3-MoE, Gemma 4, Laguna (direction from SRC: config.json
-                                             or config.yaml; family from model_type, or inferred from the model)
+                                             DeepSeek-V4, Qwen3-MoE, Gemma 4, Laguna, ZAYA1 (direction from SRC:
+                                             config.json or config.yaml; family from model_type, or inferred
+                                             from the model)
 
 CONFIG is a YAML path or the name of a bundled config (``tiny``, ``small_gpu``). Overrides use
 omegaconf dot-lists, e.g. ``train.steps=50 model.moe.top_k=2``. Problems with the config, the data

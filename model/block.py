@@ -12,6 +12,10 @@ Gemma 4's block options (MOSAIC_SPEC §1.6), each off by default:
 * per-layer embeddings (``model.ple_dim``, ``ple.py``): ``h + ple(h, ple_i)`` after the FFN residual add;
 * ``model.layer_scalar``: the whole output stream times the frozen buffer ``layer_scalar`` [1], last.
 
+ZAYA1's (MOSAIC_SPEC §3.4): ``model.residual_scale`` replaces both residual adds with ``residual.py``'s scaled
+add (``post_attention_residual_scale``, ``post_mlp_residual_scale``); with ``model.fp32_residual`` the stream
+stays fp32 and each sublayer reads a copy in its weights' dtype.
+
 moesaic name (under layers.{i}.)   transformers Gemma 4 name (under model.layers.{i}.)   shape
 attn_norm.weight                   input_layernorm.weight                                [D]
 post_attn_norm.weight              post_attention_layernorm.weight                       [D]
@@ -36,6 +40,7 @@ from .attention import AttentionSpec, ForwardContext
 from .ffn import SwiGLU
 from .norm import RMSNorm
 from .ple import PerLayerInput
+from .residual import ResidualScale
 
 
 class Block(nn.Module):
@@ -60,6 +65,9 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(dim, cfg.dense_width(layer_idx), cfg.moe.swiglu_limit, cfg.ffn_activation)
         self.post_attn_norm = RMSNorm(dim, eps) if cfg.sandwich_norm else None
+        self.post_attention_residual_scale = ResidualScale(dim) if cfg.residual_scale else None
+        self.post_mlp_residual_scale = ResidualScale(dim) if cfg.residual_scale else None
+        self.fp32_residual = cfg.fp32_residual
         self.post_ffn_norm = RMSNorm(dim, eps) if cfg.sandwich_norm else None
         is_mtp = layer_idx >= cfg.num_layers
         self.ple = PerLayerInput(dim, cfg.ple_dim, eps, cfg.ffn_activation) if cfg.ple_dim and not is_mtp else None
@@ -73,14 +81,14 @@ class Block(nn.Module):
                 self.hc, dim, cfg.init_std)
 
     def attn_sublayer(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        h, aux_loss = self.attn(self.attn_norm(x), ctx)
+        h, aux_loss = self.attn(self.attn_norm(x.to(self.attn_norm.weight.dtype)), ctx)
         return (h if self.post_attn_norm is None else self.post_attn_norm(h)), aux_loss
 
     def ffn_sublayer(self, x: torch.Tensor, input_ids: torch.Tensor,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.ffn_norm(x)
+        h = self.ffn_norm(x.to(self.ffn_norm.weight.dtype))
         if self.ffn_type == "moe":
-            h, aux_loss = self.ffn(h, input_ids, ctx.sequence)
+            h, aux_loss = self.ffn(h, input_ids, ctx.sequence, carry=ctx.shared)
         elif self.ffn_type == "dense+moe":
             h, aux_loss = self.ffn(h, x, input_ids, ctx.sequence)  # Gemma routes from the un-normed x
         else:
@@ -95,9 +103,10 @@ class Block(nn.Module):
             x, aux_loss = self._forward_mhc(x, input_ids, ctx)
         else:
             h, attn_aux = self.attn_sublayer(x, ctx)
-            x = x + h
+            x = x + h if self.post_attention_residual_scale is None else self.post_attention_residual_scale(h, x)
             h, ffn_aux = self.ffn_sublayer(x, input_ids, ctx)
-            x, aux_loss = x + h, attn_aux + ffn_aux
+            x = x + h if self.post_mlp_residual_scale is None else self.post_mlp_residual_scale(h, x)
+            aux_loss = attn_aux + ffn_aux
         if self.ple is not None:
             x = self.ple(x, ple.unsqueeze(2) if self.hc.n > 1 else ple)  # [B,S,1,P]: the same for every stream
         if self.layer_scalar is not None:

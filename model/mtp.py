@@ -15,6 +15,7 @@ model's, passed in rather than registered, so they are neither duplicated nor sa
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -49,6 +50,8 @@ class MTPBlock(Block):
         ``embed``: the main model's token embedding (``Transformer.embed_tokens``, scaled with embed_scale)."""
         e = self.e_proj(self.enorm(embed(next_ids)))  # [B,S,D]
         x = self.h_proj(self.hnorm(h)) + (e.unsqueeze(2) if self.hc.n > 1 else e)
+        if ctx.doc_ends is not None:  # this depth's tokens are next_ids: the main sequence's ends from position d on
+            ctx = dataclasses.replace(ctx, doc_ends=ctx.doc_ends[:, -next_ids.shape[1]:])
         x, aux_loss = self(x, next_ids, ctx)
         out = mhc.head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.hc) \
             if self.hc.n > 1 else x

@@ -9,6 +9,10 @@ the token embedding by sqrt(D) (a tied head keeps the unscaled weight), ``ple_di
 embeddings (``ple.py``, computed once here, a slice per layer), and ``final_logit_softcap`` caps the
 logits, in the plain head, the fused loss (``loss.py``) and the MTP heads alike.
 
+ZAYA1's (MOSAIC_SPEC §3.4): ``residual_scale`` adds the embedding's ``input_hidden_states_scale`` and ``_bias``
+[D] (transformers' names), (embed + bias) * scale, and the blocks' scaled residual adds (block.py);
+``fp32_residual`` keeps the stream in fp32 up to the final norm.
+
 moesaic name          transformers Gemma 4 name (Gemma4ForCausalLM)   shape
 embed.weight          model.embed_tokens.weight                       [V, D]
 norm.weight           model.norm.weight                               [D]
@@ -52,9 +56,15 @@ class Transformer(nn.Module):
         # The positions a forward holds (moesaic.model.sequence): the whole sequence, or a shard of it once
         # parallel.sp applies sequence parallelism; every forward hands it to the layers in its context.
         self.sequence: WholeSequence = WHOLE
+        # The token that ends each packed document (the tokenizer's EOS; set by the trainer, None: unknown). Layers
+        # that mix neighbouring tokens (cca) restart at the token after it instead of reading the previous document.
+        self.doc_end_token: Optional[int] = None
         specs = layer_specs(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.ple = PerLayerEmbedding(cfg) if cfg.ple_dim else None
+        if cfg.residual_scale:  # ZAYA: the embedding's scale and bias (residual.py)
+            self.input_hidden_states_scale = nn.Parameter(torch.ones(cfg.hidden_size))
+            self.input_hidden_states_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg, i, specs[i]) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -80,9 +90,14 @@ class Transformer(nn.Module):
                 caches: Optional[Sequence[object]] = None, stats: Optional[StatsSink] = None) -> ModelOutput:
         """input_ids [B,S] -> logits [B,S,V]; with ``caches`` the tokens continue the cached sequence;
         with ``stats`` every attention layer adds its statistics of this forward to the sink."""
-        ctx = ForwardContext(sequence=self.sequence, caches=caches, stats=stats)
+        doc_ends = None if self.doc_end_token is None else input_ids == self.doc_end_token  # [B,S]
+        ctx = ForwardContext(sequence=self.sequence, caches=caches, stats=stats, doc_ends=doc_ends)
         x = self.embed_tokens(input_ids)
         ple = self.ple(input_ids, x) if self.ple is not None else None  # [B,S,L,P]
+        if self.cfg.residual_scale:
+            x = (x + self.input_hidden_states_bias) * self.input_hidden_states_scale
+        if self.cfg.fp32_residual:
+            x = x.float()
         if self.hc.n > 1:
             x = x.unsqueeze(2).expand(-1, -1, self.hc.n, -1)  # [B,S,n,D]: every stream starts as the embedding
         aux_loss = x.new_zeros((), dtype=torch.float32)
@@ -91,7 +106,7 @@ class Transformer(nn.Module):
             aux_loss = aux_loss + layer_aux
         h = mhc.head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.hc) \
             if self.hc.n > 1 else x
-        h = self.norm(h)
+        h = self.norm(h.to(self.norm.weight.dtype))
         cap = self.cfg.final_logit_softcap
         if labels is None:
             return ModelOutput(logits=softcap(self.head(h), cap), loss=None, lm_loss=None, aux_loss=aux_loss)

@@ -22,6 +22,7 @@ SMALL: dict[str, dict] = {
     "hca": dict(_COMPRESSED, ratio=8),
     "gqa": dict(num_heads=4, num_kv_heads=2, head_dim=16, rope_fraction=0.5, query_chunk=6, gate="head",
                 yarn_factor=4.0, yarn_original_max_position=16),  # Laguna's gate and YaRN
+    "cca": dict(num_heads=4, num_kv_heads=2, head_dim=16, query_chunk=6),
 }
 KINDS = list(registered())
 HF_KINDS = [kind for kind, cls in registered().items() if cls.hf_layer_type is not None]

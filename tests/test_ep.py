@@ -79,6 +79,17 @@ LAGUNA = ["model.num_layers=4", "model.layer_types=[lg_global,lg_sliding,lg_slid
 @pytest.mark.multiproc
 def test_ep2_with_laguna_layers_and_router_matches_single_process() -> None:
     run_workers(ep_matches_one_process, world=2, timeout=600, overrides=OVERRIDES + LAGUNA, runs=[(2, 1)]).assert_ok()
+# ZAYA1's FFN (MLP router carrying its state from layer 0 to layer 1, skip expert, top-1, no shared expert) beside
+# a cca layer: the router and its state stay on the tokens' rank, only the experts' inputs travel.
+ZAYA = ["model.layer_types=[cca,swa]", "model.attention.menu.cca={kind: cca, num_kv_heads: 1, window: 0}",
+        "model.ffn_types=[moe,moe]", "model.moe.router=mlp", "model.moe.router_hidden_size=16",
+        "model.moe.score_func=softmax", "model.moe.top_k=1", "model.moe.norm_topk_prob=false",
+        "model.moe.routed_scaling_factor=1.0", "model.moe.num_shared_experts=0"]
+
+
+@pytest.mark.multiproc
+def test_ep2_with_zaya_router_and_cca_matches_single_process() -> None:
+    run_workers(ep_matches_one_process, world=2, timeout=600, overrides=OVERRIDES + ZAYA, runs=[(2, 1)]).assert_ok()
 
 
 @pytest.mark.parametrize("overrides, world, message", [

@@ -1,15 +1,18 @@
-"""Parity with transformers' Qwen3MoeForCausalLM and Gemma4ForCausalLM (5.14) through moesaic's conversion.
+"""Parity with transformers' Qwen3MoeForCausalLM, Gemma4ForCausalLM and ZayaForCausalLM (5.14) through moesaic's
+conversion.
 
 Both directions on random tiny configs (fp32, CPU, eager attention): transformers -> import -> moesaic
 logits equal transformers', and moesaic -> export -> ``from_pretrained`` (nothing missing or
 unexpected) -> logits equal moesaic's. "Equal" is within ``Case.rtol_eps`` fp32 eps of the largest |logit|
-(max differences printed; observed: Qwen3-MoE <= 6 eps, 7e-7 absolute; Gemma 4 <= 102 eps, 2.1e-5 absolute).
-Qwen3-MoE gets 64 eps, Gemma 4 256: its scale-1 attention over normed q and k (logits up to
+(max differences printed; observed: Qwen3-MoE <= 6 eps, 7e-7 absolute; Gemma 4 <= 102 eps, 2.1e-5 absolute;
+ZAYA1 <= 3 eps, 3.6e-7 absolute).
+Qwen3-MoE and ZAYA1 get 64 eps, Gemma 4 256: its scale-1 attention over normed q and k (logits up to
 head_dim x norm weight^2) and its softcap amplify rounding, so moesaic's fp32 logits alone differ from
 its own fp64 forward by 75-120 eps here; an fp64 cross-check cannot go lower, as transformers keeps
 Gemma's norms, RoPE and softmax in fp32 (it agrees to 6e-6 there). Every weight is random, the
-vectors transformers initialises to 1 or 0 (norms, router scales) and Gemma's ``layer_scalar``
-buffer included (MOSAIC_SPEC §8.3), so no mapping error hides behind an identity value.
+vectors transformers initialises to 1 or 0 (norms, router scales, ZAYA's residual scales and key temperature)
+and the buffers Gemma's ``layer_scalar`` and ZAYA's ``balancing_biases`` included (MOSAIC_SPEC §8.3), so no mapping
+error hides behind an identity value.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ GEMMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_
              vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8, pad_token_id=0, bos_token_id=2,
              eos_token_id=1)
 GEMMA_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24)
+ZAYA = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=1, router_hidden_size=16,
+            max_position_embeddings=256)
 
 
 def qwen(**kwargs: Any) -> Case:
@@ -68,6 +74,10 @@ def qwen(**kwargs: Any) -> Case:
 
 def gemma(**kwargs: Any) -> Case:
     return Case(transformers.Gemma4TextConfig, transformers.Gemma4ForCausalLM, {**GEMMA, **kwargs}, 256)
+
+
+def zaya(**kwargs: Any) -> Case:
+    return Case(transformers.ZayaConfig, transformers.ZayaForCausalLM, {**ZAYA, **kwargs}, 64)
 
 
 CASES = {
@@ -82,6 +92,15 @@ CASES = {
     "gemma4: k/v full layers, 2 shared, untied, no PLE": gemma(
         num_kv_shared_layers=2, hidden_size_per_layer_input=0, tie_word_embeddings=False, **GEMMA_MOE),
     "gemma4: dense, no sharing, softcap": gemma(final_logit_softcapping=10.0),
+    "zaya: hybrid + sliding, router state, skip expert": zaya(layer_types=["hybrid", "hybrid_sliding", "hybrid"],
+                                                              sliding_window=4),
+    "zaya: 3+3 conv taps, one KV head, untied": zaya(cca_time0=3, cca_time1=3, num_key_value_heads=1,
+                                                     tie_word_embeddings=False),
+    "zaya: all sliding, 8 heads, own RoPE": zaya(
+        num_attention_heads=8, head_dim=8, layer_types=["hybrid_sliding"] * 3, sliding_window=5,
+        rope_parameters={"hybrid": {"rope_type": "default", "rope_theta": 1e5, "partial_rotary_factor": 0.5},
+                         "hybrid_sliding": {"rope_type": "default", "rope_theta": 500.0,
+                                            "partial_rotary_factor": 1.0}}),
 }
 
 
@@ -113,6 +132,9 @@ def hf_model(case: Case, seed: int = 5) -> torch.nn.Module:
     torch.manual_seed(0)
     model = case.model(hf_config(case)).float().eval()
     randomise(model, seed)
+    if case.config is transformers.ZayaConfig:  # layer 0 routes every token to the skip expert (gate 0), the
+        with torch.no_grad():  # others none: both paths (the biases are U(0.5, 1.5), probabilities at most 1)
+            model.model.layers[0].mlp.gate.balancing_biases[-1] = 3.0
     return model
 
 
@@ -153,6 +175,10 @@ def check_import(case: Case, name: str, hf: torch.nn.Module, tmp_path: Path) -> 
 
 def check_export(case: Case, name: str, model: Transformer, tmp_path: Path) -> None:
     """``model`` exported (several shards + index) loads in transformers with its logits."""
+    with torch.no_grad():  # transformers 5.14's from_pretrained re-runs ZAYA's in-place init of the skip class's
+        for key, t in model.state_dict(keep_vars=True).items():  # bias after loading: it keeps -1, not the file's
+            if key.endswith("balancing_biases"):
+                t[-1] = -1.0
     save_native(model, tmp_path / "native")
     export_hf(tmp_path / "native", tmp_path / "hf", max_shard_bytes=200_000)
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
@@ -174,7 +200,7 @@ def test_moesaic_weights_load_in_transformers_with_equal_logits(name: str, tmp_p
     check_export(CASES[name], name, moesaic_model(CASES[name]), tmp_path)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("qwen3: norm") or n.startswith("gemma4: k_eq_v")])
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith(("qwen3: norm", "gemma4: k_eq_v", "zaya: hybrid"))])
 def test_greedy_decoding_matches_transformers(name: str, tmp_path: Path) -> None:
     """Prefill + cached decode (moesaic's caches; Gemma's shared layers read their source's) picks transformers'
     greedy tokens."""
@@ -208,6 +234,26 @@ def test_init_from_fills_a_built_model_and_names_a_disagreeing_field(tmp_path: P
         change(other)
         with pytest.raises(ConfigError, match=message):
             load_hf_into(Transformer(other), tmp_path / "hf")
+
+
+def test_zaya_init_from_fills_a_model_that_resets_at_documents(tmp_path: Path) -> None:
+    """A ZAYA1 checkpoint fills a model whose cca entries restart at document starts (doc_reset is not part of the
+    architecture); on one document it reproduces transformers' logits, and a different conv_kernel is refused."""
+    case = CASES["zaya: hybrid + sliding, router state, skip expert"]
+    hf = hf_model(case)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = moesaic_cfg(case)
+    for entry in cfg.attention.menu.values():
+        entry.update(doc_reset=True)
+    target = Transformer(cfg).eval()
+    load_hf_into(target, tmp_path / "hf")
+    target.doc_end_token = 0  # ids() draws from 3..VOCAB: one document
+    with torch.no_grad():
+        assert_same_logits(case, target(ids()).logits, hf(ids()).logits, "zaya init_from")
+    other = moesaic_cfg(case)
+    other.attention.menu["cca"].update(conv_kernel=3)
+    with pytest.raises(ConfigError, match="model.attention.menu.cca.conv_kernel=3"):
+        load_hf_into(Transformer(other), tmp_path / "hf")
 
 
 def edited(src: Path, dst: Path, text_config: bool = False, **changes: Any) -> Path:
@@ -337,7 +383,8 @@ def test_gemma_export_names_what_transformers_cannot_express() -> None:
 @pytest.mark.parametrize("preset, family", [("gemma4_tiny", "Gemma4ForCausalLM"), ("gemma4_e2b", "Gemma4ForCausalLM"),
                                             ("gemma4_26b_a4b", "Gemma4ForCausalLM"),
                                             ("qwen3_moe_tiny", "Qwen3MoeForCausalLM"),
-                                            ("qwen3_30b_a3b", "Qwen3MoeForCausalLM")])
+                                            ("qwen3_30b_a3b", "Qwen3MoeForCausalLM"),
+                                            ("zaya1_tiny", "ZayaForCausalLM"), ("zaya1_8b", "ZayaForCausalLM")])
 def test_bundled_presets_are_their_family_and_round_trip_through_config_json(preset: str, family: str) -> None:
     from moesaic.configs import load_config
     from moesaic.model.interop import check_same_architecture

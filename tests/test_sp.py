@@ -156,8 +156,10 @@ def test_sequence_shard_splits_inputs_and_labels_of_the_same_positions() -> None
 
 # ---- the harness worker ---------------------------------------------------------------------------
 
-def _check_model(checks: Checks, cfg: Config, topology: Topology, tag: str) -> None:
-    """One forward + backward of the sharded model vs the same model on the whole sequences (no DeepSpeed)."""
+def _check_model(checks: Checks, cfg: Config, topology: Topology, tag: str, doc_ends: Sequence[int] = ()) -> None:
+    """One forward + backward of the sharded model vs the same model on the whole sequences (no DeepSpeed).
+
+    ``doc_ends``: positions of every block where a document ends (token 0 there is the models' doc_end_token)."""
     import torch.distributed as dist
 
     from moesaic.parallel.sp import apply_sequence_parallel
@@ -165,10 +167,12 @@ def _check_model(checks: Checks, cfg: Config, topology: Topology, tag: str) -> N
     from moesaic.trainer.engine import build_model
 
     whole = build_model(cfg)
+    whole.doc_end_token = 0 if doc_ends else None
     sharded = copy.deepcopy(whole)
     apply_sequence_parallel(sharded, topology)
     gen = torch.Generator().manual_seed(5)
     blocks = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=gen)
+    blocks[:, list(doc_ends)] = 0
     ref = whole(blocks[:, :-1], labels=blocks[:, 1:])
     ref.loss.backward()
     inputs, labels = sequence_shard(blocks, topology.sp_rank, topology.sp)

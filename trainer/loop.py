@@ -66,6 +66,7 @@ class Trainer:
         self.data = self._prepare_data()
         self.engine, self.scheduler = build_engine(cfg, self.topology)
         self.model: Transformer = self.engine.module
+        self.model.doc_end_token = self.data.tokenizer.eos_id  # blocks pack documents, each ending with EOS
         self.dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
         self.step = 0
         self.rollbacks = 0  # rollbacks so far; each one changes the data order

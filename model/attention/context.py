@@ -23,6 +23,8 @@ class ForwardContext:
     caches: Optional[Sequence[Any]] = None  # per decoder layer decode state (``make_cache``); None in training
     stats: Optional[StatsSink] = None  # collects per-layer attention statistics when given (log steps)
     shared: dict[str, Any] = field(default_factory=dict)  # state a layer hands to a later one (e.g. shared KV)
+    # [B,S] bool, True where a token ends a document (EOS) of the packed sequences; None: documents unknown.
+    doc_ends: Optional[torch.Tensor] = None
 
     def cache(self, layer_idx: int) -> Any:
         """Layer ``layer_idx``'s decode cache, or None (training, or an MTP block)."""

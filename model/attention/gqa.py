@@ -241,6 +241,25 @@ def _visible(query_start: int, queries: int, key_start: int, keys: int, window: 
     return mask & (kpos > qpos - window) if window else mask
 
 
+def visible_kv(k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, cache: Optional[GQACache], window: int,
+               query_start: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The local tokens' k, v [B,S,n_kv,hd] extended by every earlier key the local queries may see: the cached
+    past, or the preceding shards' (window tails, or all of them for a global layer) under SP. Returns keys,
+    values and the absolute position of the first key."""
+    if cache is not None:
+        return cache.extend(k, v)
+    if ctx.sequence.shards == 1:
+        return k, v, query_start
+    kv = torch.stack([k, v], dim=2)  # [B,S,2,n_kv,hd]: one exchange for both
+    if window:
+        kv = torch.cat([ctx.sequence.preceding(kv, window - 1), kv], dim=1)
+        key_start = query_start + k.shape[1] - kv.shape[1]
+    else:  # a global layer needs every earlier key: all shards', up to this one's end
+        kv, key_start = ctx.sequence.gather(kv)[:, :query_start + k.shape[1]], 0
+    k, v = kv.unbind(dim=2)
+    return k, v, key_start
+
+
 class _Chunk(NamedTuple):
     queries: slice  # of the local queries
     keys: slice  # of the keys, the ones these queries can see
@@ -330,19 +349,7 @@ class GQAAttention(AttentionLayer):
         v = self.v_proj(x).unflatten(-1, (self.spec.num_kv_heads, -1)) if self.v_proj is not None else raw
         if self.spec.v_norm:
             v = rms_normalize(v, self.eps)
-        cache = ctx.cache(self.layer_idx)
-        if cache is not None:
-            k, v, key_start = cache.extend(k, v)
-        elif ctx.sequence.shards > 1:
-            kv = torch.stack([k, v], dim=2)  # [B,S,2,n_kv,hd]: one exchange for both
-            if self.spec.window:
-                kv = torch.cat([ctx.sequence.preceding(kv, self.spec.window - 1), kv], dim=1)
-                key_start = query_start + x.shape[1] - kv.shape[1]
-            else:  # a global layer needs every earlier key: all shards', up to this one's end
-                kv, key_start = ctx.sequence.gather(kv)[:, :query_start + x.shape[1]], 0
-            k, v = kv.unbind(dim=2)
-        else:
-            key_start = query_start
+        k, v, key_start = visible_kv(k, v, ctx, ctx.cache(self.layer_idx), self.spec.window, query_start)
         shared = SharedKV(k, v, key_start, query_start)
         ctx.shared[shared_kv_key(self.layer_idx)] = shared
         return shared

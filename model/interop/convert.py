@@ -1,5 +1,5 @@
 """Checkpoint conversion between moesaic's native format and transformers' (DeepSeek-V4, Qwen3-MoE, Gemma 4,
-Laguna).
+Laguna, ZAYA1).
 
 Every path streams: tensors are read one at a time (``safe_open``) and written as their turn
 comes, or copied straight into an existing model's parameters; expected names and shapes come

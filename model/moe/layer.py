@@ -17,6 +17,7 @@ from moesaic.model.sequence import WHOLE, WholeSequence
 
 from .dispatcher import LocalDispatcher
 from .experts import GroupedExperts
+from .mlp_router import MLPRouter
 from .router import Router
 
 
@@ -33,7 +34,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         moe = cfg.moe
-        self.gate = Router(cfg, layer_idx)
+        self.gate = MLPRouter(cfg, layer_idx) if moe.router == "mlp" else Router(cfg, layer_idx)
         self.dispatcher = LocalDispatcher(moe.num_experts)
         self.experts = GroupedExperts(
             moe.num_experts, cfg.hidden_size, moe.intermediate_size, moe.swiglu_limit,
@@ -45,16 +46,18 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
                 sequence: WholeSequence = WHOLE,
-                router_input: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                router_input: Optional[torch.Tensor] = None,
+                carry: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, D] -> (y [B, S, D], aux_loss scalar).
 
         input_ids [B, S] picks the experts of hash-routed layers; learned routing ignores it.
         ``sequence``: the positions x holds (a shard under SP), for the router's sequence aux loss.
         ``router_input`` [B, S, D]: what the router scores instead of x (Gemma 4 routes from the un-normed
         stream while its experts read a normed copy, ``model/dense_moe.py``).
+        ``carry``: the forward's state shared between layers, for routers that hand state on (``mlp_router.py``).
         """
         batch, seq, dim = x.shape
-        route = self.gate(x if router_input is None else router_input, input_ids, sequence)
+        route = self.gate(x if router_input is None else router_input, input_ids, sequence, carry)
         tokens = x.reshape(batch * seq, dim)  # [T, D]
         expert_x, counts, state = self.dispatcher.dispatch(tokens, route.topk_idx)
         y = self.dispatcher.combine(self.experts(expert_x, counts), route.gates, state)  # [T, D]

@@ -112,9 +112,11 @@ class Router(nn.Module):
         self.register_buffer("stat_sums", torch.zeros(2), persistent=False)
         self.track_stats = True  # the metrics panel's switch; off skips the accumulation entirely
 
+    fp32_buffers: tuple[str, ...] = _FP32_BUFFERS
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         """Follow device moves but never dtype casts for the fp32 buffers (model.bfloat16())."""
-        originals = {name: self._buffers[name] for name in _FP32_BUFFERS}
+        originals = {name: self._buffers[name] for name in self.fp32_buffers}
         super()._apply(fn, recurse)
         for name, old in originals.items():
             new = self._buffers[name]
@@ -150,10 +152,11 @@ class Router(nn.Module):
         return biased.sort(dim=-1, descending=True, stable=True).indices[:, : self.top_k]
 
     def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
-                sequence: WholeSequence = WHOLE) -> RouterOutput:
+                sequence: WholeSequence = WHOLE, carry: Optional[dict] = None) -> RouterOutput:
         """Route x [B, S, D] (input_ids [B, S]: hash layers); counts the selections into load_counts while training.
 
         ``sequence``: the positions x holds, a shard of the sequences under SP (the aux loss's statistics).
+        ``carry``: state routers hand from layer to layer (the MLP router's); this router has none.
         """
         batch, seq, _ = x.shape
         scores = self.scores(x).view(batch * seq, self.num_experts)  # [T, E]
@@ -172,17 +175,20 @@ class Router(nn.Module):
         return RouterOutput(topk_idx, gates, aux_loss)
 
     @torch.no_grad()
-    def _count(self, topk_idx: torch.Tensor) -> None:
-        """Accumulate on device (index_add_, not bincount, which syncs on CUDA)."""
+    def _count(self, topk_idx: torch.Tensor, taken: Optional[torch.Tensor] = None) -> None:
+        """Accumulate on device (index_add_, not bincount, which syncs on CUDA); ``taken`` [T, k] (0/1) leaves
+        out selections that reach no expert (the MLP router's skip)."""
         flat = topk_idx.reshape(-1)
-        self.load_counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.load_counts.dtype))
+        ones = torch.ones_like(flat, dtype=self.load_counts.dtype) if taken is None else taken.reshape(-1)
+        self.load_counts.index_add_(0, flat, ones.to(self.load_counts.dtype))
 
     @torch.no_grad()
     def _accumulate_stats(self, scores: torch.Tensor, topk_idx: torch.Tensor, aux_loss: torch.Tensor,
-                          shards: int) -> None:
+                          shards: int, taken: Optional[torch.Tensor] = None) -> None:
         """Add this batch to the metrics window: O(T*E) elementwise work, no host sync."""
         flat = topk_idx.reshape(-1)
-        self.stat_counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.stat_counts.dtype))
+        ones = torch.ones_like(flat, dtype=self.stat_counts.dtype) if taken is None else taken.reshape(-1)
+        self.stat_counts.index_add_(0, flat, ones.to(self.stat_counts.dtype))
         probs = scores / scores.sum(dim=-1, keepdim=True)  # [T, E]
         entropy = torch.special.entr(probs).sum()  # summed over tokens
         # aux_loss is this shard's share of the sequences' loss: x shards gives the whole sequence's weight.
@@ -194,7 +200,8 @@ class Router(nn.Module):
         self.stat_counts.zero_()
         self.stat_sums.zero_()
 
-    def _seq_aux_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor, sequence: WholeSequence) -> torch.Tensor:
+    def _seq_aux_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor, sequence: WholeSequence,
+                      taken: Optional[torch.Tensor] = None) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise balance loss alpha * sum_i f_i P_i, averaged over sequences.
 
         scores [B, S, E], topk_idx [B, S, k]. f_i = E/(k*S) * (tokens of the sequence choosing i)
@@ -207,7 +214,8 @@ class Router(nn.Module):
         batch, seq, _ = scores.shape
         shards = sequence.shards
         chosen = scores.new_zeros(batch, self.num_experts)
-        chosen.scatter_add_(1, topk_idx.reshape(batch, -1), scores.new_ones(batch, seq * self.top_k))
+        ones = scores.new_ones(batch, seq * self.top_k) if taken is None else taken.reshape(batch, -1).to(scores.dtype)
+        chosen.scatter_add_(1, topk_idx.reshape(batch, -1), ones)
         f = sequence.sum(chosen) * (self.num_experts / (self.top_k * seq * shards))  # [B, E]
         p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1) / shards  # [B, E]
         return self.seq_aux_loss_coef * (f * p).sum(dim=-1).mean()
