@@ -229,6 +229,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _require(src.weight > 0 and math.isfinite(src.weight),
                  f"data.sources[{i}].weight={src.weight} must be a finite number > 0")
     _check_choice("train.schedule", t.schedule, ("cosine", "wsd", "constant"))
+    _check_choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "block", "selective"))
     _check_choice("train.dtype", t.dtype, ("fp32", "bf16"))
     _check_choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _require(t.zero_stage in (0, 1, 2),

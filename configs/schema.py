@@ -149,6 +149,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     dtype: str = "fp32"  # fp32 | bf16
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0, 1 or 2 (MoE cannot use 3)
+    # none | block (a block recomputes its forward in the backward) | selective (recompute all but the
+    # matrix products): activation memory for compute, the loss and gradients unchanged (model/checkpointing.py)
+    activation_checkpointing: str = "none"
     seed: int = 1234  # seeds model init, data order and sampling
     eval_every: int = 100  # steps between validation passes (and at the end)
     eval_batches: int = 8  # validation micro-batches per pass
