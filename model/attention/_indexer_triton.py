@@ -43,7 +43,7 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, out_ptr, S, N, H,
 
 
 def indexer_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
-    """``Indexer._scores_t`` by the kernel: q [B, S, H, c], w [B, S, H] fp32, keys_t [B, c, N] fp32 -> [B, S, N] fp32."""
+    """``Indexer._scores_t`` by the kernel: q [B, S, H, c], w [B, S, H], keys_t [B, c, N] -> [B, S, N] fp32."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("model.attention.backend='triton' runs CUDA tensors (CPU ones only under TRITON_INTERPRET=1)")
     B, S, H, c = q.shape
