@@ -42,6 +42,7 @@ _SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.ba
               _aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 _recompute_depth = 0  # a plain global: on CUDA the backward (and so the recompute) runs on autograd's own thread
+_unkept_depth = 0
 
 
 def recomputing() -> bool:
@@ -60,29 +61,43 @@ def _recompute(inner: ContextManager) -> Iterator[None]:
             _recompute_depth -= 1
 
 
+@contextmanager
+def products_not_kept() -> Iterator[None]:
+    """Products inside (also as a decorator) are recomputed by ``selective``, not kept: for large ones no
+    backward needs, such as the indexer's chunked selection scores, whose chunks together are O(S x N x heads)."""
+    global _unkept_depth
+    _unkept_depth += 1
+    try:
+        yield
+    finally:
+        _unkept_depth -= 1
+
+
 class _KeptProducts(TorchDispatchMode):
     """Forward (``replay=False``): keep each product's output, per op in call order. Recompute: return the
-    kept outputs in the same order instead of computing them. The recompute must consume exactly what
-    the forward kept (unless torch stops it early, once the backward has what it needs)."""
+    kept outputs in the same order instead of computing them (an output the forward changed in place
+    afterwards is computed again). The recompute must consume exactly what the forward kept (unless torch
+    stops it early, once the backward has what it needs)."""
 
     def __init__(self, kept: dict[Any, deque], replay: bool) -> None:
         super().__init__()
         self.kept, self.replay = kept, replay
 
     def __torch_dispatch__(self, func: Any, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func not in _SAVED_OPS:
+        if func not in _SAVED_OPS or _unkept_depth:
             return func(*args, **(kwargs or {}))
         if not self.replay:
             out = func(*args, **(kwargs or {}))
-            # torch's own SAC helpers: a detached alias that shares the version counter, checked when handed back
+            # torch's own SAC helpers: a detached alias sharing the version counter, checked when handed back
             self.kept[func].append(tree_map(lambda t: _VersionWrapper(_detach_helper(t)), out))
             return out
         if not self.kept[func]:
             raise RuntimeError(f"selective checkpointing: the recompute ran {func} more often than the forward")
+        kept = self.kept[func].popleft()
         try:
-            return tree_map(lambda w: w.get_val(False), self.kept[func].popleft())
-        except RuntimeError as e:
-            raise RuntimeError(f"selective checkpointing: an output of {func} was changed in place") from e
+            return tree_map(lambda w: w.get_val(False), kept)
+        except RuntimeError:  # changed in place after the forward (e.g. a relu_ on it): compute it again
+            return func(*args, **(kwargs or {}))
 
     def __exit__(self, exc_type: Any, *rest: Any) -> Any:
         result = super().__exit__(exc_type, *rest)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .._cpu_compiled import use_compiled
+from ..checkpointing import products_not_kept
 from ..rope import RotaryEmbedding
 from .compressor import Compressor, CompressorState, rope_tail
 from .entries import add_gathered_grad, gather_entries, per_block
@@ -126,6 +127,7 @@ class Indexer(nn.Module):
         return scores.view(B, S, -1)
 
     @torch.no_grad()
+    @products_not_kept()  # selective checkpointing would otherwise keep every chunk's scores
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k causally visible entries per query (no gradient: the loss rescores the picks).
