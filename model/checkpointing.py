@@ -7,6 +7,9 @@ step holds one block's activations at a time, for about one more forward of comp
 attention products: the expensive ops) are kept from the forward and handed back in order during
 the recompute, so only the elementwise and reduction ops between them (norms, activations, RoPE,
 mHC mixing, softmax pieces) run again: little extra compute, and the memory of the cheap ops saved.
+Products computed inside ``products_not_kept`` are recomputed too: the attention kernel's per-block
+scores (its own backward recomputes them from the log-sum-exp, so keeping them would only cost the
+memory of the attention probabilities) and the indexer's selection scores (no gradient).
 (torch's own selective checkpointing is not used: it numbers every op of the region and requires
 the recompute to repeat the forward op for op, which the skipped side effects below do not.)
 
