@@ -103,11 +103,12 @@ class _GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, g: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
         x, w, ends = ctx.saved_tensors
         g = g.contiguous()  # [N, out]
-        dx = F.grouped_mm(g, w, offs=ends)  # [N, in]
-        dw = F.grouped_mm(g.t(), x, offs=ends)  # [out, N] x [N, in], split along N -> [L, out, in]; 0 if empty
+        dx = F.grouped_mm(g, w, offs=ends) if ctx.needs_input_grad[0] else None  # [N, in]
+        # [out, N] x [N, in], split along N -> [L, out, in]; zero for an expert without rows
+        dw = F.grouped_mm(g.t(), x, offs=ends) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 
