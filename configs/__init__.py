@@ -6,6 +6,7 @@ problem raises ``ConfigError`` whose message is one line naming the field and wh
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -206,6 +207,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(m.attention.backend != "cpu" or (t.dtype == "fp32" and t.device != "cuda"),
              f"model.attention.backend='cpu' runs fp32 CPU tensors only, but train.dtype='{t.dtype}' and "
              f"train.device='{t.device}'; use 'auto'")
+    if m.attention.backend == "triton":
+        _require(importlib.util.find_spec("triton") is not None,
+                 "model.attention.backend='triton' needs the triton package (pip install triton)")
+        for name, spec in used.items():
+            c = getattr(spec, "index_head_dim", 16)
+            _require(c >= 16 and not c & (c - 1), f"model.attention.backend='triton' needs index_head_dim a power of "
+                     f"2 >= 16, but model.attention.menu.{name} has {c}")
 
     _require(e.top_k <= e.num_experts,
              f"model.moe.top_k={e.top_k} must be <= model.moe.num_experts={e.num_experts}")
@@ -244,6 +252,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _require(src.weight > 0 and math.isfinite(src.weight),
                  f"data.sources[{i}].weight={src.weight} must be a finite number > 0")
     _check_choice("train.schedule", t.schedule, ("cosine", "wsd", "constant"))
+    _check_choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "block", "selective"))
     _check_choice("train.dtype", t.dtype, ("fp32", "bf16"))
     _check_choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _require(t.zero_stage in (0, 1, 2),

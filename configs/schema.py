@@ -26,7 +26,9 @@ class AttentionConfig:
     field for every entry whose kind has it, unless the entry sets it itself.
     """
 
-    backend: str = "auto"  # attention kernels: auto (compiled on fp32 CPU, torch ops elsewhere) | torch | cpu
+    # attention kernels: auto (compiled on fp32 CPU, torch ops elsewhere) | torch | cpu | triton (the CSA
+    # indexer's scores as a Triton kernel, torch ops for the rest; CUDA, or CPU under TRITON_INTERPRET=1)
+    backend: str = "auto"
     common: Dict[str, Any] = field(default_factory=dict)
     menu: Dict[str, Any] = field(default_factory=lambda: {"swa": {"kind": "swa"}})
 
@@ -157,6 +159,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     dtype: str = "fp32"  # fp32 | bf16
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0, 1 or 2 (MoE cannot use 3)
+    # none | block (a block recomputes its forward in the backward) | selective (recompute all but the
+    # matrix products): activation memory for compute, the loss and gradients unchanged (model/checkpointing.py)
+    activation_checkpointing: str = "none"
     seed: int = 1234  # seeds model init, data order and sampling
     eval_every: int = 100  # steps between validation passes (and at the end)
     eval_batches: int = 8  # validation micro-batches per pass

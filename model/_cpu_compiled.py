@@ -11,7 +11,7 @@ def applies(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
-BACKENDS = ("auto", "torch", "cpu")  # model.attention.backend
+BACKENDS = ("auto", "torch", "cpu", "triton")  # model.attention.backend
 
 
 def use_compiled(backend: str, *tensors: torch.Tensor) -> bool:

@@ -28,6 +28,7 @@ layer_scalar                       layer_scalar (buffer)                        
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -37,6 +38,7 @@ from moesaic.configs.schema import ModelConfig
 
 from . import mhc
 from .attention import AttentionSpec, ForwardContext
+from .checkpointing import recomputing, run_checkpointed
 from .ffn import SwiGLU
 from .norm import RMSNorm
 from .ple import PerLayerInput
@@ -79,6 +81,7 @@ class Block(nn.Module):
                 self.hc, dim, cfg.init_std)
             self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = mhc.sublayer_parameters(
                 self.hc, dim, cfg.init_std)
+        self.checkpointing = "none"  # activation checkpointing, set from outside (checkpointing.py)
 
     def attn_sublayer(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         h, aux_loss = self.attn(self.attn_norm(x.to(self.attn_norm.weight.dtype)), ctx)
@@ -99,6 +102,14 @@ class Block(nn.Module):
                 ple: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B,S,D] (or mHC streams [B,S,n,D]), input_ids [B,S] (for hash routing), ple [B,S,P] this layer's
         per-layer embedding (blocks with PLE only) -> (x, aux_loss of both sublayers)."""
+        if self.checkpointing != "none" and torch.is_grad_enabled():
+            return run_checkpointed(self._forward, self.checkpointing, x, input_ids, ctx, ple)
+        return self._forward(x, input_ids, ctx, ple)
+
+    def _forward(self, x: torch.Tensor, input_ids: torch.Tensor, ctx: ForwardContext,
+                 ple: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if recomputing():  # the statistics were taken in the forward
+            ctx = replace(ctx, stats=None)
         if self.hc.n > 1:
             x, aux_loss = self._forward_mhc(x, input_ids, ctx)
         else:

@@ -52,13 +52,14 @@ class AllToAllDispatcher:
         sorted_x, counts, local_state = self.local.dispatch(x, topk_idx)  # [T*k, D], counts [E] by global expert
         recv_counts = torch.empty_like(counts)  # [ep * L]: block s = what source s sends to my L experts
         dist.all_to_all_single(recv_counts, counts, group=self.group)
-        # Variable splits need the sizes on the host: one sync per layer, as GroupedExperts already has.
+        # Variable splits need the sizes on the host: the one sync per layer under EP (the local path has none).
         send_splits = counts.view(self.ep, self.num_local).sum(1).tolist()
         recv_matrix = recv_counts.view(self.ep, self.num_local)  # [ep, L]
         recv_splits = recv_matrix.sum(1).tolist()
         received = all_to_all_single_autograd(sorted_x, recv_splits, send_splits, self.group)  # [N, D] source-major
         local_expert = torch.arange(self.num_local, device=x.device).repeat(self.ep)  # [ep * L]
-        regroup = local_expert.repeat_interleave(recv_counts).argsort(stable=True)  # [N]
+        rows = sum(recv_splits)  # N, known on the host already: no second sync for repeat_interleave's size
+        regroup = local_expert.repeat_interleave(recv_counts, output_size=rows).argsort(stable=True)  # [N]
         return received[regroup], recv_matrix.sum(0), AllToAllState(local_state, send_splits, recv_splits, regroup)
 
     def combine(self, expert_out: torch.Tensor, gates: torch.Tensor, state: AllToAllState) -> torch.Tensor:

@@ -40,7 +40,7 @@ def test_bundled_configs_load_and_overrides_apply() -> None:
     (["model.attention.common.index_topks=4"], "unknown config key 'model.attention.common.index_topks'"),
     (["model.attention.backend=cpu", "train.dtype=bf16"], "model.attention.backend='cpu' runs fp32 CPU tensors only"),
     (["model.attention.backend=cuda"],
-     "model.attention.backend='cuda' is not allowed (choose one of: auto, torch, cpu)"),
+     "model.attention.backend='cuda' is not allowed (choose one of: auto, torch, cpu, triton)"),
     (["model.mtp_layers=1", "model.mtp_layer_type=long"], "model.mtp_layer_type uses 'long', which is not an entry"),
     (["train.steps"], "override 'train.steps' must look like key=value"),
 ])

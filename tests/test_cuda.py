@@ -2,7 +2,9 @@
 the attention kernel, the indexer's selection (the torch ops there, the compiled kernel here), a whole
 model's loss and gradients, the decode cache, and bf16 training.
 
-CI has no GPU, so these skip there; on a GPU machine run ``python -m pytest -q tests/test_cuda.py``.
+Also: the grouped-GEMM experts, the MoE layer without host syncs (``torch.cuda.set_sync_debug_mode``), and
+activation checkpointing on the device. CI has no GPU, so these skip there; on a GPU machine run
+``python -m pytest -q tests/test_cuda.py``.
 fp32 comparisons run with TF32 off; tolerances are stated per test (GPU reductions sum in other orders).
 """
 
@@ -147,3 +149,74 @@ def test_bf16_training_on_cuda() -> None:
     assert all(torch.isfinite(torch.tensor(losses)))
     assert abs(losses[0] - loss_fp32) < 0.02 * loss_fp32
     assert losses[-1] < losses[0] - 1.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_experts_on_cuda_match_cpu_with_empty_experts(dtype: torch.dtype) -> None:
+    """grouped_mm on CUDA (bf16: the grouped GEMM kernel; fp32: ATen's fallback) against the fp32 CPU result:
+    outputs and gradients within the dtype's rounding, empty experts' weight gradients exactly 0."""
+    from moesaic.model.moe import GroupedExperts
+
+    experts = GroupedExperts(4, 64, 32, swiglu_limit=1.0, init_std=0.2, seed=3)
+    counts = torch.tensor([37, 0, 91, 0])
+    g = torch.Generator().manual_seed(0)
+    x, cot = torch.randn(128, 64, generator=g), torch.randn(128, 64, generator=g)
+
+    def run(device: torch.device, dt: torch.dtype) -> list[torch.Tensor]:
+        ex = GroupedExperts(4, 64, 32, swiglu_limit=1.0, seed=3).to(device, dt)
+        ex.load_state_dict(experts.state_dict())
+        xd = x.to(device, dt).requires_grad_()
+        y = ex(xd, counts.to(device))
+        return [y, *torch.autograd.grad(y, [xd, ex.w1, ex.w3, ex.w2], cot.to(device, dt))]
+
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for name, want, got in zip(("y", "x", "w1", "w3", "w2"), run(torch.device("cpu"), torch.float32),
+                               run(CUDA, dtype), strict=True):
+        torch.testing.assert_close(got.float().cpu(), want, atol=tol * want.abs().max().item(), rtol=0, msg=name)
+        if name.startswith("w"):
+            assert torch.count_nonzero(got[[1, 3]]) == 0, f"{name}: empty experts"
+
+
+def test_moe_layer_does_not_sync_on_cuda() -> None:
+    """Router, dispatch, bf16 grouped experts and combine, forward and backward, with CUDA's sync check on error."""
+    from moesaic.model.moe import MoE
+
+    moe_cfg = MoEConfig(num_experts=8, top_k=2, intermediate_size=32, bias_update_rate=0.01)
+    cfg = ModelConfig(hidden_size=64, moe=moe_cfg)
+    moe = MoE(cfg, 0).to(CUDA, torch.bfloat16).train()
+    x = torch.randn(2, 64, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    moe(x)[0].sum().backward()  # warm-up: lazy initialisations may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, aux = moe(x)
+        (y.float().square().mean() + aux).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert moe.experts.w1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["block", "selective"])
+def test_activation_checkpointing_on_cuda_keeps_loss_and_gradients(mode: str) -> None:
+    """The recompute on CUDA (autograd's device thread) gives the loss and gradients of no checkpointing, and
+    leaves the routers' load counts as the forward counted them."""
+    from moesaic.model.checkpointing import apply_activation_checkpointing
+
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(1)).to(CUDA)
+
+    def run(checkpointing: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = Transformer(v4_config()).to(CUDA).train()
+        apply_activation_checkpointing(model, checkpointing)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        return (out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                [r.load_counts.clone() for r in model.routers()])
+
+    loss, grads, loads = run("none")
+    loss_c, grads_c, loads_c = run(mode)
+    torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=1e-6)
+    assert grads_c.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_c[name], g, atol=1e-6 * g.abs().max().item(), rtol=0, msg=name)
+    assert all(torch.equal(a, b) for a, b in zip(loads_c, loads, strict=True))

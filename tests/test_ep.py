@@ -48,7 +48,8 @@ def test_dp2_x_ep2_and_ep4_match_single_process() -> None:
 # Gemma 4's FFN: the dense MLP beside the MoE (the MoE sharded), GeGLU, its router, sandwich norms; on the attention
 # mosaic (V4 layers beside GQA layers, two reading an earlier layer's K/V). Its per-token options (embed_scale,
 # PLE, softcap) stay off: the embedding's Adam step then drifts past TOL from summation-order noise alone
-# (observed 1.2e-6 at step 3, every expert parameter within 1e-7).
+# (observed 1.2e-6 at step 3, every expert parameter within 1e-7). The engine also checkpoints activations
+# (selective): the recompute repeats the all-to-all exchanges in the backward; the reference does not checkpoint.
 GEMMA = ["model.ffn_types=[dense,dense+moe,dense+moe,moe,dense+moe,dense+moe]", "model.ffn_activation=gelu_tanh",
          "model.moe.swiglu_limit=0", "model.moe.num_shared_experts=0", "model.moe.score_func=softmax",
          "model.moe.routed_scaling_factor=1.0", "model.moe.router_input_norm=true", "model.moe.per_expert_scale=true",
@@ -57,8 +58,9 @@ MOSAIC_EP = [*menu_overrides(window=8, num_heads=2), *MOSAIC, "data.seq_len=32"]
 
 
 @pytest.mark.multiproc
-def test_ep2_with_gemma_ffn_on_the_attention_mosaic_matches_single_process() -> None:
-    run_workers(ep_matches_one_process, world=2, timeout=600, overrides=OVERRIDES + MOSAIC_EP + GEMMA,
+def test_ep2_with_gemma_ffn_on_the_attention_mosaic_and_checkpointing_matches_single_process() -> None:
+    run_workers(ep_matches_one_process, world=2, timeout=600,
+                overrides=OVERRIDES + MOSAIC_EP + GEMMA + ["train.activation_checkpointing=selective"],
                 runs=[(2, 1)]).assert_ok()
 
 

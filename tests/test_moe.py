@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from moesaic.configs.schema import ModelConfig, MoEConfig
 from moesaic.model.ffn import swiglu
 from moesaic.model.moe import GroupedExperts, LocalDispatcher, MoE, Router
+from moesaic.model.moe.experts import grouped_mm_takes
+
+from host_sync import HostSyncCounter
 
 from numerics import assert_close_scaled, fp64, fp64_copy
 
@@ -328,3 +331,41 @@ def test_laguna_sparse_block_equals_transformers(softcap: float) -> None:
         logits = x.reshape(-1, 16) @ theirs.gate.weight.T
         assert softcap == 0 or logits.abs().max() > 2 * softcap  # the cap changes the scores
         assert_close_scaled(ours(x)[0], theirs(x), 16, "Laguna MoE output")
+@pytest.mark.parametrize("hidden", [8, 6])  # 8: grouped_mm; 6 (24-byte rows): the per-expert fallback
+@pytest.mark.parametrize("counts", [[3, 0, 5, 0], [0, 0, 0, 7], [0, 0, 0, 0]])
+def test_grouped_experts_match_a_per_expert_loop(hidden: int, counts: list[int]) -> None:
+    """Each row through its own expert's weights in fp64, forward and every gradient; empty experts get
+    exactly zero weight gradient."""
+    g = torch.Generator().manual_seed(0)
+    experts = GroupedExperts(4, 16, hidden, swiglu_limit=1.0, init_std=0.5, seed=3)
+    x = torch.randn(sum(counts), 16, generator=g, requires_grad=True)
+    cot = torch.randn(sum(counts), 16, generator=g)
+    assert grouped_mm_takes(x, experts.w1) == (hidden == 8)
+    y = experts(x, torch.tensor(counts))
+    got = torch.autograd.grad((y * cot).sum(), [x, experts.w1, experts.w3, experts.w2], allow_unused=True)
+
+    ref_w = [w.detach().double().requires_grad_() for w in (experts.w1, experts.w3, experts.w2)]
+    ref_x = x.detach().double().requires_grad_()
+    owner = [e for e, n in enumerate(counts) for _ in range(n)]  # expert of each row
+    rows = [naive_expert(ref_x[r], *(w[e] for w in ref_w), 1.0) for r, e in enumerate(owner)]
+    y_ref = torch.stack(rows) if rows else ref_x.new_zeros(0, 16)
+    assert_close_scaled(y, y_ref, 16, "output")
+    if not rows:
+        return
+    want = torch.autograd.grad((y_ref * cot.double()).sum(), [ref_x, *ref_w])
+    for name, a, b in zip(("x", "w1", "w3", "w2"), got, want, strict=True):
+        assert_close_scaled(a, b, 16, name)
+        for e, n in enumerate(counts):
+            if name != "x" and n == 0:
+                assert torch.count_nonzero(a[e]) == 0, f"{name}[{e}] of an empty expert"
+
+
+def test_local_moe_forward_and_backward_do_not_sync_with_the_host() -> None:
+    """Router, dispatch, grouped experts and combine keep every size on the device (a CUDA step would not wait)."""
+    moe = MoE(make_cfg(num_experts=4, top_k=2, intermediate_size=8, bias_update_rate=0.1), 0).train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with HostSyncCounter() as syncs:
+        y, aux = moe(x)
+        (y.square().sum() + aux).backward()
+    assert syncs.calls == []
+    assert moe.experts.w1.grad.abs().sum() > 0

@@ -13,6 +13,7 @@ import importlib
 import os
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -89,16 +90,33 @@ def barrier() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over all ranks (no-op for a single process)."""
+    """In-place sum over all ranks (no-op for a single process); a host tensor goes over ``host_group``."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=host_group() if t.device.type == "cpu" else None)
     return t
+
+
+_host_group: Optional[dist.ProcessGroup] = None
+
+
+def host_group() -> Optional[dist.ProcessGroup]:
+    """The group for host tensors (flags every rank must agree on): the default group under gloo, a gloo
+    group beside NCCL (which reduces device tensors only), so that agreeing on a host value never waits
+    for the GPU's queue. Every rank makes the first call at the same point (it creates the group)."""
+    global _host_group
+    if not dist.is_initialized() or dist.get_backend() == "gloo":
+        return None
+    if _host_group is None:
+        _host_group = dist.new_group(backend="gloo")
+    return _host_group
 
 
 def destroy() -> None:
     """Tear the groups down explicitly, then drop what still references their work: gloo sometimes aborts
     at interpreter exit ("terminate called without an active exception") when its worker threads
     release tensors while Python is finalising (pytorch/pytorch#179291)."""
+    global _host_group
+    _host_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
         gc.collect()

@@ -14,6 +14,7 @@ import torch
 
 from ..configs import Config
 from ..model import Transformer
+from ..model.checkpointing import apply_activation_checkpointing
 from ..model.interop import load_hf_into
 from .rng import seed_everything
 from .schedule import lr_multiplier
@@ -76,6 +77,7 @@ def build_engine(cfg: Config, topology: Topology) -> tuple[DeepSpeedEngine, torc
     import deepspeed
 
     model = build_model(cfg)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.parallel.ep > 1:
         from ..parallel.ep import apply_expert_parallel
 

@@ -71,6 +71,7 @@ class Trainer:
         self.step = 0
         self.rollbacks = 0  # rollbacks so far; each one changes the data order
         self.skipped_steps = 0
+        self.bad_in_row = 0  # consecutive skipped steps (see _check_steps)
         self.sampler = self._make_sampler()
         self.stop_signal: int | None = None
 
@@ -178,13 +179,16 @@ class Trainer:
         self.engine.train()
         sums = torch.zeros(3, device=self.dist.device)
         for batch in self.micro_batches(self.step):
-            inputs, labels = sequence_shard(batch.to(self.dist.device), self.topology.sp_rank, self.topology.sp)
+            if self.dist.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU's queue
+                batch = batch.pin_memory()
+            batch = batch.to(self.dist.device, non_blocking=True)
+            inputs, labels = sequence_shard(batch, self.topology.sp_rank, self.topology.sp)
             out = self.engine(inputs, labels=labels, stats=stats)
             poison = math.nan if self.step in self.cfg.train.inject_nan_at else 1.0
             self.engine.backward(out.loss * poison)
             self.engine.step()
             sums += torch.stack([out.lm_loss.detach().float() * poison, out.aux_loss.detach().float(),
-                                 sums.new_tensor(1 / self.topology.sp)])
+                                 sums.new_full((), 1 / self.topology.sp)])  # a fill, not a host-to-device copy
         update_router_biases(self.model.routers())
         self.step += 1
         return sums
@@ -218,11 +222,34 @@ class Trainer:
         return tok.decode(out[0].tolist())
 
     # ---- faults and signals -------------------------------------------------------------------
-    def _check_step(self, stats: torch.Tensor, skipped: bool, recent: deque[float]) -> str | None:
-        """Classify a finished step: None (healthy), "skipped", "corrupt" (applied non-finite) or "spike"."""
-        # Global mean loss (NaN if any rank's is): every rank reaches the same verdict.
-        total = all_reduce_sum(stats[[0, 2]].cpu())
-        loss = (total[0] / total[1]).item()
+    def _check_steps(self, pending: list[tuple[torch.Tensor, bool]], recent: deque[float],
+                     window: torch.Tensor) -> str | None:
+        """Classify the steps finished since the last check, in order; add the healthy ones' sums to ``window``.
+
+        ``pending``: each step's [lm loss sum, aux loss sum, count] (device) and whether DeepSpeed skipped its
+        update. Their losses reach the host in one transfer here, not one per step: the loop checks only
+        before it logs, evaluates, saves or stops, so nothing faulty is ever saved. Returns the reason to
+        roll back, or None; steps after a faulty one in the same batch are dropped with the rollback.
+        """
+        stacked = torch.stack([stats for stats, _ in pending])  # [P, 3]
+        # Global mean losses (NaN if any rank's is): every rank reaches the same verdicts.
+        totals = all_reduce_sum(stacked[:, [0, 2]]).cpu()  # one device-to-host copy
+        first = self.step - len(pending) + 1
+        for i, ((_, skipped), (loss_sum, count)) in enumerate(zip(pending, totals.tolist())):
+            fault = self._check_step(loss_sum / count, skipped, recent)
+            self.bad_in_row = self.bad_in_row + 1 if fault == "skipped" else 0
+            if fault == "skipped":
+                self.skipped_steps += 1
+                self.log(f"step {first + i}: non-finite loss or gradient, update skipped ({self.bad_in_row} in a row)")
+            if fault in ("corrupt", "spike") or self.bad_in_row >= self.cfg.train.max_bad_steps:
+                return f"{self.bad_in_row} non-finite steps in a row" if fault == "skipped" else fault
+            if fault is None:
+                window += stacked[i]
+        return None
+
+    def _check_step(self, loss: float, skipped: bool, recent: deque[float]) -> str | None:
+        """Classify a finished step by its global mean loss: None (healthy), "skipped", "corrupt" (applied
+        non-finite) or "spike"."""
         if skipped or not math.isfinite(loss):
             # ZeRO-1/2 skip a non-finite update themselves; under ZeRO-0 it was applied.
             return "skipped" if skipped else "corrupt"
@@ -256,7 +283,7 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """Every rank stops at the same step boundary if any rank received a stop signal."""
-        flag = torch.tensor([float(self.stop_signal is not None)])
+        flag = torch.tensor([float(self.stop_signal is not None)])  # on the host: no device sync to read it
         return all_reduce_sum(flag).item() > 0
 
     def fit(self) -> TrainResult:
@@ -303,32 +330,36 @@ class Trainer:
         end = cfg.train.stop_at or cfg.train.steps
         panel = MetricsPanel(self.model, cfg, self.dist.device, self.dist.world_size)
         recent: deque[float] = deque(maxlen=cfg.train.spike_window)
-        bad_in_row = 0
+        pending: list[tuple[torch.Tensor, bool]] = []  # steps not yet checked for faults (see _check_steps)
         while self.step < end:
             log_step = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == end
             skipped_before = self.engine.skipped_steps
             stats = self.train_step(panel.arm() if log_step else None)  # attention statistics of log steps
-            fault = self._check_step(stats, self.engine.skipped_steps > skipped_before, recent)
-            bad_in_row = bad_in_row + 1 if fault == "skipped" else 0
-            if fault == "skipped":
-                self.skipped_steps += 1
-                self.log(f"step {self.step}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
-            if fault in ("corrupt", "spike") or bad_in_row >= cfg.train.max_bad_steps:
-                self._rollback(f"{bad_in_row} non-finite steps in a row" if fault == "skipped" else fault)
+            pending.append((stats, self.engine.skipped_steps > skipped_before))
+            steps_in_window += 1
+            last = self.step == end
+            stop = self._stop_requested()
+            act = [self.step % every == 0 or last for every in (cfg.train.log_every, cfg.train.eval_every,
+                                                                  cfg.checkpoint.every)]
+            if not (any(act) or stop):  # no host sync on the other steps
+                if bar is not None:
+                    bar.update(1)
+                continue
+            reason = self._check_steps(pending, recent, window)
+            pending.clear()
+            if reason is not None:
+                self._rollback(reason)
                 recent.clear()
-                bad_in_row = 0
+                self.bad_in_row = 0
                 window.zero_()
                 steps_in_window, t_window = 0, time.perf_counter()
                 if bar is not None:
                     bar.reset(total=cfg.train.steps)
                     bar.update(self.step)
                 continue
-            if fault is None:
-                window += stats
-            steps_in_window += 1
-            last = self.step == end
             metrics: dict[str, float] = {}
-            if self.step % cfg.train.log_every == 0 or last:
+            log_now, eval_now, save_now = act
+            if log_now:
                 sums = all_reduce_sum(window).cpu()
                 elapsed = time.perf_counter() - t_window
                 metrics.update({
@@ -349,16 +380,16 @@ class Trainer:
                 window.zero_()
                 steps_in_window, t_window = 0, time.perf_counter()
                 metrics.update(panel.collect(self.step, metrics["perf/tokens_per_s"]))  # counted in the next window
-            if self.step % cfg.train.eval_every == 0 or last:
+            if eval_now:
                 val_loss = self.evaluate()
                 metrics["val/loss"] = val_loss
             # Log before checkpointing: once the checkpoint exists a resume starts after this step, so
             # its metrics must already be written (a resume from an older checkpoint drops the rows past it).
             if sinks is not None and metrics:
                 sinks.log(self.step, metrics)
-            if self.step % cfg.checkpoint.every == 0 or last:
+            if save_now:
                 path = self.save()
-            if self._stop_requested():
+            if stop:
                 if path is None or path.name != ckpt_io.tag_for(self.step):
                     path = self.save()
                 self.log(f"received signal {self.stop_signal}: checkpoint {path} written; "

@@ -24,6 +24,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .._cpu_compiled import use_compiled
+from ..checkpointing import products_not_kept
 from ..rope import RotaryEmbedding
 from .compressor import Compressor, CompressorState, rope_tail
 from .entries import add_gathered_grad, gather_entries, per_block
@@ -91,7 +92,7 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(hidden_size, spec.index_heads, bias=False)
         self.compressor = Compressor(hidden_size, spec.index_head_dim, spec.ratio, True, rope, spec.rope_head_dim, eps)
         self.rope = rope
-        self.backend = backend  # model.attention.backend: the compiled CPU selection or the torch ops
+        self.backend = backend  # model.attention.backend: the compiled CPU selection, the torch ops or Triton
 
     def keys(self, x: torch.Tensor, start: int = 0, before: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Index keys [B, S//m, c_I] of x [B, S, D] (input detached: see the module docstring).
@@ -126,6 +127,7 @@ class Indexer(nn.Module):
         return scores.view(B, S, -1)
 
     @torch.no_grad()
+    @products_not_kept()  # selective checkpointing would otherwise keep every chunk's scores
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k causally visible entries per query (no gradient: the loss rescores the picks).
@@ -164,7 +166,12 @@ class Indexer(nn.Module):
                                              visible[lo:hi].repeat(B), k)  # [B*s, k] each
                 top_idx[:, lo:hi], top_scores[:, lo:hi] = picked.view(B, s, k), scores.view(B, s, k)
                 continue
-            score = self._scores_t(q[:, lo:hi], w[:, lo:hi], keys_t[..., :n])  # [B, s, n]
+            if self.backend == "triton":
+                from ._indexer_triton import indexer_scores  # triton is imported only when chosen
+
+                score = indexer_scores(q[:, lo:hi], w[:, lo:hi], keys_t[..., :n])  # [B, s, n]
+            else:
+                score = self._scores_t(q[:, lo:hi], w[:, lo:hi], keys_t[..., :n])  # [B, s, n]
             # Entries below the chunk's smallest limit are visible to all its queries: mask only the rest.
             first = min(first, n)
             entry = torch.arange(first, n, device=keys.device)  # [n - first]

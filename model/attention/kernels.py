@@ -53,6 +53,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._cpu_compiled import use_compiled
+from ..checkpointing import products_not_kept
 from .entries import CompressedKV, add_gathered_grad, gather_entries
 from .stats import AttentionStats
 
@@ -134,7 +135,8 @@ class _WindowAttention(torch.autograd.Function):
             from ._window_cpu import forward_op as run  # numba compiles on first use
         else:
             run = _blocked_forward
-        run(q, kv, sink, entries, idx, mask, window, scale, query_chunk, stats, out, lse, mass)
+        with products_not_kept():  # per-block scores the backward recomputes from lse: not for selective to keep
+            run(q, kv, sink, entries, idx, mask, window, scale, query_chunk, stats, out, lse, mass)
         ctx.save_for_backward(q, kv, sink, entries, idx, mask, out, lse)
         ctx.window, ctx.scale, ctx.query_chunk, ctx.compiled = window, scale, query_chunk, compiled
         if mass is not None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moesaic.configs.schema import ModelConfig
+from moesaic.model.checkpointing import recomputing
 from moesaic.model.norm import rms_normalize
 from moesaic.model.sequence import WHOLE, WholeSequence
 
@@ -168,7 +169,7 @@ class Router(nn.Module):
             gates = gates * self.per_expert_scale.float()[topk_idx]
         gates = gates * self.routed_scaling_factor
         aux_loss = self._seq_aux_loss(scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1), sequence)
-        if self.training:
+        if self.training and not recomputing():  # a checkpointed block's recompute was counted in its forward
             self._count(topk_idx)
             if self.track_stats:
                 self._accumulate_stats(scores, topk_idx, aux_loss, sequence.shards)
