@@ -207,6 +207,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(e.top_k <= e.num_experts,
              f"model.moe.top_k={e.top_k} must be <= model.moe.num_experts={e.num_experts}")
     _check_choice("model.moe.score_func", e.score_func, SCORE_FUNCS)
+    _check_positive("model.moe", e, ["n_group", "topk_group"])
+    if e.n_group > 1:
+        _require(e.num_experts % e.n_group == 0 and e.num_experts // e.n_group >= 2,
+                 f"model.moe.n_group={e.n_group} must split model.moe.num_experts={e.num_experts} into equal groups "
+                 f"of at least 2 experts (a group scores by its two best)")
+        _require(e.topk_group <= e.n_group and e.top_k <= e.topk_group * (e.num_experts // e.n_group),
+                 f"model.moe.topk_group={e.topk_group} must be <= model.moe.n_group={e.n_group} and its groups must "
+                 f"hold model.moe.top_k={e.top_k} experts")
     _require(e.num_shared_experts >= 0, f"model.moe.num_shared_experts={e.num_shared_experts} must be >= 0")
     _require(e.swiglu_limit >= 0, f"model.moe.swiglu_limit={e.swiglu_limit} must be >= 0 (0 disables)")
     _require(e.bias_update_rate >= 0, f"model.moe.bias_update_rate={e.bias_update_rate} must be >= 0")

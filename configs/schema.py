@@ -48,6 +48,10 @@ class MoEConfig:
     # Gemma 4's router: scores from rms_normalize(x) * scale * hidden_size^-0.5 (scale: a [D] weight from 1)
     router_input_norm: bool = False
     per_expert_scale: bool = False  # Gemma 4: the selected gates times a learned [E] scale (from 1), after renorm
+    # DeepSeek-V3 group-limited routing: experts in n_group equal groups; a token picks its top_k among the topk_group
+    # groups with the largest sum of their two best biased scores. 1 = no groups.
+    n_group: int = 1
+    topk_group: int = 1
 
 
 @dataclass

@@ -73,7 +73,8 @@ class DSASpec(MLASpec):
         return self.latent_dim() * ELEMENT_BYTES[fmt] + index_entry_bytes(self.index_head_dim, fmt)
 
     def kv_bytes(self, tokens: int, fmt: str, index_fmt: str) -> tuple[float, float]:
-        return tokens * (self.latent_dim() * ELEMENT_BYTES[fmt] + index_entry_bytes(self.index_head_dim, index_fmt)), 0.0
+        per_token = self.latent_dim() * ELEMENT_BYTES[fmt] + index_entry_bytes(self.index_head_dim, index_fmt)
+        return tokens * per_token, 0.0
 
     def flops_per_token(self, seq_len: int) -> float:
         """MLA over the picks, the indexer's forward-only scoring of every earlier token, and (with the loss) its

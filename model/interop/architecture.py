@@ -36,7 +36,8 @@ def architecture(cfg: ModelConfig) -> dict[str, Any]:
     if any(t in MOE_FFN_TYPES for t in ffn_types) or cfg.mtp_layers:
         out.update({f"moe.{k}": getattr(m, k) for k in (
             "num_experts", "top_k", "intermediate_size", "num_shared_experts", "score_func", "norm_topk_prob",
-            "routed_scaling_factor", "swiglu_limit", "num_hash_layers", "router_input_norm", "per_expert_scale")})
+            "routed_scaling_factor", "swiglu_limit", "num_hash_layers", "router_input_norm", "per_expert_scale",
+            "n_group", "topk_group")})
     if any(t != "moe" for t in ffn_types):
         out["dense_intermediate_sizes"] = [cfg.dense_width(i) if t != "moe" else None for i, t in enumerate(ffn_types)]
         out["moe.swiglu_limit"] = m.swiglu_limit  # dense layers clamp too

@@ -46,6 +46,7 @@ def check_exportable(cfg: ModelConfig) -> None:
     require(m.num_shared_experts == 1, f"model.moe.num_shared_experts={m.num_shared_experts}: "
                                        "DeepSeek-V4 has exactly one shared expert")
     require(m.norm_topk_prob, "model.moe.norm_topk_prob=false: DeepSeek-V4 always normalises the top-k gates")
+    require(m.n_group == 1, f"model.moe.n_group={m.n_group}: DeepSeek-V4 routes without expert groups (1)")
     require(m.score_func in SCORE_FUNCS, f"model.moe.score_func='{m.score_func}': transformers' DeepSeek-V4 "
                                          f"builds only {' and '.join(SCORE_FUNCS)} routers")
     require(not cfg.tie_embeddings, "model.tie_embeddings=true: DeepSeek-V4 checkpoints have an untied head")

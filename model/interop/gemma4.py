@@ -179,7 +179,8 @@ def _check_model(cfg: ModelConfig) -> None:
     if kinds == {"dense+moe"}:
         require_values(m, "model.moe", "Gemma 4", [
             ("score_func", "softmax"), ("norm_topk_prob", True), ("routed_scaling_factor", 1.0),
-            ("num_shared_experts", 0), ("num_hash_layers", 0), ("router_input_norm", True), ("per_expert_scale", True)])
+            ("num_shared_experts", 0), ("num_hash_layers", 0), ("router_input_norm", True), ("per_expert_scale", True),
+            ("n_group", 1)])
 
 
 def _check_sharing(cfg: ModelConfig, types: list[str]) -> int:

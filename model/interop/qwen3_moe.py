@@ -94,7 +94,7 @@ def check_exportable(cfg: ModelConfig) -> None:
             f"{where}.scale={spec.scale}: Qwen3-MoE scales by head_dim^-0.5 (0)")
     require_values(cfg.moe, "model.moe", "Qwen3-MoE", [
         ("score_func", "softmax"), ("num_shared_experts", 0), ("routed_scaling_factor", 1.0), ("swiglu_limit", 0.0),
-        ("num_hash_layers", 0), ("router_input_norm", False), ("per_expert_scale", False)])
+        ("num_hash_layers", 0), ("router_input_norm", False), ("per_expert_scale", False), ("n_group", 1)])
 
 
 class Qwen3Moe(Family):
