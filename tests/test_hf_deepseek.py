@@ -133,3 +133,18 @@ def test_init_from_and_convert_cli_and_config_traps(tmp_path: Path) -> None:
         from moesaic.configs import Config, validate
         cfg.moe.n_group = 3
         validate(Config(model=cfg))
+
+
+@pytest.mark.parametrize("preset", ["deepseek_v32", "deepseek_v32_tiny"])
+def test_presets_are_v32_and_round_trip_through_config_json(preset: str, capsys: pytest.CaptureFixture) -> None:
+    from moesaic.configs import load_config
+    from moesaic.model.interop import check_same_architecture, to_hf_config
+
+    cfg = load_config(preset).model
+    hf = to_hf_config(cfg)
+    assert hf["architectures"] == ["DeepseekV32ForCausalLM"]
+    check_same_architecture(cfg, from_hf_config(hf), f"{preset} via config.json")
+    if preset == "deepseek_v32":  # V3.2's 1408 B per token and layer in bf16 (MOSAIC_SPEC §9), 61 layers
+        assert cli(["kv-report", preset, "--context", "128k"]) == 0
+        report = capsys.readouterr().out
+        assert f"({61 * 1408:,}.0 B/token)" in report and "vs DeepSeek-V3.2 in bf16 (10.484 GiB): 1.00x" in report
