@@ -83,7 +83,7 @@ class ModelConfig:
     mtp_layers: int = 0  # multi-token-prediction blocks after the last layer (attention + MoE, like V4's)
     mtp_layer_type: str = "swa"  # menu entry of the MTP blocks' attention (V4: sliding window)
     mtp_loss_coef: float = 0.3  # total weight of the MTP losses, averaged over the MTP depths
-    init_from: Optional[str] = None  # transformers checkpoint (DeepSeek-V4, Qwen3-MoE, Gemma 4) to start from
+    init_from: Optional[str] = None  # transformers checkpoint (DeepSeek-V4/V3.2/V3, Qwen3-MoE, Gemma 4) to start from
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
