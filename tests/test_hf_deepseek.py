@@ -16,10 +16,10 @@ import transformers
 from moesaic.configs import ConfigError
 from moesaic.launch.cli import main as cli
 from moesaic.model import Transformer
-from moesaic.model.interop import export_hf, from_hf_config, import_hf, load_hf_into, load_native, save_native
+from moesaic.model.interop import from_hf_config, load_hf_into, load_native
 
-from hf_checkpoints import import_both_layouts
-from test_hf_families import VOCAB, Case, assert_same_logits, hf_config, ids, load_transformers, randomise
+from test_hf_families import (VOCAB, Case, assert_same_logits, check_export, check_greedy, check_import, hf_config, ids,
+                              load_transformers, randomise)
 
 pytestmark = pytest.mark.numerics
 
@@ -71,39 +71,19 @@ def hf_model(case: Case) -> torch.nn.Module:
 
 @pytest.mark.parametrize("name", CASES)
 def test_transformers_weights_load_in_moesaic_with_equal_logits(name: str, tmp_path: Path) -> None:
-    case = CASES[name]
-    hf = hf_model(case)
-    with torch.no_grad():
-        theirs = hf(ids()).logits
-    for native in import_both_layouts(hf, tmp_path):
-        with torch.no_grad():
-            ours = load_native(native).eval()(ids()).logits
-        assert_same_logits(case, ours, theirs, f"{name}: transformers -> moesaic ({native.name})")
+    check_import(name, CASES[name], hf_model(CASES[name]), tmp_path)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_moesaic_weights_load_in_transformers_with_equal_logits(name: str, tmp_path: Path) -> None:
-    case = CASES[name]
     torch.manual_seed(0)
-    model = randomised(Transformer(from_hf_config(hf_config(case).to_dict())).eval(), 3)
-    save_native(model, tmp_path / "native")
-    export_hf(tmp_path / "native", tmp_path / "hf")
-    hf = load_transformers(case, tmp_path / "hf")
-    with torch.no_grad():
-        ours, theirs = model(ids()).logits, hf(ids()).logits
-    assert_same_logits(case, ours, theirs, f"{name}: moesaic -> transformers")
+    model = Transformer(from_hf_config(hf_config(CASES[name]).to_dict())).eval()
+    check_export(name, CASES[name], randomised(model, 3), tmp_path)
 
 
 def test_greedy_decoding_matches_transformers(tmp_path: Path) -> None:
     """Prefill + cached decode (the latent cache, indexer keys included) picks transformers' greedy tokens."""
-    hf = hf_model(CASES["v32: yarn mscale, 2 groups, dense layer 0"])
-    hf.save_pretrained(tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "native")
-    prompt = ids()[:, :10]
-    with torch.no_grad():
-        ours = load_native(tmp_path / "native").eval().generate(prompt, max_new_tokens=8)
-        theirs = hf.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    assert torch.equal(ours, theirs), (ours, theirs)
+    check_greedy(hf_model(CASES["v32: yarn mscale, 2 groups, dense layer 0"]), tmp_path)
 
 
 def test_init_from_and_convert_cli_and_config_traps(tmp_path: Path) -> None:

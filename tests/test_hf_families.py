@@ -138,10 +138,8 @@ def assert_same_logits(case: Case, ours: torch.Tensor, theirs: torch.Tensor, wha
     assert_close_scaled(ours, theirs, case.rtol_eps, what)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_transformers_weights_load_in_moesaic_with_equal_logits(name: str, tmp_path: Path) -> None:
-    case = CASES[name]
-    hf = hf_model(case)
+def check_import(name: str, case: Case, hf: torch.nn.Module, tmp_path: Path) -> None:
+    """transformers' model ``hf`` -> import (both checkpoint layouts) -> moesaic's logits equal its own."""
     with torch.no_grad():
         theirs = hf(ids()).logits
     # save_pretrained's layout (Qwen3: one matrix per expert; Gemma: fused experts, no shared-layer K/V) and the
@@ -152,10 +150,8 @@ def test_transformers_weights_load_in_moesaic_with_equal_logits(name: str, tmp_p
         assert_same_logits(case, ours, theirs, f"{name}: transformers -> moesaic ({native.name})")
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_moesaic_weights_load_in_transformers_with_equal_logits(name: str, tmp_path: Path) -> None:
-    case = CASES[name]
-    model = moesaic_model(case)
+def check_export(name: str, case: Case, model: Transformer, tmp_path: Path) -> None:
+    """moesaic's ``model`` -> export (sharded) -> ``from_pretrained``: transformers' logits equal moesaic's."""
     save_native(model, tmp_path / "native")
     export_hf(tmp_path / "native", tmp_path / "hf", max_shard_bytes=200_000)  # several shards + index
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
@@ -165,12 +161,25 @@ def test_moesaic_weights_load_in_transformers_with_equal_logits(name: str, tmp_p
     assert_same_logits(case, ours, theirs, f"{name}: moesaic -> transformers")
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_transformers_weights_load_in_moesaic_with_equal_logits(name: str, tmp_path: Path) -> None:
+    check_import(name, CASES[name], hf_model(CASES[name]), tmp_path)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_moesaic_weights_load_in_transformers_with_equal_logits(name: str, tmp_path: Path) -> None:
+    check_export(name, CASES[name], moesaic_model(CASES[name]), tmp_path)
+
+
 @pytest.mark.parametrize("name", [n for n in CASES if n.startswith("qwen3: norm") or n.startswith("gemma4: k_eq_v")])
 def test_greedy_decoding_matches_transformers(name: str, tmp_path: Path) -> None:
     """Prefill + cached decode (moesaic's caches; Gemma's shared layers read their source's) picks transformers'
     greedy tokens."""
-    case = CASES[name]
-    hf = hf_model(case)
+    check_greedy(hf_model(CASES[name]), tmp_path)
+
+
+def check_greedy(hf: torch.nn.Module, tmp_path: Path) -> None:
+    """``hf`` saved and imported: moesaic's prefill + cached decode picks its 8 greedy tokens after a prompt."""
     hf.save_pretrained(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "native")
     prompt = ids()[:, :10]

@@ -147,23 +147,12 @@ class DSAAttention(MLAAttention):
                    dtype: torch.dtype = torch.float32) -> LatentCache:
         return LatentCache(batch_size, self.spec.latent_dim(), self.indexer.head_dim, dtype=dtype, device=device)
 
-    def index_keys(self, x: torch.Tensor, ctx: ForwardContext, cos: torch.Tensor, sin: torch.Tensor,
-                   query_start: int) -> torch.Tensor:
-        """Index keys [B,T,d_I] of every token from position 0 to the last local query (cache, or all shards)."""
-        keys = self.indexer.keys(x, cos, sin)
-        cache = ctx.cache(self.layer_idx)
-        if cache is not None:
-            return cache.extend_index(keys)
-        if ctx.sequence.shards > 1:
-            return ctx.sequence.gather(keys)[:, :query_start + x.shape[1]]
-        return keys
-
     def attend(self, x: torch.Tensor, q: torch.Tensor, q_lat: Optional[torch.Tensor], k: torch.Tensor,
                v: torch.Tensor, query_start: int, cos: torch.Tensor, sin: torch.Tensor,
                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         assert q_lat is not None  # DSASpec.check: q_lora_rank > 0
         positions = torch.arange(query_start, query_start + x.shape[1], device=x.device)  # [S]
-        keys = self.index_keys(x, ctx, cos, sin, query_start)  # [B,T,d_I]
+        keys = self.every_token(self.indexer.keys(x, cos, sin), ctx, query_start, LatentCache.extend_index)  # [B,T,d_I]
         q_i, w_i = self.indexer.queries(q_lat, x, cos, sin)  # [B,S,n_I,d_I], [B,S,n_I]
         idx, _ = self.indexer.select(q_i, w_i, keys, positions, 1)  # [B,S,k] token positions, -1 = none
         stats = ctx.stats_for(self.layer_idx)

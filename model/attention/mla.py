@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -214,16 +214,16 @@ class MLAAttention(AttentionLayer):
         k = torch.cat([k_nope, k_rot[:, :, None].expand(-1, -1, s.num_heads, -1)], dim=-1)
         return k, v
 
-    def all_latents(self, x: torch.Tensor, ctx: ForwardContext, cos: torch.Tensor, sin: torch.Tensor,
-                    query_start: int) -> torch.Tensor:
-        """Latents of every token from position 0 to the last local query: the cached past, or earlier shards'."""
-        latent = self.latents(x, cos, sin)
+    def every_token(self, new: torch.Tensor, ctx: ForwardContext, query_start: int,
+                    extend: Callable[[LatentCache, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Per-token rows [B,S,...] of the local tokens -> those of every token from position 0 to the last local
+        one: after the cached past (``extend`` appends to the cache), or earlier shards' under SP."""
         cache = ctx.cache(self.layer_idx)
         if cache is not None:
-            return cache.extend(latent)
+            return extend(cache, new)
         if ctx.sequence.shards > 1:
-            return ctx.sequence.gather(latent)[:, :query_start + x.shape[1]]
-        return latent
+            return ctx.sequence.gather(new)[:, :query_start + new.shape[1]]
+        return new
 
     def attend(self, x: torch.Tensor, q: torch.Tensor, q_lat: Optional[torch.Tensor], k: torch.Tensor,
                v: torch.Tensor, query_start: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -243,6 +243,6 @@ class MLAAttention(AttentionLayer):
         query_start = cache.pos if cache is not None else ctx.sequence.offset(x.shape[1])
         cos, sin = self.rotation(torch.arange(query_start, query_start + x.shape[1], device=x.device))  # [S, rope/2]
         q, q_lat = self.queries(x, cos, sin)  # [B,S,H,nope+rope]
-        k, v = self.expand(self.all_latents(x, ctx, cos, sin, query_start))  # [B,T,H,.]
+        k, v = self.expand(self.every_token(self.latents(x, cos, sin), ctx, query_start, LatentCache.extend))
         o, aux = self.attend(x, q, q_lat, k, v, query_start, cos, sin, ctx)
         return self.o_proj(o.flatten(2)), aux
