@@ -268,3 +268,16 @@ def test_mixed_v4_dsa_mla_model_trains_in_the_demo_loop_with_its_panels(tmp_path
     assert 0 < logged["attn_layers/L03/mass_first"] < 1
     assert logged["kv_layers/L01/4k/bytes_per_token"] == (32 + 8 + 16) * 4  # latent + RoPE key + index key, fp32
     assert logged["kv_layers/L03/4k/bytes_per_token"] == (32 + 8) * 4
+
+
+def test_share_topk_needs_a_dsa_layer_before_it():
+    from moesaic.configs import Config, ConfigError, validate
+
+    shared = dataclasses.replace(DSA, share_topk=True, index_rope="interleave")
+    for layers in (["shared", "dsa"], ["mla", "shared"]):
+        cfg = ModelConfig(vocab_size=256, hidden_size=D, num_layers=2, layer_types=layers, ffn_types=["dense"] * 2,
+                          attention=AttentionConfig(menu={"dsa": DSA, "mla": MLA["v3_yarn"], "shared": shared}))
+        with pytest.raises(ConfigError, match="model.attention.menu.shared.share_topk=true .* the layer before it "
+                                              "must be a dsa decoder layer"):
+            validate(Config(model=cfg))
+    assert shared.kv_bytes(10, "bf16", "bf16") == (10 * (16 + 8) * 2, 0.0)  # no index key of its own

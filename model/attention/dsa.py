@@ -12,9 +12,16 @@ itself included; with fewer visible tokens it sees all of them, as dense MLA. Un
 
 Selection reuses the CSA indexer's chunked exact top-k with ratio 1 (``LightningIndexer.select``):
 ties go to the earlier token, no [S, S] score block is stored, and a query's picks never depend on
-the chunking or a prefill/decode split. The sparse attention gathers each query chunk's picked keys
-and values and is recomputed in backward (``torch.utils.checkpoint``), so only the inputs are kept:
-memory O(S * k) transient per chunk, nothing quadratic.
+the chunking or a prefill/decode split. The sparse attention runs in the latent space (MLA's weight
+absorption, as DeepSeek's sparse kernels do): queries q_nope W_uk ; q_rot against the picked tokens'
+cached [latent ; RoPE key], one row per pick shared by all heads (MQA), the output mapped by W_uv.
+So neither training nor decoding expands keys and values per head, and a pick costs r + rope values
+of memory traffic, not H * (qk + v). Each query chunk's gather is recomputed in backward
+(``torch.utils.checkpoint``), so only the inputs are kept: O(S * k) transient per chunk, nothing quadratic.
+
+GLM-MoE-DSA's variant (MOSAIC_SPEC §4.8) is two options: ``index_rope: interleave`` and ``share_topk``,
+a layer without an indexer that attends to the picks of the DSA layer before it (they pass through the
+forward context, so a run of shared layers reuses the last indexer's picks).
 
 Training signal (V3.2's sparse stage, as CSA's): the indexer sees detached inputs and is trained only
 by ``indexer_loss_coef`` x KL(head-summed main attention mass on the picks || softmax of its scores
@@ -31,9 +38,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moesaic.model.rope import rope_half_split
+from moesaic.model.rope import apply_rope, rope_half_split
 
-from .base import check_positive, mean_over_positions, register, require
+from .base import AttentionSpec, check_positive, mean_over_positions, register, require
 from .context import ForwardContext
 from .entries import gather_entries
 from .gqa import ELEMENT_BYTES
@@ -46,6 +53,8 @@ if TYPE_CHECKING:
     from moesaic.configs.schema import ModelConfig
 
 INDEX_NORM_EPS = 1e-6  # transformers' indexer k_norm: nn.LayerNorm(index_head_dim, eps=1e-6)
+INDEX_ROPES = ("half", "interleave")
+TOPK_KEY = "dsa.topk"  # ForwardContext.shared: the last DSA layer's picks, for a share_topk layer after it
 
 
 @register
@@ -56,6 +65,8 @@ class DSASpec(MLASpec):
     index_head_dim: int = 32  # lightning-indexer head width d_I (its first qk_rope_head_dim channels carry RoPE)
     index_topk: int = 16  # tokens each query attends to (V3.2: 2048)
     indexer_loss_coef: float = 0.01  # weight of the indexer's KL-to-attention training loss
+    index_rope: str = "half"  # RoPE of the indexer's first channels: half (V3.2) | interleave (GLM-MoE-DSA)
+    share_topk: bool = False  # no indexer: reuse the previous layer's picks (GLM's "shared" indexer layers)
 
     not_architecture = MLASpec.not_architecture | {"indexer_loss_coef"}
 
@@ -65,23 +76,37 @@ class DSASpec(MLASpec):
         require(self.index_head_dim >= self.qk_rope_head_dim,
                 f"{where}.index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim={self.qk_rope_head_dim}")
         require(self.indexer_loss_coef >= 0, f"{where}.indexer_loss_coef={self.indexer_loss_coef} must be >= 0")
+        require(self.index_rope in INDEX_ROPES,
+                f"{where}.index_rope='{self.index_rope}' must be one of {', '.join(INDEX_ROPES)}")
+
+    def check_in_model(self, where: str, layer: int, specs: list[AttentionSpec], num_layers: int) -> None:
+        """A share_topk layer is a decoder layer right after another dsa layer, whose picks it reuses."""
+        if self.share_topk:
+            require(0 < layer < num_layers and isinstance(specs[layer - 1], DSASpec),
+                    f"{where}.share_topk=true (layer {layer}): the layer before it must be a dsa decoder layer, "
+                    "whose picks it reuses")
+
+    def index_key_bytes(self, fmt: str) -> float:
+        """Cached indexer key bytes per token (none on a share_topk layer)."""
+        return 0.0 if self.share_topk else index_entry_bytes(self.index_head_dim, fmt)
 
     def build(self, model: ModelConfig, layer_idx: int) -> DSAAttention:
         return DSAAttention(self, model, layer_idx)
 
     def dense_kv_bytes_per_token(self, fmt: str) -> float:
-        return self.latent_dim() * ELEMENT_BYTES[fmt] + index_entry_bytes(self.index_head_dim, fmt)
+        return self.latent_dim() * ELEMENT_BYTES[fmt] + self.index_key_bytes(fmt)
 
     def kv_bytes(self, tokens: int, fmt: str, index_fmt: str) -> tuple[float, float]:
-        per_token = self.latent_dim() * ELEMENT_BYTES[fmt] + index_entry_bytes(self.index_head_dim, index_fmt)
-        return tokens * per_token, 0.0
+        return tokens * (self.latent_dim() * ELEMENT_BYTES[fmt] + self.index_key_bytes(index_fmt)), 0.0
 
     def flops_per_token(self, seq_len: int) -> float:
-        """MLA over the picks, the indexer's forward-only scoring of every earlier token, and (with the loss) its
-        rescoring of the picks with gradients."""
+        """Latent-space MLA over the picks (per head, q.[c ; k_rot] and p.c), the indexer's forward-only scoring of
+        every earlier token, and (with the loss) its rescoring of the picks with gradients."""
         picks = mean_over_positions(seq_len, lambda t: (t + 1).clamp(max=self.index_topk))
         index_key = 2 * self.index_heads * self.index_head_dim
-        flops = 6 * self.num_heads * (self.qk_head_dim + self.v_head_dim) * picks
+        flops = 6 * self.num_heads * (self.latent_dim() + self.kv_lora_rank) * picks
+        if self.share_topk:
+            return flops
         flops += index_key * mean_over_positions(seq_len, lambda t: t + 1)
         return flops + (3 * index_key * picks if self.indexer_loss_coef > 0 else 0.0)
 
@@ -94,41 +119,49 @@ class TokenIndexer(LightningIndexer):
                          spec.query_chunk, backend)
         self.wk = nn.Linear(hidden_size, spec.index_head_dim, bias=False)
         self.k_norm = nn.LayerNorm(spec.index_head_dim, eps=INDEX_NORM_EPS)
+        self.interleave = spec.index_rope == "interleave"
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on the leading 2 * cos.shape[-1] channels of x: half-split pairs (V3.2) or interleaved ones (GLM;
+        transformers also moves them to evens-then-odds, for queries and keys alike, which leaves q.k as is)."""
+        if not self.interleave:
+            return rope_half_split(x, cos, sin)
+        head, rest = x.split([2 * cos.shape[-1], x.shape[-1] - 2 * cos.shape[-1]], dim=-1)
+        return torch.cat([apply_rope(head, cos, sin), rest], dim=-1)
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """fp32 index keys [B,S,d_I] of x [B,S,D] (detached), rotated by cos/sin [S, rope/2]."""
-        return rope_half_split(self.k_norm(self.wk(x.detach())).float(), cos, sin)
+        return self.rotate(self.k_norm(self.wk(x.detach())).float(), cos, sin)
 
     def queries(self, q_lat: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 rotated index queries [B,S,n_I,d_I] and head weights [B,S,n_I] (detached inputs)."""
-        return rope_half_split(self.raw_queries(q_lat), cos[:, None], sin[:, None]), self.head_weights(x)
+        return self.rotate(self.raw_queries(q_lat), cos[:, None], sin[:, None]), self.head_weights(x)
 
 
-def _sparse_chunk(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float,
+def _sparse_chunk(q: torch.Tensor, latent: torch.Tensor, idx: torch.Tensor, scale: float,
                   v_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One query chunk: q [B,C,H,dqk] over its picks idx [B,C,k] (-1 = none) of kv [B,T,H*(dqk+v)] ->
-    (out [B,C,H,v], head-summed probabilities [B,C,k] fp32 (no gradient), max logit)."""
-    H = q.shape[2]
-    picked = gather_entries(kv, idx).unflatten(-1, (H, -1))  # [B,C,k,H,dqk+v]
-    keys, values = picked.split([q.shape[-1], v_dim], dim=-1)
-    logits = torch.einsum("bchd,bckhd->bchk", q, keys).float() * scale  # [B,C,H,k]
+    """One query chunk in the latent space: queries q [B,C,H,r+rope] over their picks idx [B,C,k] (-1 = none)
+    of latent [B,T,r+rope] -> (latent output [B,C,H,v_dim] (the first v_dim = r channels of each pick),
+    head-summed probabilities [B,C,k] fp32 (no gradient), max logit)."""
+    picked = gather_entries(latent, idx)  # [B,C,k,r+rope]: one row per pick, shared by all heads
+    logits = torch.einsum("bchd,bckd->bchk", q, picked).float() * scale  # [B,C,H,k]
     logits = logits.masked_fill((idx < 0)[:, :, None], float("-inf"))
     probs = logits.softmax(dim=-1)
-    out = torch.einsum("bchk,bckhd->bchd", probs.to(values.dtype), values)
+    out = torch.einsum("bchk,bckd->bchd", probs.to(latent.dtype), picked[..., :v_dim])
     return out, probs.detach().sum(dim=2), logits.detach().amax()
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float,
+def sparse_attention(q: torch.Tensor, latent: torch.Tensor, idx: torch.Tensor, scale: float, v_dim: int,
                      query_chunk: int, stats: Optional[AttentionStats] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q [B,S,H,dqk] over the picked rows idx [B,S,k] (-1 = none; each row has one valid pick at
-    least) of k [B,T,H,dqk], v [B,T,H,v] -> (out [B,S,H,v], mass [B,S,k] fp32: each pick's probability summed
-    over heads, no gradient). Chunks of ``query_chunk`` queries, recomputed in backward (module docstring)."""
-    kv = torch.cat([k, v], dim=-1).flatten(2)  # [B,T,H*(dqk+v)]: one gather for both
+    """Attention of q [B,S,H,d] over the picked rows idx [B,S,k] (-1 = none; each row has one valid pick at least)
+    of latent [B,T,d], the keys, whose first v_dim channels are the values (MQA) -> (out [B,S,H,v_dim], mass [B,S,k]
+    fp32: each pick's probability summed over heads, no gradient). Chunks of ``query_chunk`` queries, recomputed in
+    backward (module docstring)."""
     run = (lambda *a: checkpoint(_sparse_chunk, *a, use_reentrant=False)) if torch.is_grad_enabled() else _sparse_chunk
     outs, masses, top = [], [], q.new_full((), float("-inf"), dtype=torch.float32)
     for s in range(0, q.shape[1], query_chunk):
-        out, mass, max_logit = run(q[:, s:s + query_chunk], kv, idx[:, s:s + query_chunk], scale, v.shape[-1])
+        out, mass, max_logit = run(q[:, s:s + query_chunk], latent, idx[:, s:s + query_chunk], scale, v_dim)
         outs.append(out)
         masses.append(mass)
         top = torch.maximum(top, max_logit)
@@ -140,23 +173,34 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
 class DSAAttention(MLAAttention):
     def __init__(self, spec: DSASpec, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(spec, cfg, layer_idx)
-        self.indexer = TokenIndexer(spec, cfg.hidden_size, cfg.attention.backend)
+        self.indexer = None if spec.share_topk else TokenIndexer(spec, cfg.hidden_size, cfg.attention.backend)
         self.indexer_loss_coef = spec.indexer_loss_coef
 
     def make_cache(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32) -> LatentCache:
-        return LatentCache(batch_size, self.spec.latent_dim(), self.indexer.head_dim, dtype=dtype, device=device)
+        index_dim = 0 if self.indexer is None else self.indexer.head_dim
+        return LatentCache(batch_size, self.spec.latent_dim(), index_dim, dtype=dtype, device=device)
 
-    def attend(self, x: torch.Tensor, q: torch.Tensor, q_lat: Optional[torch.Tensor], k: torch.Tensor,
-               v: torch.Tensor, query_start: int, cos: torch.Tensor, sin: torch.Tensor,
+    def attend(self, x: torch.Tensor, q: torch.Tensor, q_lat: Optional[torch.Tensor], latent: torch.Tensor,
+               query_start: int, cos: torch.Tensor, sin: torch.Tensor,
                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         assert q_lat is not None  # DSASpec.check: q_lora_rank > 0
+        s = self.spec
+        w_uk, w_uv = self.absorbed()  # [H, nope, r], [H, v, r]
+        q_nope, q_rot = q.split([s.qk_nope_head_dim, s.qk_rope_head_dim], dim=-1)
+        q_abs = torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk), q_rot], dim=-1)  # [B,S,H,r+rope]
+        stats = ctx.stats_for(self.layer_idx)
+        if self.indexer is None:  # share_topk: the previous layer's picks (check_in_model)
+            o, _ = sparse_attention(q_abs, latent, ctx.shared[TOPK_KEY], self.scale, s.kv_lora_rank,
+                                    s.query_chunk, stats)
+            return torch.einsum("bshr,hvr->bshv", o, w_uv), x.new_zeros(())
         positions = torch.arange(query_start, query_start + x.shape[1], device=x.device)  # [S]
         keys = self.every_token(self.indexer.keys(x, cos, sin), ctx, query_start, LatentCache.extend_index)  # [B,T,d_I]
         q_i, w_i = self.indexer.queries(q_lat, x, cos, sin)  # [B,S,n_I,d_I], [B,S,n_I]
         idx, _ = self.indexer.select(q_i, w_i, keys, positions, 1)  # [B,S,k] token positions, -1 = none
-        stats = ctx.stats_for(self.layer_idx)
-        o, mass = sparse_attention(q, k, v, idx, self.scale, self.spec.query_chunk, stats)
+        ctx.shared[TOPK_KEY] = idx
+        o, mass = sparse_attention(q_abs, latent, idx, self.scale, s.kv_lora_rank, s.query_chunk, stats)
+        o = torch.einsum("bshr,hvr->bshv", o, w_uv)  # [B,S,H,v]
         if stats is not None:
             self.indexer.record_selection(stats, ctx.sequence, idx, positions, keys.shape[1], 1)
         if ctx.cache(self.layer_idx) is not None or self.indexer_loss_coef == 0:

@@ -206,6 +206,13 @@ class MLAAttention(AttentionLayer):
         c, k_rot = self.kv_a_proj_with_mqa(x).split([self.spec.kv_lora_rank, self.spec.qk_rope_head_dim], dim=-1)
         return torch.cat([self.kv_a_layernorm(c), apply_rope(k_rot, cos, sin)], dim=-1)
 
+    def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's key and value halves per head: W_uk [H, nope, r] and W_uv [H, v, r] (k_nope = W_uk c,
+        v = W_uv c), for attention in the latent space."""
+        s = self.spec
+        w = self.kv_b_proj.weight.view(s.num_heads, s.qk_nope_head_dim + s.v_head_dim, s.kv_lora_rank)
+        return w.split([s.qk_nope_head_dim, s.v_head_dim], dim=1)
+
     def expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents [B,T,r+rope] -> per-head keys [B,T,H,nope+rope] and values [B,T,H,v]."""
         s = self.spec
@@ -225,10 +232,12 @@ class MLAAttention(AttentionLayer):
             return ctx.sequence.gather(new)[:, :query_start + new.shape[1]]
         return new
 
-    def attend(self, x: torch.Tensor, q: torch.Tensor, q_lat: Optional[torch.Tensor], k: torch.Tensor,
-               v: torch.Tensor, query_start: int, cos: torch.Tensor, sin: torch.Tensor,
+    def attend(self, x: torch.Tensor, q: torch.Tensor, q_lat: Optional[torch.Tensor], latent: torch.Tensor,
+               query_start: int, cos: torch.Tensor, sin: torch.Tensor,
                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """(o [B,S,H,v], aux loss) of queries q at positions query_start.. over every key from position 0 (k, v)."""
+        """(o [B,S,H,v], aux loss) of queries q at positions query_start.. over every token from position 0
+        (their latents [B,T,r+rope])."""
+        k, v = self.expand(latent)  # [B,T,H,nope+rope], [B,T,H,v]
         width = max(q.shape[-1], v.shape[-1])  # one width for the fused kernels: zero channels add nothing
         q_, k_, v_ = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
         o = gqa_attention(q_, k_, v_, query_start, 0, 0, self.scale, self.spec.query_chunk)[..., :v.shape[-1]]
@@ -243,6 +252,6 @@ class MLAAttention(AttentionLayer):
         query_start = cache.pos if cache is not None else ctx.sequence.offset(x.shape[1])
         cos, sin = self.rotation(torch.arange(query_start, query_start + x.shape[1], device=x.device))  # [S, rope/2]
         q, q_lat = self.queries(x, cos, sin)  # [B,S,H,nope+rope]
-        k, v = self.expand(self.every_token(self.latents(x, cos, sin), ctx, query_start, LatentCache.extend))
-        o, aux = self.attend(x, q, q_lat, k, v, query_start, cos, sin, ctx)
+        latent = self.every_token(self.latents(x, cos, sin), ctx, query_start, LatentCache.extend)  # [B,T,r+rope]
+        o, aux = self.attend(x, q, q_lat, latent, query_start, cos, sin, ctx)
         return self.o_proj(o.flatten(2)), aux

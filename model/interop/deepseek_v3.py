@@ -1,5 +1,5 @@
-"""The DeepSeek-V3 and V3.2 families: transformers' ``DeepseekV3ForCausalLM`` / ``DeepseekV32ForCausalLM`` <->
-moesaic (MOSAIC_SPEC §4, §5).
+"""The DeepSeek-V3, V3.2 and GLM-MoE-DSA families: transformers' ``DeepseekV3ForCausalLM`` /
+``DeepseekV32ForCausalLM`` / ``GlmMoeDsaForCausalLM`` <-> moesaic (MOSAIC_SPEC §4, §5; GLM's deltas: ``GlmMoeDsa``).
 
 Every layer is one ``mla`` (V3) or ``dsa`` (V3.2: MLA + the lightning indexer) entry; RoPE is default or
 YaRN with transformers' mscale rules (mla.py). The FFN is a dense SwiGLU in the first layers
@@ -119,12 +119,17 @@ class DeepSeekV3(Family):
                         norm_topk_prob=bool(r.get("norm_topk_prob", True)),
                         routed_scaling_factor=float(r.get("routed_scaling_factor", 1.0)), swiglu_limit=0.0,
                         n_group=int(r.get("n_group", 1)), topk_group=int(r.get("topk_group", 1)))
+        layer_types, menu = self.layers(r, num_layers)
         return ModelConfig(vocab_size=int(r.get("vocab_size")), hidden_size=int(r.get("hidden_size")),
-                           num_layers=num_layers, layer_types=[self.kind] * num_layers,
+                           num_layers=num_layers, layer_types=layer_types,
                            ffn_types=_ffn_types(r, num_layers), dense_intermediate_size=int(r.get("intermediate_size")),
                            rms_norm_eps=float(r.get("rms_norm_eps", 1e-6)),
                            tie_embeddings=bool(r.get("tie_word_embeddings", False)), hc_mult=1, mtp_layers=0,
-                           attention=AttentionConfig(menu={self.kind: self.attention(r)}), moe=moe)
+                           attention=AttentionConfig(menu=menu), moe=moe)
+
+    def layers(self, r: ConfigReader, num_layers: int) -> tuple[list[str], dict[str, Any]]:
+        """Each layer's menu entry name, and the menu."""
+        return [self.kind] * num_layers, {self.kind: self.attention(r)}
 
     def check_exportable(self, cfg: ModelConfig) -> MLASpec:
         """Refuse what the transformers model cannot reproduce, naming the field; the layers' shared entry."""
@@ -143,8 +148,14 @@ class DeepSeekV3(Family):
         require_values(cfg.moe, "model.moe", self.name, [
             ("score_func", "sigmoid"), ("swiglu_limit", 0.0), ("num_hash_layers", 0), ("router_input_norm", False),
             ("per_expert_scale", False)])
-        _, spec = shared_entry(cfg, self.name, range(cfg.num_layers))
+        name, spec = shared_entry(cfg, self.name, range(cfg.num_layers), self.varying)
+        self.check_entry(spec, f"model.attention.menu.{name}")
         return spec
+
+    varying: tuple[str, ...] = ()  # entry fields config.json sets per layer
+
+    def check_entry(self, spec: Any, where: str) -> None:
+        """Refuse an attention option the family cannot express."""
 
     def ffn_layout(self, cfg: ModelConfig) -> dict[str, Any]:
         """config.json's dense/MoE layout: V3 has only first_k_dense_replace."""
@@ -188,6 +199,14 @@ class DeepSeekV32(DeepSeekV3):
     model_types = ("deepseek_v32",)
     kind = DSA
     architecture = "DeepseekV32ForCausalLM"
+    index_rope = "half"
+
+    def claims(self, cfg: ModelConfig) -> bool:
+        return super().claims(cfg) and all(getattr(spec, "index_rope", self.index_rope) == self.index_rope
+                                           for spec in layer_specs(cfg))
+
+    def check_entry(self, spec: Any, where: str) -> None:
+        require_values(spec, where, self.name, [("index_rope", self.index_rope), ("share_topk", False)])
 
     def attention(self, r: ConfigReader) -> dict[str, Any]:
         require(r.get("q_lora_rank", None) is not None, f"{r.source}: q_lora_rank is missing (DeepSeek-V3.2's "
@@ -196,7 +215,8 @@ class DeepSeekV32(DeepSeekV3):
         require(layer_types is None or set(layer_types) == {"deepseek_sparse_attention"},
                 f"{r.source}: layer_types must all be 'deepseek_sparse_attention'")
         return {**super().attention(r), "index_heads": int(r.get("index_n_heads")),
-                "index_head_dim": int(r.get("index_head_dim")), "index_topk": int(r.get("index_topk"))}
+                "index_head_dim": int(r.get("index_head_dim")), "index_topk": int(r.get("index_topk")),
+                "index_rope": self.index_rope}
 
     def ffn_layout(self, cfg: ModelConfig) -> dict[str, Any]:
         types = ["sparse" if cfg.ffn_type(i) == "moe" else "dense" for i in range(cfg.num_layers)]
@@ -208,3 +228,30 @@ class DeepSeekV32(DeepSeekV3):
         spec = layer_specs(cfg)[0]
         return {**out, "index_n_heads": spec.index_heads, "index_head_dim": spec.index_head_dim,
                 "index_topk": spec.index_topk, "layer_types": ["deepseek_sparse_attention"] * cfg.num_layers}
+
+
+class GlmMoeDsa(DeepSeekV32):
+    """GLM-MoE-DSA (GLM-5): V3.2 with interleaved index RoPE and "shared" layers reusing the previous layer's picks
+    (``indexer_types``; moesaic: entry "dsa_shared" with ``share_topk``), MOSAIC_SPEC §4.8."""
+
+    name = "GLM-MoE-DSA"
+    model_types = ("glm_moe_dsa",)
+    architecture = "GlmMoeDsaForCausalLM"
+    index_rope = "interleave"
+    varying = ("share_topk",)
+
+    def layers(self, r: ConfigReader, num_layers: int) -> tuple[list[str], dict[str, Any]]:
+        types = list(r.get("indexer_types", ["full"] * num_layers))
+        require(len(types) == num_layers and set(types) <= {"full", "shared"} and types[0] == "full",
+                f"{r.source}: indexer_types must be 'full' or 'shared' for each of the {num_layers} layers, "
+                "the first 'full'")
+        entry = self.attention(r)
+        names = [DSA if t == "full" else f"{DSA}_shared" for t in types]
+        return names, {name: {**entry, "share_topk": name != DSA} for name in dict.fromkeys(names)}
+
+    def check_entry(self, spec: Any, where: str) -> None:
+        require_values(spec, where, self.name, [("index_rope", self.index_rope)])
+
+    def to_hf(self, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+        return {**super().to_hf(cfg, dtype),
+                "indexer_types": ["shared" if s.share_topk else "full" for s in layer_specs(cfg)[:cfg.num_layers]]}
