@@ -16,8 +16,8 @@ the chunking or a prefill/decode split. The sparse attention runs in the latent 
 absorption, as DeepSeek's sparse kernels do): queries q_nope W_uk ; q_rot against the picked tokens'
 cached [latent ; RoPE key], one row per pick shared by all heads (MQA), the output mapped by W_uv.
 So neither training nor decoding expands keys and values per head, and a pick costs r + rope values
-of memory traffic, not H * (qk + v). Each query chunk's gather is recomputed in backward
-(``torch.utils.checkpoint``), so only the inputs are kept: O(S * k) transient per chunk, nothing quadratic.
+of memory traffic, not H * (qk + v). Like flash attention the kernel keeps only the output and the
+log-sum-exp for backward, which regathers each query chunk's picks: O(chunk * k) transient, nothing quadratic.
 
 GLM-MoE-DSA's variant (MOSAIC_SPEC §4.8) is two options: ``index_rope: interleave`` and ``share_topk``,
 a layer without an indexer that attends to the picks of the DSA layer before it (they pass through the
@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from moesaic.model.rope import apply_rope, rope_half_split
 
 from .base import AttentionSpec, check_positive, mean_over_positions, register, require
 from .context import ForwardContext
-from .entries import gather_entries
+from .entries import add_gathered_grad, gather_entries
 from .gqa import ELEMENT_BYTES
 from .indexer import LightningIndexer
 from .kv_formats import index_entry_bytes
@@ -139,35 +139,70 @@ class TokenIndexer(LightningIndexer):
         return self.rotate(self.raw_queries(q_lat), cos[:, None], sin[:, None]), self.head_weights(x)
 
 
-def _sparse_chunk(q: torch.Tensor, latent: torch.Tensor, idx: torch.Tensor, scale: float,
-                  v_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One query chunk in the latent space: queries q [B,C,H,r+rope] over their picks idx [B,C,k] (-1 = none)
-    of latent [B,T,r+rope] -> (latent output [B,C,H,v_dim] (the first v_dim = r channels of each pick),
-    head-summed probabilities [B,C,k] fp32 (no gradient), max logit)."""
-    picked = gather_entries(latent, idx)  # [B,C,k,r+rope]: one row per pick, shared by all heads
-    logits = torch.einsum("bchd,bckd->bchk", q, picked).float() * scale  # [B,C,H,k]
-    logits = logits.masked_fill((idx < 0)[:, :, None], float("-inf"))
-    probs = logits.softmax(dim=-1)
-    out = torch.einsum("bchk,bckd->bchd", probs.to(latent.dtype), picked[..., :v_dim])
-    return out, probs.detach().sum(dim=2), logits.detach().amax()
+class _SparseLatentAttention(torch.autograd.Function):
+    """Flash-style over query chunks: the forward keeps only the output and each row's log-sum-exp; the backward
+    regathers a chunk's picks, rebuilds its probabilities and adds the picks' gradients into one [B,T,d] buffer,
+    so neither the gathered [S, k, d] rows nor per-chunk full-size gradients exist."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, latent: torch.Tensor, idx: torch.Tensor, scale: float, v_dim: int,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, S, H, _ = q.shape
+        out = q.new_empty(B, S, H, v_dim)
+        lse = q.new_empty(B, S, H, dtype=torch.float32)
+        mass = q.new_empty(idx.shape, dtype=torch.float32)
+        top = q.new_full((), float("-inf"), dtype=torch.float32)
+        for s in range(0, S, chunk):
+            picked, logits = _chunk_logits(q[:, s:s + chunk], latent, idx[:, s:s + chunk], scale)
+            lse[:, s:s + chunk] = logits.logsumexp(dim=-1)
+            probs = (logits - lse[:, s:s + chunk, :, None]).exp()  # [B,C,H,k]
+            out[:, s:s + chunk] = torch.einsum("bchk,bckv->bchv", probs.to(latent.dtype), picked[..., :v_dim])
+            mass[:, s:s + chunk] = probs.sum(dim=2)
+            top = torch.maximum(top, logits.amax())
+        ctx.save_for_backward(q, latent, idx, out, lse)
+        ctx.scale, ctx.chunk = scale, chunk
+        ctx.mark_non_differentiable(mass, top)
+        return out, mass, top
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out: torch.Tensor, _d_mass: torch.Tensor,
+                 _d_top: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        q, latent, idx, out, lse = ctx.saved_tensors
+        v_dim = out.shape[-1]
+        d_q = torch.empty_like(q)
+        d_latent = torch.zeros(latent.shape, dtype=torch.float32, device=latent.device)
+        delta = (d_out.float() * out.float()).sum(dim=-1)  # [B,S,H]: sum_j p_j dP_j, the softmax backward's term
+        for s in range(0, q.shape[1], ctx.chunk):
+            sl = slice(s, s + ctx.chunk)
+            picked, logits = _chunk_logits(q[:, sl], latent, idx[:, sl], ctx.scale)  # [B,C,k,d], [B,C,H,k]
+            probs = (logits - lse[:, sl, :, None]).exp()
+            d_probs = torch.einsum("bchv,bckv->bchk", d_out[:, sl], picked[..., :v_dim]).float()
+            d_logits = (probs * (d_probs - delta[:, sl, :, None]) * ctx.scale).to(q.dtype)  # [B,C,H,k]
+            d_q[:, sl] = torch.einsum("bchk,bckd->bchd", d_logits, picked)
+            d_picked = torch.einsum("bchk,bchd->bckd", d_logits, q[:, sl])  # [B,C,k,d]; 0 at -1 picks
+            d_picked[..., :v_dim] += torch.einsum("bchk,bchv->bckv", probs.to(q.dtype), d_out[:, sl])
+            add_gathered_grad(d_latent, idx[:, sl], d_picked)
+        return d_q, d_latent.to(latent.dtype), None, None, None, None
+
+
+def _chunk_logits(q: torch.Tensor, latent: torch.Tensor, idx: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's picked rows [B,C,k,d] (one per pick, shared by all heads) and fp32 logits [B,C,H,k] (-inf at -1)."""
+    picked = gather_entries(latent, idx)
+    logits = torch.einsum("bchd,bckd->bchk", q, picked).float() * scale
+    return picked, logits.masked_fill_((idx < 0)[:, :, None], float("-inf"))
 
 
 def sparse_attention(q: torch.Tensor, latent: torch.Tensor, idx: torch.Tensor, scale: float, v_dim: int,
                      query_chunk: int, stats: Optional[AttentionStats] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B,S,H,d] over the picked rows idx [B,S,k] (-1 = none; each row has one valid pick at least)
     of latent [B,T,d], the keys, whose first v_dim channels are the values (MQA) -> (out [B,S,H,v_dim], mass [B,S,k]
-    fp32: each pick's probability summed over heads, no gradient). Chunks of ``query_chunk`` queries, recomputed in
-    backward (module docstring)."""
-    run = (lambda *a: checkpoint(_sparse_chunk, *a, use_reentrant=False)) if torch.is_grad_enabled() else _sparse_chunk
-    outs, masses, top = [], [], q.new_full((), float("-inf"), dtype=torch.float32)
-    for s in range(0, q.shape[1], query_chunk):
-        out, mass, max_logit = run(q[:, s:s + query_chunk], latent, idx[:, s:s + query_chunk], scale, v_dim)
-        outs.append(out)
-        masses.append(mass)
-        top = torch.maximum(top, max_logit)
+    fp32: each pick's probability summed over heads, no gradient), ``query_chunk`` queries at a time."""
+    out, mass, top = _SparseLatentAttention.apply(q, latent, idx, scale, v_dim, query_chunk)
     if stats is not None:
         stats.add_max("max_logit", top)
-    return torch.cat(outs, dim=1), torch.cat(masses, dim=1)
+    return out, mass
 
 
 class DSAAttention(MLAAttention):
