@@ -204,16 +204,14 @@ def test_dsa_picks_equal_the_dense_top_k():
                                   dataclasses.replace(DSA, query_chunk=64, index_topk=32)], ids=["mla", "dsa"])
 def test_backward_keeps_memory_linear_in_sequence_length(spec):
     """The storage autograd keeps for backward (views counted once), in total and largest, doubles (not
-    quadruples) with the sequence. Not counted (known, shared with gqa's global layers): the [chunk, keys]
-    additive masks torch's fused kernel keeps per query chunk of mla, 2 S^2 bytes in all."""
+    quadruples) with the sequence."""
     layer = build(spec)
     saved = {}
     for S in (256, 512):
         storages: dict[int, int] = {}
 
         def keep(t: torch.Tensor) -> torch.Tensor:
-            if t.dim() != 2 or t.shape[0] != spec.query_chunk:  # not a [chunk, keys] mask
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
