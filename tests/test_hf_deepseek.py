@@ -52,9 +52,8 @@ CASES = {
     "v32: 4 groups pick 2, MoE layers 0 and 2, tied, default rope": v32(
         n_group=4, topk_group=2, num_experts_per_tok=3, mlp_layer_types=["sparse", "dense", "sparse"],
         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
-    "glm: interleaved index rope, layer 1 reuses layer 0's picks, eps 1e-5": glm(indexer_types=["full", "shared",
-                                                                                                 "full"]),
-    "glm: two shared layers, no groups": glm(indexer_types=["full", "shared", "shared"], n_group=1, topk_group=1),
+    "glm: interleaved index rope, layers 1, 2 reuse layer 0's picks, eps 1e-5": glm(
+        indexer_types=["full", "shared", "shared"], n_group=1, topk_group=1),
     "v3: yarn without mscale keys (attention factor), no groups": v3(
         n_group=1, topk_group=1, rope_parameters={k: v for k, v in YARN.items() if "mscale" not in k}),
     "v3: no query latent, default rope, 2 dense layers": v3(q_lora_rank=None, first_k_dense_replace=2),
