@@ -62,6 +62,18 @@ def test_ep2_with_gemma_ffn_on_the_attention_mosaic_matches_single_process() -> 
                 runs=[(2, 1)]).assert_ok()
 
 
+# DeepSeek-V3.2's layout: DSA and MLA layers, a sigmoid router limited to 1 of 2 expert groups, no clamp.
+V32 = ["model.layer_types=[dsa,mla]", "model.ffn_types=[moe,moe]", "data.seq_len=32",
+       "model.attention.menu.dsa={kind: dsa, num_heads: 2, q_lora_rank: 32, kv_lora_rank: 32, index_heads: 16, "
+       "index_head_dim: 16, index_topk: 8}", "model.attention.menu.mla={kind: mla, num_heads: 2}",
+       "model.moe.score_func=sigmoid", "model.moe.n_group=2", "model.moe.topk_group=1", "model.moe.swiglu_limit=0"]
+
+
+@pytest.mark.multiproc
+def test_ep2_with_deepseek_v32_layout_and_group_routing_matches_single_process() -> None:
+    run_workers(ep_matches_one_process, world=2, timeout=600, overrides=OVERRIDES + V32, runs=[(2, 1)]).assert_ok()
+
+
 @pytest.mark.parametrize("overrides, world, message", [
     (["model.moe.num_experts=6", "parallel.ep=4"], None, "model.moe.num_experts=6 must be divisible by parallel.ep=4"),
     (["parallel.ep=2"], 3, "parallel.ep=2 and parallel.sp=1 must divide the world size 3"),
