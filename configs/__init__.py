@@ -225,6 +225,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                                             f"with a softmax over the experts and the skip expert; set softmax")
         _require(e.num_hash_layers == 0 and not e.router_input_norm and not e.per_expert_scale,
                  "model.moe.router='mlp' takes no num_hash_layers, router_input_norm or per_expert_scale")
+    _check_positive("model.moe", e, ["n_group", "topk_group"])
+    if e.n_group > 1:
+        _require(e.num_experts % e.n_group == 0 and e.num_experts // e.n_group >= 2,
+                 f"model.moe.n_group={e.n_group} must split model.moe.num_experts={e.num_experts} into equal groups "
+                 f"of at least 2 experts (a group scores by its two best)")
+        _require(e.topk_group <= e.n_group and e.top_k <= e.topk_group * (e.num_experts // e.n_group),
+                 f"model.moe.topk_group={e.topk_group} must be <= model.moe.n_group={e.n_group} and its groups must "
+                 f"hold model.moe.top_k={e.top_k} experts")
     _require(e.num_shared_experts >= 0, f"model.moe.num_shared_experts={e.num_shared_experts} must be >= 0")
     _require(e.shared_intermediate_size >= 0,
              f"model.moe.shared_intermediate_size={e.shared_intermediate_size} must be >= 0 (0 = num_shared_experts "

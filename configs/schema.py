@@ -55,6 +55,10 @@ class MoEConfig:
     shared_intermediate_size: int = 0  # shared-expert width; 0 = num_shared_experts x intermediate_size
     router: str = "linear"  # ROUTERS: linear scores, or ZAYA1's MLP router (layer-to-layer state, a skip expert)
     router_hidden_size: int = 256  # the MLP router's width R
+    # DeepSeek-V3 group-limited routing: experts in n_group equal groups; a token picks its top_k among the topk_group
+    # groups with the largest sum of their two best biased scores. 1 = no groups.
+    n_group: int = 1
+    topk_group: int = 1
 
 
 @dataclass
@@ -89,7 +93,8 @@ class ModelConfig:
     mtp_layers: int = 0  # multi-token-prediction blocks after the last layer (attention + MoE, like V4's)
     mtp_layer_type: str = "swa"  # menu entry of the MTP blocks' attention (V4: sliding window)
     mtp_loss_coef: float = 0.3  # total weight of the MTP losses, averaged over the MTP depths
-    init_from: Optional[str] = None  # transformers checkpoint (DeepSeek-V4, Qwen3-MoE, Gemma 4, Laguna, ZAYA1)
+    # transformers checkpoint to start from (DeepSeek-V4/V3.2/V3, GLM-MoE-DSA, Qwen3-MoE, Gemma 4, Laguna, ZAYA1)
+    init_from: Optional[str] = None
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 

@@ -15,9 +15,9 @@
                                              per-layer KV-cache bytes at a context length
     moesaic report RUN_DIR [--out DIR]       PNG plots of a run's metrics.jsonl (loss, MoE load, KV)
     moesaic convert SRC DST [--shard-gib G]  transformers checkpoint <-> moesaic native checkpoint; families
-                                             DeepSeek-V4, Qwen3-MoE, Gemma 4, Laguna, ZAYA1 (direction from SRC:
-                                             config.json or config.yaml; family from model_type, or inferred
-                                             from the model)
+                                             DeepSeek-V4, Qwen3-MoE, Gemma 4, Laguna, ZAYA1, DeepSeek-V3.2,
+                                             DeepSeek-V3, GLM-MoE-DSA (direction from SRC: config.json or
+                                             config.yaml; family from model_type, or inferred from the model)
 
 CONFIG is a YAML path or the name of a bundled config (``tiny``, ``small_gpu``). Overrides use
 omegaconf dot-lists, e.g. ``train.steps=50 model.moe.top_k=2``. Problems with the config, the data
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
     report.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
     conv = sub.add_parser("convert", help="convert a checkpoint between transformers' format (DeepSeek-V4, Qwen3-MoE, "
-                                          "Gemma 4, Laguna) and moesaic's")
+                                          "Gemma 4, Laguna, ZAYA1, DeepSeek-V3.2, DeepSeek-V3, GLM-MoE-DSA) and moesaic's")
     conv.add_argument("src", help="a transformers checkpoint (config.json; family from its model_type) or a native "
                                   "one (config.yaml; family inferred from the model)")
     conv.add_argument("dst", help="new output directory (written atomically; must not exist)")

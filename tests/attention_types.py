@@ -23,6 +23,11 @@ SMALL: dict[str, dict] = {
     "gqa": dict(num_heads=4, num_kv_heads=2, head_dim=16, rope_fraction=0.5, query_chunk=6, gate="head",
                 yarn_factor=4.0, yarn_original_max_position=16),  # Laguna's gate and YaRN
     "cca": dict(num_heads=4, num_kv_heads=2, head_dim=16, query_chunk=6),
+    "mla": dict(num_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                yarn_factor=4.0, yarn_original_max_position=32, yarn_mscale=1.0, yarn_mscale_all_dim=1.0,
+                query_chunk=6),
+    "dsa": dict(num_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                index_heads=16, index_head_dim=16, index_topk=5, query_chunk=6),
 }
 KINDS = list(registered())
 HF_KINDS = [kind for kind, cls in registered().items() if cls.hf_layer_type is not None]

@@ -33,7 +33,7 @@ def test_bundled_configs_load_and_overrides_apply() -> None:
     (["model.attention.window=64"], "unknown config key 'model.attention.window' in override 'model.attention.window="
                                     "64': attention fields now go in a menu entry (model.attention.menu.<name>.window) "
                                     "or in model.attention.common"),
-    (["model.attention.menu.csa.kind=mla"], "model.attention.menu.csa.kind='mla' is not an attention type"),
+    (["model.attention.menu.csa.kind=mamba"], "model.attention.menu.csa.kind='mamba' is not an attention type"),
     (["model.attention.menu.hca.index_topk=3"], "unknown config key 'model.attention.menu.hca.index_topk': kind hca"),
     (["model.attention.menu.hca.ratio=abc"], "bad value for 'model.attention.menu.hca.ratio'"),
     (["model.attention.menu.long={window: 64}"], "model.attention.menu.long needs a 'kind'"),

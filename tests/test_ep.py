@@ -81,6 +81,8 @@ LAGUNA = ["model.num_layers=4", "model.layer_types=[lg_global,lg_sliding,lg_slid
 @pytest.mark.multiproc
 def test_ep2_with_laguna_layers_and_router_matches_single_process() -> None:
     run_workers(ep_matches_one_process, world=2, timeout=600, overrides=OVERRIDES + LAGUNA, runs=[(2, 1)]).assert_ok()
+
+
 # ZAYA1's FFN (MLP router carrying its state from layer 0 to layer 1, skip expert, top-1, no shared expert) beside
 # a cca layer: the router and its state stay on the tokens' rank, only the experts' inputs travel.
 ZAYA = ["model.layer_types=[cca,swa]", "model.attention.menu.cca={kind: cca, num_kv_heads: 1, window: 0}",
@@ -92,6 +94,18 @@ ZAYA = ["model.layer_types=[cca,swa]", "model.attention.menu.cca={kind: cca, num
 @pytest.mark.multiproc
 def test_ep2_with_zaya_router_and_cca_matches_single_process() -> None:
     run_workers(ep_matches_one_process, world=2, timeout=600, overrides=OVERRIDES + ZAYA, runs=[(2, 1)]).assert_ok()
+
+
+# DeepSeek-V3.2's layout: DSA and MLA layers, a sigmoid router limited to 1 of 2 expert groups, no clamp.
+V32 = ["model.layer_types=[dsa,mla]", "model.ffn_types=[moe,moe]", "data.seq_len=32",
+       "model.attention.menu.dsa={kind: dsa, num_heads: 2, q_lora_rank: 32, kv_lora_rank: 32, index_heads: 16, "
+       "index_head_dim: 16, index_topk: 8}", "model.attention.menu.mla={kind: mla, num_heads: 2}",
+       "model.moe.score_func=sigmoid", "model.moe.n_group=2", "model.moe.topk_group=1", "model.moe.swiglu_limit=0"]
+
+
+@pytest.mark.multiproc
+def test_ep2_with_deepseek_v32_layout_and_group_routing_matches_single_process() -> None:
+    run_workers(ep_matches_one_process, world=2, timeout=600, overrides=OVERRIDES + V32, runs=[(2, 1)]).assert_ok()
 
 
 @pytest.mark.parametrize("overrides, world, message", [

@@ -29,7 +29,7 @@ from .cache import CompressedStream, SWACache
 from .compressed import CompressedAttention, CompressedSpec
 from .context import ForwardContext
 from .entries import CompressedKV
-from .indexer import Indexer, indexer_kl_loss, selected_scores
+from .indexer import Indexer
 from .kv_formats import index_entry_bytes
 from .stats import AttentionStats
 
@@ -121,34 +121,10 @@ class CompressedSparseAttention(CompressedAttention):
             return extra, None
         return extra, lambda mass: self.indexer_loss_coef * self._indexer_loss(ctx.sequence, q_i, w_i, keys, idx, mass)
 
-    @torch.no_grad()
     def _record_selection(self, stats: AttentionStats, sequence: WholeSequence, idx: torch.Tensor,
                           positions: torch.Tensor, num_entries: int) -> None:
-        """The indexer's selection statistics for a log step (docs/metrics.md), from idx [B,S,k] at positions [S].
-
-        index_distance: tokens from a pick's last token to the query, mean over picks; index_coverage:
-        fraction of the (sequence, entry) pairs picked by at least one query of the sequence;
-        index_overlap: fraction of a query's picks that the previous query also picked.
-        """
-        valid = idx >= 0  # [B,S,k]
-        distance = positions.view(1, -1, 1) - ((idx + 1) * self.ratio - 1)  # [B,S,k]; entry w ends at (w+1)m-1
-        stats.add_mean("index_distance", distance.masked_fill(~valid, 0).sum(), valid.sum())
-        hits = idx.new_zeros(idx.shape[0], num_entries + 1)  # [B, N + 1]; column N collects the -1 picks
-        hits.scatter_(1, idx.masked_fill(~valid, num_entries).flatten(1), 1)
-        covered = sequence.sum(hits[:, :num_entries]) > 0  # [B, N]: picked anywhere in the sequence
-        stats.add_mean("index_coverage", covered.sum(), covered.numel())
-        rows = torch.cat([sequence.preceding(idx, 1), idx], dim=1)  # [B, S (+1 from the previous shard), k]
-        shared = idx.new_zeros(())
-        for lo in range(0, rows.shape[1] - 1, self.query_chunk):  # [chunk, k, k] comparisons at a time
-            prev, cur = rows[:, lo:lo + self.query_chunk], rows[:, lo + 1:lo + 1 + self.query_chunk]
-            shared = shared + ((cur.unsqueeze(-1) == prev[:, :cur.shape[1]].unsqueeze(-2)).any(-1) & (cur >= 0)).sum()
-        stats.add_mean("index_overlap", shared, (rows[:, 1:] >= 0).sum())
+        self.indexer.record_selection(stats, sequence, idx, positions, num_entries, self.ratio)
 
     def _indexer_loss(self, sequence: WholeSequence, q_i: torch.Tensor, w_i: torch.Tensor, keys: torch.Tensor,
                       idx: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-        """KL from the main attention's head-summed mass on the selected entries (the kernel's ``mass``
-        [B,S,k]) to the indexer's softmax over them (index queries q_i, w_i from ``Indexer.queries``)."""
-        index_scores = selected_scores(q_i, w_i, keys, idx, self.query_chunk)  # [B,S,k]
-        valid = idx >= 0
-        queries = sequence.sum(valid.any(dim=-1).sum())  # the mean runs over the whole sequence
-        return indexer_kl_loss(index_scores, mass, valid, queries)
+        return self.indexer.kl_loss(sequence, q_i, w_i, keys, idx, mass)

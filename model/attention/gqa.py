@@ -19,8 +19,9 @@ and no K/V weights, and under SP the exchanged keys are reused, not fetched agai
 
 The kernel runs torch's fused scaled-dot-product attention over query chunks, each against only
 the keys its queries can see, with a [chunk, keys] mask: no [S, S] tensor, and the fused kernels
-keep only the log-sum-exp for backward, so memory is linear in S for sliding layers and
-O(S x chunk) transient for global ones.
+keep only the log-sum-exp for backward. The mask is a strided view of one row (the chunk's queries
+run in reverse order, so visibility depends on row + column), so what backward keeps per chunk is
+O(chunk + keys), not a [chunk, keys] tensor: memory is linear in S for sliding and global layers.
 """
 
 from __future__ import annotations
@@ -287,11 +288,25 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start
     """
     outs = []
     for qs, ks, mask in _chunks(q.shape[1], k.shape[1], query_start, key_start, window, query_chunk, q.device):
+        queries, flip = q[:, qs], mask is not None
+        if flip:  # rows reversed: visibility is a function of row + column, a [queries + keys] buffer's strided view
+            queries, mask = queries.flip(1), _reversed_mask(query_start + qs.stop - 1 - (key_start + ks.start),
+                                                            qs.stop - qs.start, ks.stop - ks.start, window, q)
         o = F.scaled_dot_product_attention(
-            q[:, qs].transpose(1, 2), k[:, ks].transpose(1, 2), v[:, ks].transpose(1, 2),
-            attn_mask=mask, scale=scale, enable_gqa=True)  # [B,H,chunk,hd]
-        outs.append(o.transpose(1, 2))
+            queries.transpose(1, 2), k[:, ks].transpose(1, 2), v[:, ks].transpose(1, 2),
+            attn_mask=mask, scale=scale, enable_gqa=True).transpose(1, 2)  # [B,chunk,H,hd]
+        outs.append(o.flip(1) if flip else o)
     return torch.cat(outs, dim=1)
+
+
+def _reversed_mask(last: int, queries: int, keys: int, window: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive [queries, keys] mask of a chunk whose query rows come in reverse order, ``last`` = the position of
+    its last query minus that of its first key. Row i' (query at first-key offset last - i') sees key j iff
+    i' + j <= last (and > last - window), so the mask is a stride-(1, 1) view of one [queries + keys - 1] row:
+    the fused kernel keeps that view for backward, not a [queries, keys] tensor per chunk."""
+    row = like.new_full((queries + keys - 1,), float("-inf"))
+    row[max(0, last - window + 1) if window else 0:last + 1] = 0
+    return row.as_strided((queries, keys), (1, 1))
 
 
 @torch.no_grad()

@@ -26,8 +26,10 @@ from torch.autograd.function import once_differentiable
 from .._cpu_compiled import use_compiled
 from ..checkpointing import products_not_kept
 from ..rope import RotaryEmbedding
+from ..sequence import WholeSequence
 from .compressor import Compressor, CompressorState, rope_tail
 from .entries import add_gathered_grad, gather_entries, per_block
+from .stats import AttentionStats
 
 if TYPE_CHECKING:
     from .csa import CSASpec
@@ -81,42 +83,31 @@ def _exact_topk(score: torch.Tensor, k: int) -> torch.Tensor:
     return _entries_of(order)
 
 
-class Indexer(nn.Module):
-    """Lightning indexer of one CSA layer; parameter names follow the official checkpoints."""
+class LightningIndexer(nn.Module):
+    """What V4's CSA indexer and V3.2's DSA indexer (dsa.py) share: index queries from the query latent,
+    per-head weights, the exact chunked top-k, the differentiable rescoring of the picks for the KL
+    loss and the selection statistics. Subclasses supply the keys and the RoPE of the queries."""
 
-    def __init__(self, spec: CSASpec, hidden_size: int, eps: float, rope: RotaryEmbedding, backend: str) -> None:
+    def __init__(self, q_lora_rank: int, hidden_size: int, n_heads: int, head_dim: int, topk: int,
+                 query_chunk: int, backend: str) -> None:
         super().__init__()
-        self.n_heads, self.head_dim, self.rope_dim = spec.index_heads, spec.index_head_dim, spec.rope_head_dim
-        self.topk, self.ratio, self.query_chunk = spec.index_topk, spec.ratio, spec.query_chunk
-        self.wq_b = nn.Linear(spec.q_lora_rank, spec.index_heads * spec.index_head_dim, bias=False)
-        self.weights_proj = nn.Linear(hidden_size, spec.index_heads, bias=False)
-        self.compressor = Compressor(hidden_size, spec.index_head_dim, spec.ratio, True, rope, spec.rope_head_dim, eps)
-        self.rope = rope
+        self.n_heads, self.head_dim, self.topk, self.query_chunk = n_heads, head_dim, topk, query_chunk
+        self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
         self.backend = backend  # model.attention.backend: the compiled CPU selection, the torch ops or Triton
 
-    def keys(self, x: torch.Tensor, start: int = 0, before: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Index keys [B, S//m, c_I] of x [B, S, D] (input detached: see the module docstring).
+    def raw_queries(self, q_lat: torch.Tensor) -> torch.Tensor:
+        """fp32 unrotated index queries [B, S, H, c_I] of q_lat [B, S, q_lora_rank] (detached input)."""
+        return self.wq_b(q_lat.detach()).float().unflatten(-1, (self.n_heads, self.head_dim))
 
-        ``start``/``before``: x's position and preceding window, as in ``Compressor.forward``.
-        """
-        return self.compressor(x.detach(), start, None if before is None else before.detach()).float()
-
-    def queries(self, q_lat: torch.Tensor, x: torch.Tensor,
-                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 index queries q [B, S, H, c_I], rotated at ``positions`` [S], and head weights w [B, S, H].
-
-        w already carries the n_I^-1/2 * c_I^-1/2 scale. Inputs are detached (module docstring).
-        """
-        q = self.wq_b(q_lat.detach()).float().unflatten(-1, (self.n_heads, self.head_dim))  # [B, S, H, c_I]
-        cos, sin = self.rope(positions)  # [S, rope_dim/2]
-        q = rope_tail(q, cos[:, None], sin[:, None], self.rope_dim)  # [B, S, H, c_I]
-        w = self.weights_proj(x.detach()).float() * (self.n_heads * self.head_dim) ** -0.5  # [B, S, H]
-        return q, w
+    def head_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 head weights w [B, S, H] of x (detached), carrying the n_I^-1/2 * c_I^-1/2 scale."""
+        return self.weights_proj(x.detach()).float() * (self.n_heads * self.head_dim) ** -0.5
 
     @staticmethod
     def scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Unmasked index scores I [B, S, N] from ``queries`` output and keys [B, N, c_I]."""
-        return Indexer._scores_t(q, w, keys.float().transpose(1, 2).contiguous())
+        return LightningIndexer._scores_t(q, w, keys.float().transpose(1, 2).contiguous())
 
     @staticmethod
     def _scores_t(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
@@ -180,6 +171,63 @@ class Indexer(nn.Module):
             top_scores[:, lo:hi, :picked.shape[-1]] = score.gather(-1, picked)
             top_idx[:, lo:hi, :picked.shape[-1]] = picked.masked_fill(picked >= visible[lo:hi, None], -1)
         return top_idx, top_scores
+
+    @torch.no_grad()
+    def record_selection(self, stats: AttentionStats, sequence: WholeSequence, idx: torch.Tensor,
+                         positions: torch.Tensor, num_entries: int, ratio: int) -> None:
+        """The selection statistics for a log step (docs/metrics.md), from idx [B,S,k] at positions [S].
+
+        index_distance: tokens from a pick's last token to the query, mean over picks; index_coverage:
+        fraction of the (sequence, entry) pairs picked by at least one query of the sequence;
+        index_overlap: fraction of a query's picks that the previous query also picked.
+        """
+        valid = idx >= 0  # [B,S,k]
+        distance = positions.view(1, -1, 1) - ((idx + 1) * ratio - 1)  # [B,S,k]; entry w ends at (w+1)m-1
+        stats.add_mean("index_distance", distance.masked_fill(~valid, 0).sum(), valid.sum())
+        hits = idx.new_zeros(idx.shape[0], num_entries + 1)  # [B, N + 1]; column N collects the -1 picks
+        hits.scatter_(1, idx.masked_fill(~valid, num_entries).flatten(1), 1)
+        covered = sequence.sum(hits[:, :num_entries]) > 0  # [B, N]: picked anywhere in the sequence
+        stats.add_mean("index_coverage", covered.sum(), covered.numel())
+        rows = torch.cat([sequence.preceding(idx, 1), idx], dim=1)  # [B, S (+1 from the previous shard), k]
+        shared = idx.new_zeros(())
+        for lo in range(0, rows.shape[1] - 1, self.query_chunk):  # [chunk, k, k] comparisons at a time
+            prev, cur = rows[:, lo:lo + self.query_chunk], rows[:, lo + 1:lo + 1 + self.query_chunk]
+            shared = shared + ((cur.unsqueeze(-1) == prev[:, :cur.shape[1]].unsqueeze(-2)).any(-1) & (cur >= 0)).sum()
+        stats.add_mean("index_overlap", shared, (rows[:, 1:] >= 0).sum())
+
+    def kl_loss(self, sequence: WholeSequence, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
+                idx: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        """KL from the main attention's head-summed mass on the picks (mass [B,S,k]) to the indexer's softmax
+        over them (q, w: the index queries and head weights of the selection; keys [B,N,c_I])."""
+        index_scores = selected_scores(q, w, keys, idx, self.query_chunk)  # [B,S,k]
+        valid = idx >= 0
+        queries = sequence.sum(valid.any(dim=-1).sum())  # the mean runs over the whole sequence
+        return indexer_kl_loss(index_scores, mass, valid, queries)
+
+
+class Indexer(LightningIndexer):
+    """Lightning indexer of one CSA layer: keys from its own compressor; names follow the official checkpoints."""
+
+    def __init__(self, spec: CSASpec, hidden_size: int, eps: float, rope: RotaryEmbedding, backend: str) -> None:
+        super().__init__(spec.q_lora_rank, hidden_size, spec.index_heads, spec.index_head_dim, spec.index_topk,
+                         spec.query_chunk, backend)
+        self.rope_dim, self.ratio = spec.rope_head_dim, spec.ratio
+        self.compressor = Compressor(hidden_size, spec.index_head_dim, spec.ratio, True, rope, spec.rope_head_dim, eps)
+        self.rope = rope
+
+    def keys(self, x: torch.Tensor, start: int = 0, before: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Index keys [B, S//m, c_I] of x [B, S, D] (input detached: see the module docstring).
+
+        ``start``/``before``: x's position and preceding window, as in ``Compressor.forward``.
+        """
+        return self.compressor(x.detach(), start, None if before is None else before.detach()).float()
+
+    def queries(self, q_lat: torch.Tensor, x: torch.Tensor,
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 index queries q [B, S, H, c_I], rotated at ``positions`` [S], and head weights w [B, S, H]."""
+        cos, sin = self.rope(positions)  # [S, rope_dim/2]
+        q = rope_tail(self.raw_queries(q_lat), cos[:, None], sin[:, None], self.rope_dim)  # [B, S, H, c_I]
+        return q, self.head_weights(x)
 
     def forward(self, q_lat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training / stateless prefill over positions 0..S-1: (topk_idx, topk_scores, keys)."""

@@ -7,8 +7,9 @@ persistent buffers ``expert_bias`` and ``tid2eid``, official DeepSeek-V4 names, 
 transformers format: ``config.json`` + ``model.safetensors`` (or shards with
 ``model.safetensors.index.json``) that ``<Family>ForCausalLM.from_pretrained`` loads. Families
 (``family.py``, one module each): DeepSeek-V4 (``deepseek_v4``, names in ``deepseek_v4_names``),
-Qwen3-MoE (``qwen3_moe``), Gemma 4 text (``gemma4``), Laguna (``laguna``). Import picks the family by config.json's
-``model_type``; export by the shape of the ModelConfig (``family_for_model``).
+Qwen3-MoE (``qwen3_moe``), Gemma 4 text (``gemma4``), Laguna (``laguna``), ZAYA1 (``zaya``), DeepSeek-V3 and V3.2
+(``deepseek_v3``). Import picks the family by config.json's ``model_type``; export by the shape of the ModelConfig
+(``family_for_model``).
 
     export_hf(native_dir, hf_dir)      native -> transformers (moesaic convert NATIVE HF)
     import_hf(hf_dir, native_dir)      transformers -> native (moesaic convert HF NATIVE)

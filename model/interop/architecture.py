@@ -37,7 +37,7 @@ def architecture(cfg: ModelConfig) -> dict[str, Any]:
         out.update({f"moe.{k}": getattr(m, k) for k in (
             "num_experts", "top_k", "intermediate_size", "num_shared_experts", "score_func", "norm_topk_prob",
             "routed_scaling_factor", "swiglu_limit", "num_hash_layers", "router_input_norm", "per_expert_scale",
-            "router_logit_softcap")})
+            "router_logit_softcap", "n_group", "topk_group")})
         if m.num_shared_experts:
             out["moe.shared_width"] = m.shared_intermediate_size or m.intermediate_size * m.num_shared_experts
     if any(t != "moe" for t in ffn_types):

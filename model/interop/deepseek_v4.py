@@ -51,6 +51,8 @@ def check_exportable(cfg: ModelConfig) -> None:
     require(m.router_logit_softcap == 0, f"model.moe.router_logit_softcap={m.router_logit_softcap}: DeepSeek-V4's "
                                          "router has no softcap (0)")
     require(m.norm_topk_prob, "model.moe.norm_topk_prob=false: DeepSeek-V4 always normalises the top-k gates")
+    require(m.router == "linear", f"model.moe.router='{m.router}': DeepSeek-V4 routes with a linear router")
+    require(m.n_group == 1, f"model.moe.n_group={m.n_group}: DeepSeek-V4 routes without expert groups (1)")
     require(m.score_func in SCORE_FUNCS, f"model.moe.score_func='{m.score_func}': transformers' DeepSeek-V4 "
                                          f"builds only {' and '.join(SCORE_FUNCS)} routers")
     require(not cfg.tie_embeddings, "model.tie_embeddings=true: DeepSeek-V4 checkpoints have an untied head")

@@ -1,9 +1,9 @@
 """Model families moesaic converts to and from transformers, and how one is chosen.
 
-A family is one transformers architecture (DeepSeek-V4, Qwen3-MoE, Gemma 4 text, Laguna, ZAYA1) answering
-four questions: which ModelConfig a config.json describes (``from_hf``), which config.json a ModelConfig
-exports to (``to_hf``, refusing with a ConfigError naming the field it cannot express), and where
-each tensor lives in a checkpoint (``names``, a ``tensor_map.NamePlan``). On import the family is
+A family is one transformers architecture (DeepSeek-V4, Qwen3-MoE, Gemma 4 text, Laguna, ZAYA1, DeepSeek-V3 /
+V3.2, GLM-MoE-DSA) answering four questions: which ModelConfig a config.json describes (``from_hf``), which
+config.json a ModelConfig exports to (``to_hf``, refusing with a ConfigError naming the field it cannot
+express), and where each tensor lives in a checkpoint (``names``, a ``tensor_map.NamePlan``). On import the family is
 config.json's ``model_type``; on export it is the one ``family_for_model`` infers from the config.
 """
 
@@ -88,13 +88,14 @@ class Family(ABC):
 
 def families() -> list[Family]:
     """The families in the order export tries them: the first that claims a config exports it."""
+    from .deepseek_v3 import DeepSeekV3, DeepSeekV32, GlmMoeDsa
     from .deepseek_v4 import DeepSeekV4
     from .gemma4 import Gemma4
     from .laguna import Laguna
     from .qwen3_moe import Qwen3Moe
     from .zaya import Zaya
 
-    return [Zaya(), Gemma4(), Laguna(), Qwen3Moe(), DeepSeekV4()]
+    return [Zaya(), Gemma4(), Laguna(), Qwen3Moe(), DeepSeekV32(), GlmMoeDsa(), DeepSeekV3(), DeepSeekV4()]
 
 
 def family_for_hf(hf: dict[str, Any], source: str) -> Family:

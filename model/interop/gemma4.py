@@ -180,7 +180,7 @@ def _check_model(cfg: ModelConfig) -> None:
         require_values(m, "model.moe", "Gemma 4", [
             ("score_func", "softmax"), ("norm_topk_prob", True), ("routed_scaling_factor", 1.0),
             ("num_shared_experts", 0), ("num_hash_layers", 0), ("router_input_norm", True), ("per_expert_scale", True),
-            ("router_logit_softcap", 0.0)])
+            ("router_logit_softcap", 0.0), ("n_group", 1), ("router", "linear")])
 
 
 def _check_sharing(cfg: ModelConfig, types: list[str]) -> int:

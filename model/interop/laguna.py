@@ -150,7 +150,7 @@ def _check_model(cfg: ModelConfig) -> None:
     m = cfg.moe
     require_values(m, "model.moe", "Laguna", [
         ("score_func", "sigmoid"), ("norm_topk_prob", True), ("swiglu_limit", 0.0), ("num_hash_layers", 0),
-        ("router_input_norm", False), ("per_expert_scale", False)])
+        ("router_input_norm", False), ("per_expert_scale", False), ("router", "linear"), ("n_group", 1)])
     require(m.num_shared_experts >= 1, f"model.moe.num_shared_experts={m.num_shared_experts}: Laguna's MoE layers "
                                        "have a shared expert")
 

@@ -96,7 +96,7 @@ def check_exportable(cfg: ModelConfig) -> None:
     require_values(cfg.moe, "model.moe", "Qwen3-MoE", [
         ("score_func", "softmax"), ("num_shared_experts", 0), ("routed_scaling_factor", 1.0), ("swiglu_limit", 0.0),
         ("num_hash_layers", 0), ("router_input_norm", False), ("per_expert_scale", False),
-        ("router_logit_softcap", 0.0)])
+        ("router_logit_softcap", 0.0), ("n_group", 1), ("router", "linear")])
 
 
 class Qwen3Moe(Family):

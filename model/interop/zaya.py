@@ -94,7 +94,8 @@ def check_exportable(cfg: ModelConfig) -> None:
         require(cfg.ffn_type(i) == "moe", f"model.ffn_types[{i}]='{cfg.ffn_type(i)}': ZAYA1 layers are all moe")
     require_values(cfg.moe, "model.moe", "ZAYA1", [
         ("router", "mlp"), ("top_k", 1), ("score_func", "softmax"), ("norm_topk_prob", False),
-        ("num_shared_experts", 0), ("routed_scaling_factor", 1.0), ("swiglu_limit", 0.0)])
+        ("num_shared_experts", 0), ("routed_scaling_factor", 1.0), ("swiglu_limit", 0.0),
+        ("n_group", 1), ("router_logit_softcap", 0.0)])
 
 
 def _groups(cfg: ModelConfig) -> dict[str, list[int]]:

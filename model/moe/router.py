@@ -68,6 +68,9 @@ class Router(nn.Module):
     zero (``update_bias`` skips it). The table is ``hash_routing_table`` when training from
     scratch and the checkpoint's when importing one.
 
+    DeepSeek-V3's group-limited routing (``n_group`` > 1, ``_limit_groups``) restricts the biased top-k to each
+    token's best ``topk_group`` groups of experts; the gates are still the unbiased scores.
+
     Gemma 4's router (``Gemma4TextRouter``, MOSAIC_SPEC §1.7) is two options: ``router_input_norm``
     scores z = rms_normalize(x) * scale * D^-0.5 instead of x (``scale`` [D] from 1 = HF ``router.scale``),
     and ``per_expert_scale`` multiplies the selected, renormalised gates by ``per_expert_scale[idx]``
@@ -92,6 +95,7 @@ class Router(nn.Module):
         self.score_func = moe.score_func
         self.norm_topk_prob = moe.norm_topk_prob
         self.routed_scaling_factor = moe.routed_scaling_factor
+        self.n_group, self.topk_group = moe.n_group, moe.topk_group
         self.bias_update_rate = moe.bias_update_rate
         self.seq_aux_loss_coef = moe.seq_aux_loss_coef
         self.weight = nn.Parameter(torch.empty(moe.num_experts, cfg.hidden_size))
@@ -149,8 +153,19 @@ class Router(nn.Module):
                 raise ValueError(f"layer {self.layer_idx} routes by token-id hash and needs input_ids")
             return self.tid2eid[input_ids.reshape(-1)]
         biased = scores + self.expert_bias
+        if self.n_group > 1:
+            biased = self._limit_groups(biased)
         # A stable descending sort keeps equal values in index order; topk gives no such promise.
         return biased.sort(dim=-1, descending=True, stable=True).indices[:, : self.top_k]
+
+    def _limit_groups(self, biased: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's group-limited routing (MOSAIC_SPEC §4.5): biased scores [T, E] with -inf outside each
+        token's topk_group groups, ranked by the sum of their two best biased scores (ties: the lower group)."""
+        grouped = biased.view(biased.shape[0], self.n_group, -1)  # [T, G, E/G]
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        keep = group_scores.sort(dim=-1, descending=True, stable=True).indices[:, :self.topk_group]  # [T, topk_group]
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)  # [T, G]
+        return grouped.masked_fill(~allowed.unsqueeze(-1), float("-inf")).view_as(biased)
 
     def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
                 sequence: WholeSequence = WHOLE, carry: Optional[dict] = None) -> RouterOutput:
