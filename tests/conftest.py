@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter. Set here, before any test module imports transformers:
+# that imports triton, which reads the setting once.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _NAMES = ("ROMEO", "JULIET", "NURSE", "FRIAR", "MERCUTIO", "TYBALT")
 _WORDS = ("the love night sweet fair death lord lady hand heart name rose light star kiss sword house "

@@ -1,22 +1,17 @@
 """The CSA indexer's Triton scores (``model.attention.backend="triton"``) against the torch ops, on CPU in
-Triton's interpreter (on a GPU machine the same tests run the compiled kernel)."""
+Triton's interpreter (conftest sets TRITON_INTERPRET; on a GPU machine the same tests run the compiled kernel)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before the kernel module is imported: triton.jit reads it then
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from moesaic.configs import ConfigError, load_config
+from moesaic.model.attention._indexer_triton import indexer_scores
+from moesaic.model.attention.indexer import Indexer
 
-from moesaic.configs import ConfigError, load_config  # noqa: E402
-from moesaic.model.attention._indexer_triton import indexer_scores  # noqa: E402
-from moesaic.model.attention.indexer import Indexer  # noqa: E402
-
-from numerics import assert_close_scaled  # noqa: E402
-import test_compressor  # noqa: E402
+from numerics import assert_close_scaled
+import test_compressor
 
 pytestmark = pytest.mark.numerics
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
