@@ -31,6 +31,7 @@ from moesaic.configs import ConfigError
 from moesaic.configs.schema import ModelConfig
 
 from .attention.base import AttentionSpec, layer_specs, resolve_menu
+from .attention.elastic import ElasticAttention, ElasticSpec
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,9 @@ def topk_variants(menu: dict[str, AttentionSpec], topks: Sequence[int]) -> dict[
 
 
 def layer_choices(cfg: ModelConfig, context: int, seq_len: int, fmt: str = "bf16", index_fmt: Optional[str] = None,
-                  kinds: Optional[Sequence[str]] = None, topks: Sequence[int] = (),
-                  modes: Optional[list[dict[str, AttentionSpec]]] = None) -> list[list[Choice]]:
-    """Every decoder layer's choices, cheapest KV first (ties by name). ``modes``: per layer, the entries
-    its weights run (an elastic layer's modes); by default the menu entries whose weights fit."""
+                  kinds: Optional[Sequence[str]] = None, topks: Sequence[int] = ()) -> list[list[Choice]]:
+    """Every decoder layer's choices, cheapest KV first (ties by name): an elastic layer's modes, else the
+    menu entries its weights can run (``topks``: with smaller-top-k variants)."""
     index_fmt = index_fmt or fmt
     menu = topk_variants(resolve_menu(cfg), topks)
     specs = layer_specs(cfg)[:cfg.num_layers]
@@ -97,8 +97,8 @@ def layer_choices(cfg: ModelConfig, context: int, seq_len: int, fmt: str = "bf16
     out = []
     for i, spec in enumerate(specs):
         entry = cfg.attention_type(i)
-        if modes is not None:
-            candidates = modes[i]
+        if isinstance(spec, ElasticSpec):
+            candidates = topk_variants(spec.mode_specs(), topks)
         elif i in pinned:
             candidates = {entry: spec}
         else:
@@ -109,8 +109,9 @@ def layer_choices(cfg: ModelConfig, context: int, seq_len: int, fmt: str = "bf16
         if not allowed:
             raise ConfigError(f"layer {i} ('{entry}', {spec.kind}) has no choice among --types {','.join(kinds or [])} "
                               f"that its weights can run (it runs: {', '.join(sorted(candidates))})")
+        current = spec.default_mode() if isinstance(spec, ElasticSpec) else entry
         choices = [Choice(n, s, sum(s.kv_bytes(context, fmt, index_fmt)), s.flops_per_token(seq_len),
-                          current=(n == entry)) for n, s in allowed.items()]
+                          current=(n == current)) for n, s in allowed.items()]
         out.append(sorted(choices, key=lambda c: (c.kv_bytes, c.flops, c.entry)))
     return out
 
@@ -185,3 +186,32 @@ def format_plan(chosen: Plan, context: int, kv_budget: float, cost_unit: str) ->
     lines.append(f"total: {chosen.kv_bytes / mib:,.3f} MiB ({chosen.kv_bytes / context:,.1f} B/token) of "
                  f"{kv_budget / mib:,.3f} MiB; predicted cost {chosen.cost:.4f} ({cost_unit})")
     return "\n".join(lines)
+
+
+CACHE_FORMATS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def fit_modes(model: torch.nn.Module, tokens: int, kv_budget: Optional[float], batch_size: int = 1) -> Optional[Plan]:
+    """The budget controller of decoding: set each elastic layer's inference mode so the decode cache of
+    ``batch_size`` sequences of ``tokens`` tokens fits ``kv_budget`` bytes with the least total mode cost
+    (``ElasticSpec.mode_cost``); None resets every elastic layer to its ``eval_mode``. Returns the plan."""
+    layers = [block.attn for block in model.layers]  # type: ignore[attr-defined]
+    elastic = [a for a in layers if isinstance(a, ElasticAttention)]
+    if kv_budget is None or not elastic:
+        for a in elastic:
+            a.set_mode(None)
+        return None
+    cfg = model.cfg  # type: ignore[attr-defined]
+    fmt = CACHE_FORMATS[model.head.weight.dtype]  # type: ignore[attr-defined]
+    choices, costs = [], []
+    for i, spec in enumerate(layer_specs(cfg)[:cfg.num_layers]):
+        named = spec.mode_specs() if isinstance(spec, ElasticSpec) else {cfg.attention_type(i): spec}
+        # Caches keep indexer keys in fp32 whatever the model's dtype (attention/cache.py).
+        options = [Choice(n, s, batch_size * sum(s.kv_bytes(tokens, fmt, "fp32")), 0.0) for n, s in named.items()]
+        choices.append(options)
+        costs.append([spec.mode_cost(c.entry) if isinstance(spec, ElasticSpec) else 0.0 for c in options])
+    chosen = plan(choices, costs, kv_budget)
+    for attn, choice in zip(layers, chosen.choices):
+        if isinstance(attn, ElasticAttention):
+            attn.set_mode(choice.entry)
+    return chosen

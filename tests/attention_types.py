@@ -16,11 +16,15 @@ from moesaic.model.attention import AttentionSpec, registered
 _V4 = dict(num_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16, window=8,
            query_chunk=6)
 _COMPRESSED = dict(_V4, yarn_factor=4.0, yarn_original_max_position=32)
+SMALL_CSA = dict(_COMPRESSED, ratio=4, index_heads=16, index_head_dim=16, index_topk=3)
 SMALL: dict[str, dict] = {
     "swa": _V4,
-    "csa": dict(_COMPRESSED, ratio=4, index_heads=16, index_head_dim=16, index_topk=3),
+    "csa": SMALL_CSA,
     "hca": dict(_COMPRESSED, ratio=8),
     "gqa": dict(num_heads=4, num_kv_heads=2, head_dim=16, rope_fraction=0.5, query_chunk=6),
+    # V4's modes on one backbone, best first: CSA at two top-k, HCA, window only; evaluated (and decoded) as CSA
+    "elastic": dict(modes={"csa": dict(kind="csa", **SMALL_CSA), "csa1": dict(kind="csa", **dict(SMALL_CSA, index_topk=1)),
+                           "hca": dict(kind="hca", **_COMPRESSED, ratio=8), "window": dict(kind="swa", **_V4)}),
 }
 KINDS = list(registered())
 HF_KINDS = [kind for kind, cls in registered().items() if cls.hf_layer_type is not None]
