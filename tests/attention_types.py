@@ -46,15 +46,23 @@ def _has(kind: str, field: str) -> bool:
 def menu_overrides(**fixed: object) -> list[str]:
     """``small_menu`` as dot-list overrides (one whole entry each), with the ``fixed`` values for the fields
     an entry's kind has (they win over a base config's entries, which ``model.attention.common`` does not)."""
+    def mode(settings: dict) -> dict:  # an elastic entry's mode gets the fixed values of its own kind
+        return {**settings, **{k: v for k, v in fixed.items() if _has(settings["kind"], k)}}
+
     def entry(kind: str) -> str:
         fields = {"kind": kind, **SMALL[kind], **{k: v for k, v in fixed.items() if _has(kind, k)}}
+        if "modes" in fields:
+            fields["modes"] = {name: mode(m) for name, m in fields["modes"].items()}
         return "{" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}"
     return [f"model.attention.menu.{kind}={entry(kind)}" for kind in KINDS]
 
 
 def every_entry(field: str, value: object) -> list[str]:
-    """Dot-list overrides setting ``field`` in every ``menu_overrides`` entry whose kind has it."""
-    return [f"model.attention.menu.{kind}.{field}={value}" for kind in KINDS if _has(kind, field)]
+    """Dot-list overrides setting ``field`` in every ``menu_overrides`` entry (and elastic mode) whose kind has it."""
+    modes = [f"{kind}.modes.{name}" for kind in KINDS for name, m in SMALL[kind].get("modes", {}).items()
+             if _has(m["kind"], field)]
+    return [f"model.attention.menu.{where}.{field}={value}"
+            for where in [kind for kind in KINDS if _has(kind, field)] + modes]
 
 
 # The attention mosaic as config overrides, for a menu that already has "csa" and "hca" entries: V4's CSA and
