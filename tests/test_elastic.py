@@ -19,6 +19,7 @@ from moesaic.model.attention.elastic import ElasticAttention, draw_modes, mode_s
 from moesaic.model.budget import layer_choices, plan
 from moesaic.model.kv_accounting import layer_kv_bytes
 from moesaic.model.transformer import Transformer
+from moesaic.trainer.budget_costs import calibration_costs, mean_loss
 from numerics import assert_close_scaled
 
 pytestmark = pytest.mark.numerics
@@ -147,8 +148,15 @@ def test_training_draws_are_seeded_per_step_and_layer_and_logged() -> None:
 
 
 def test_the_planner_offers_an_elastic_layers_modes() -> None:
+    """Choices are the modes; calibration runs each mode in place: its cost is the twin model's loss increase."""
     cfg = _cfg(["elastic", "swa"])
     choices = layer_choices(cfg, 2**16, 32)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    batches = [torch.randint(0, 64, (2, 25))]
+    base, costs = calibration_costs(cfg, model.state_dict(), batches, choices)
+    hca = [c.entry for c in choices[0]].index("hca")
+    assert costs[0][hca] == pytest.approx(mean_loss(_fixed_twin(model, ["hca", "swa"]), batches) - base, abs=1e-9)
     assert [c.entry for c in choices[0]] == ["window", "hca", "csa1", "csa"] and choices[0][3].current
     chosen = plan(choices, [[3.0, 1.0, 0.5, 0.0], [0.0]], choices[0][1].kv_bytes + choices[1][0].kv_bytes)
     assert [c.entry for c in chosen.choices] == ["hca", "swa"]

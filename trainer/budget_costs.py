@@ -1,7 +1,7 @@
 """Predicted cost of each layer's budget choices (model/budget.py), from a run's statistics or a calibration.
 
 * ``calibration_costs`` (nats): the validation-loss increase when that layer alone runs the choice,
-  with the trained weights, on the first validation batches. Exact for one switched layer; the
+  with the trained weights (an elastic layer: in that mode), on the first validation batches. Exact for one switched layer; the
   planner adds the layers' increases, which ignores their interactions.
 * ``stats_costs`` (attention mass): a proxy when no forward should run. A layer that put mass m on
   its compressed entries (``attn_layers/L../mass_compressed``, the mean of the last logged rows)
@@ -18,6 +18,7 @@ import torch
 
 from ..configs import ModelConfig
 from ..model.attention.base import AttentionSpec
+from ..model.attention.elastic import ElasticAttention
 from ..model.budget import Choice
 from ..model.transformer import Transformer
 from .data import sequence_shard
@@ -63,6 +64,11 @@ def calibration_costs(cfg: ModelConfig, state: dict[str, torch.Tensor], batches:
         for c in options:
             if c.current:
                 row.append(0.0)
+                continue
+            if isinstance(trained, ElasticAttention):  # its modes hold their weights already
+                trained.set_mode(c.entry)
+                row.append(mean_loss(model, batches) - base)
+                trained.set_mode(None)
                 continue
             block.attn = c.spec.build(cfg, layer)
             wanted = block.attn.state_dict()
