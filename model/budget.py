@@ -166,13 +166,19 @@ def _pareto(states: State) -> State:
 
 
 def planned_model(cfg: ModelConfig, chosen: Plan) -> ModelConfig:
-    """``cfg`` with the plan's entries as its layer types (derived top-k variants added to the menu)."""
-    menu = dict(cfg.attention.menu)
+    """``cfg`` with the plan's entries as its layer types; choices that are not menu entries (top-k variants,
+    elastic modes) join the menu under their name, or ``<name>_planned`` if the menu uses the name otherwise."""
+    menu, resolved, names = dict(cfg.attention.menu), resolve_menu(cfg), []
     for c in chosen.choices:
-        if c.entry not in menu:
-            menu[c.entry] = {k: v for k, v in dataclasses.asdict(c.spec).items()}
+        name = c.entry
+        while name in menu and resolved.get(name) != c.spec:
+            name += "_planned"
+        if name not in menu:
+            menu[name] = dataclasses.asdict(c.spec)
+            resolved[name] = c.spec
+        names.append(name)
     attention = dataclasses.replace(cfg.attention, menu=menu)
-    return dataclasses.replace(cfg, attention=attention, layer_types=[c.entry for c in chosen.choices])
+    return dataclasses.replace(cfg, attention=attention, layer_types=names)
 
 
 def format_plan(chosen: Plan, context: int, kv_budget: float, cost_unit: str) -> str:

@@ -16,7 +16,8 @@ from attention_types import SMALL, small_menu
 from moesaic.configs import ConfigError, load_config
 from moesaic.configs.schema import ModelConfig
 from moesaic.model.attention.elastic import ElasticAttention, draw_modes, mode_shares
-from moesaic.model.budget import layer_choices, plan
+from moesaic.model.attention import layer_specs
+from moesaic.model.budget import layer_choices, plan, planned_model
 from moesaic.model.kv_accounting import layer_kv_bytes
 from moesaic.model.transformer import Transformer
 from moesaic.trainer.budget_costs import calibration_costs, mean_loss
@@ -160,6 +161,12 @@ def test_the_planner_offers_an_elastic_layers_modes() -> None:
     assert [c.entry for c in choices[0]] == ["window", "hca", "csa1", "csa"] and choices[0][3].current
     chosen = plan(choices, [[3.0, 1.0, 0.5, 0.0], [0.0]], choices[0][1].kv_bytes + choices[1][0].kv_bytes)
     assert [c.entry for c in chosen.choices] == ["hca", "swa"]
+    assert planned_model(cfg, chosen).layer_types == ["hca", "swa"]  # the menu's "hca" is the same entry
+    menu = {**cfg.attention.menu, "hca": dataclasses.replace(cfg.attention.menu["hca"], ratio=4)}
+    other = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, menu=menu))
+    planned = planned_model(other, chosen)  # a menu entry "hca" that differs from the mode: a new name
+    assert planned.layer_types == ["hca_planned", "swa"]
+    assert layer_specs(planned)[0] == choices[0][1].spec and layer_specs(planned)[1] == layer_specs(cfg)[1]
 
 
 @pytest.mark.parametrize("entry, message", [
