@@ -13,6 +13,9 @@
     moesaic config CONFIG [key=value ...]    print the resolved, validated config
     moesaic kv-report CONFIG [--context N] [--dtype bf16] [--index-dtype fp4]
                                              per-layer KV-cache bytes at a context length
+    moesaic budget CONFIG_OR_RUN_DIR --kv-budget 8GiB [--context 1M] [--flops-budget F] [--types swa,csa]
+                                             choose each layer's attention so the KV cache fits the budget
+                                             with the least predicted loss; writes the planned config
     moesaic report RUN_DIR [--out DIR]       PNG plots of a run's metrics.jsonl (loss, MoE load, KV)
     moesaic convert SRC DST [--shard-gib G]  transformers checkpoint <-> moesaic native checkpoint; families
                                              DeepSeek-V4, Qwen3-MoE, Gemma 4, Laguna, ZAYA1, DeepSeek-V3.2,
@@ -91,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype", choices=MAIN_FORMATS, default="bf16", help="main KV entry format")
     kv.add_argument("--index-dtype", choices=INDEX_FORMATS, default=None,
                     help="indexer key format (default: as --dtype; the V4 paper format is --dtype fp8 --index-dtype fp4)")
+    from .budget import add_arguments as add_budget_arguments
+
+    add_budget_arguments(sub.add_parser("budget", help="per-layer attention choices fitting a KV budget (planner)"),
+                         context_length)
     report = sub.add_parser("report", help="PNG plots of a run's metrics.jsonl, for reading without wandb")
     report.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
     report.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
@@ -148,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     try:
+        if args.command == "budget":
+            from .budget import budget_command
+
+            return budget_command(args)
         if args.command == "convert":
             print(f"{convert(args.src, args.dst, int(args.shard_gib * 2**30))}: {args.dst}")
             return 0

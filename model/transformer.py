@@ -33,6 +33,7 @@ from moesaic.configs.schema import ModelConfig
 from . import mhc
 from .attention import ForwardContext, StatsSink, layer_specs
 from .block import Block
+from .budget import fit_modes
 from .loss import linear_cross_entropy, softcap
 from .mtp import MTPBlock
 from .norm import RMSNorm
@@ -179,12 +180,16 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 kv_budget: Optional[float] = None) -> torch.Tensor:
         """Prefill the prompt [B,S0] into fresh KV caches, then decode one token per step -> [B, S0 + n].
 
         temperature 0 is greedy; otherwise sample softmax(logits / temperature), over the top_k
-        logits if given.
+        logits if given. ``kv_budget`` (bytes of the whole decode cache) lets the budget controller pick
+        each elastic layer's mode for this call (model/budget.py); without it they run their eval_mode.
+        ``decode_kv_bytes`` holds the bytes the caches hold at the end (MODEL_SPEC §8.2's count).
         """
+        fit_modes(self, input_ids.shape[1] + max_new_tokens, kv_budget, input_ids.shape[0])
         caches = self.make_caches(input_ids.shape[0])
         tokens = [input_ids]
         logits = self(input_ids, caches=caches).logits[:, -1]  # [B,V]
@@ -193,6 +198,7 @@ class Transformer(nn.Module):
             tokens.append(nxt)
             if step + 1 < max_new_tokens:
                 logits = self(nxt, caches=caches).logits[:, -1]
+        self.decode_kv_bytes = sum(c.kv_bytes() for c in caches if c is not None)
         return torch.cat(tokens, dim=1)
 
     @staticmethod

@@ -13,6 +13,7 @@ import torch
 
 from harness import Checks
 from moesaic.configs import Config
+from moesaic.model.attention.elastic import draw_modes
 
 TOL = 1e-6
 
@@ -34,7 +35,8 @@ def reference_steps(checks: Checks, cfg: Config, batches: list[torch.Tensor]) ->
     opt = build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.train))
     records = [{"params": {k: v.detach().clone() for k, v in model.named_parameters()}}]
-    for batch in batches:
+    for step, batch in enumerate(batches):
+        draw_modes(model, step, cfg.train.seed)
         micro = batch.split(cfg.train.micro_batch_size)
         loss = 0.0
         for mb in micro:
@@ -90,6 +92,7 @@ def check_engine(checks: Checks, cfg: Config, batches: list[torch.Tensor], ref: 
     checks.at_most(f"{tag}: initial parameters", param_diff(model, ref[0]["params"]), 0.0)
     micro = cfg.train.micro_batch_size
     for step, batch in enumerate(batches, start=1):
+        draw_modes(model, step - 1, cfg.train.seed)
         loss = torch.zeros((), dtype=torch.float64)
         for ids in rank_slice(range(len(batch)), topo.dp_rank, topo.dp, micro):
             inputs, labels = sequence_shard(batch[ids], topo.sp_rank, sp)

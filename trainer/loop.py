@@ -20,6 +20,7 @@ import torch
 from ..configs import Config, ConfigError, check_trainable, save_config, validate
 from ..model import Transformer
 from ..model.attention import StatsSink
+from ..model.attention.elastic import draw_modes, mode_shares
 from . import checkpoint as ckpt_io
 from .balance import update_router_biases
 from .data import DataBundle, prepare_data, rank_slice, sequence_shard
@@ -27,7 +28,7 @@ from .mixture import MixtureSampler
 from .distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
 from .engine import build_engine
 from .rng import get_rng_state, set_rng_state
-from .metrics import MetricsPanel
+from .metrics import MetricsPanel, layer_label
 from .sinks import MetricSinks
 
 
@@ -177,6 +178,7 @@ class Trainer:
         and the count 1/sp per micro-batch, so that sums over all ranks are as without it.
         """
         self.engine.train()
+        draw_modes(self.model, self.step, self.cfg.train.seed)
         sums = torch.zeros(3, device=self.dist.device)
         for batch in self.micro_batches(self.step):
             if self.dist.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU's queue
@@ -380,6 +382,8 @@ class Trainer:
                 window.zero_()
                 steps_in_window, t_window = 0, time.perf_counter()
                 metrics.update(panel.collect(self.step, metrics["perf/tokens_per_s"]))  # counted in the next window
+                metrics.update({f"attn_layers/{layer_label(layer)}/{k}": v
+                                for layer, shares in mode_shares(self.model).items() for k, v in shares.items()})
             if eval_now:
                 val_loss = self.evaluate()
                 metrics["val/loss"] = val_loss

@@ -1,7 +1,7 @@
 """Attention layer types behind one registry (base.py): each type is one module registering its spec.
 
 ``build_attention(cfg, layer_idx)`` builds a layer from the menu entry ``model.layer_types`` names.
-Importing this package registers the built-in types (SWA, CSA, HCA, GQA, CCA, MLA, DSA).
+Importing this package registers the built-in types (SWA, CSA, HCA, GQA, CCA, MLA, DSA, elastic).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from moesaic.configs.schema import ModelConfig
 
 from . import swa, csa, hca, gqa, cca, mla, dsa  # noqa: F401, I001  (registers the built-in types, in menu order)
+from . import elastic  # noqa: F401, I001  (after the types its modes use)
 from .base import (AttentionLayer, AttentionSpec, layer_specs, parse_entry, register, registered, resolve_menu,
                    spec_for_hf)
 from .cache import CompressedCache, SWACache

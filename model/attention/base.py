@@ -95,6 +95,10 @@ class AttentionSpec(ABC):
     def from_hf(cls, hf: HFReader) -> AttentionSpec:
         """The entry of this type described by a transformers config.json."""
 
+    def with_common(self, where: str, common: Mapping[str, Any]) -> AttentionSpec:
+        """This entry with the entries it holds parsed under ``common`` too (an elastic entry's modes)."""
+        return self
+
     def own_kv(self) -> AttentionSpec:
         """This entry as it would be computing its own keys/values (itself, unless it reads another layer's)."""
         return self
@@ -175,9 +179,10 @@ def parse_entry(name: str, entry: Any, common: Mapping[str, Any]) -> AttentionSp
                           f"{', '.join(sorted(names - {'kind'}))}")
     values = {**{k: v for k, v in common.items() if k in names}, **entry}
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))  # type: ignore[return-value]
+        spec: AttentionSpec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))  # type: ignore
     except OmegaConfBaseException as exc:
         raise ConfigError(f"bad value for '{where}.{getattr(exc, 'key', '?')}': {str(exc).splitlines()[0]}") from None
+    return spec.with_common(name, common)
 
 
 def resolve_menu(cfg: ModelConfig) -> dict[str, AttentionSpec]:
