@@ -76,8 +76,8 @@ def test_choices_follow_the_weights_and_the_registry() -> None:
     csa = choices[0][2]
     assert csa.kv_bytes == sum(csa.spec.kv_bytes(2**20, "bf16", "bf16"))
     assert choices[0][1].kv_bytes == csa.kv_bytes and choices[0][1].flops < csa.flops  # top-k: FLOPs only
-    with pytest.raises(Exception, match="--types mla is not the kind"):
-        layer_choices(cfg, 2**20, 32, kinds=["mla"])
+    with pytest.raises(Exception, match="--types mamba is not the kind"):
+        layer_choices(cfg, 2**20, 32, kinds=["mamba"])
     with pytest.raises(Exception, match="layer 1 .* no choice among --types csa"):
         layer_choices(cfg, 2**20, 32, kinds=["csa"])
 
@@ -160,7 +160,7 @@ def test_cli_plans_from_a_runs_stats(tmp_path: Path, capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize("args, message", [
     (["--kv-budget", "lots"], "must be a size like 8GiB"),
     (["--kv-budget", "100"], "cannot be met: the smallest layout needs"),
-    (["--kv-budget", "1GiB", "--types", "mla"], "--types mla is not the kind"),
+    (["--kv-budget", "1GiB", "--types", "mamba"], "--types mamba is not the kind"),
     (["--kv-budget", "1GiB"], "has neither attention stats"),
 ])
 def test_cli_bad_inputs_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],

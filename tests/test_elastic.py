@@ -174,7 +174,7 @@ def test_the_planner_offers_an_elastic_layers_modes() -> None:
     ("{kind: elastic, modes: {a: {kind: swa}}, eval_mode: b}", "menu.el.eval_mode='b' is not a mode (a)"),
     ("{kind: elastic, modes: {a: {kind: swa}}, mode_weights: {b: 1}}", "menu.el.mode_weights.b is not a mode"),
     ("{kind: elastic, modes: {a: {kind: swa, window: 0}}}", "model.attention.menu.el.modes.a.window=0 must be > 0"),
-    ("{kind: elastic, modes: {a: {kind: mla}}}", "model.attention.menu.el.modes.a.kind='mla' is not an attention"),
+    ("{kind: elastic, modes: {a: {kind: mamba}}}", "model.attention.menu.el.modes.a.kind='mamba' is not an attention"),
 ])
 def test_bad_elastic_entries_are_one_line(entry: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
