@@ -14,6 +14,12 @@
     moesaic kv-report CONFIG [--context N] [--dtype bf16] [--index-dtype fp4]
                                              per-layer KV-cache bytes at a context length
     moesaic report RUN_DIR [--out DIR]       PNG plots of a run's metrics.jsonl (loss, MoE load, KV)
+    moesaic export RUN_DIR_OR_CHECKPOINT OUT_DIR [--format hf|native] [--dtype fp32|bf16]
+                                             a trained run's model as a transformers (or native) checkpoint
+    moesaic generate RUN_DIR_OR_CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
+                                             continue a prompt with the run's tokenizer and model (KV cache)
+    moesaic eval RUN_DIR_OR_CHECKPOINT [--data SPEC] [--seq-len N] [--json]
+                                             validation loss, perplexity, bits per byte, KV bytes per token
     moesaic convert SRC DST [--shard-gib G]  transformers checkpoint <-> moesaic native checkpoint; families
                                              DeepSeek-V4, Qwen3-MoE, Gemma 4 (direction from SRC: config.json
                                              or config.yaml; family from model_type, or inferred from the model)
@@ -36,6 +42,7 @@ from typing import Sequence
 from ..configs import Config, ConfigError, load_config, to_yaml, validate
 from ..model.attention.base import describe_layers
 from ..model.kv_accounting import INDEX_FORMATS, MAIN_FORMATS, format_report
+from .use import add_parsers as add_use_parsers
 
 _SUFFIXES = {"k": 2**10, "m": 2**20, "g": 2**30}
 
@@ -99,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "one (config.yaml; family inferred from the model)")
     conv.add_argument("dst", help="new output directory (written atomically; must not exist)")
     conv.add_argument("--shard-gib", type=float, default=5.0, help="max safetensors shard size for transformers output")
+    add_use_parsers(sub)
     return parser
 
 
@@ -147,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     try:
+        if args.command in ("export", "generate", "eval"):
+            from .use import run_command
+
+            return run_command(args)
         if args.command == "convert":
             print(f"{convert(args.src, args.dst, int(args.shard_gib * 2**30))}: {args.dst}")
             return 0

@@ -154,6 +154,7 @@ class Trainer:
         barrier()
         if self.dist.is_main:
             save_config(self.cfg, path / "config.yaml")
+            self.data.tokenizer.save(path / "tokenizer.json")  # export, generate and eval read it
             ckpt_io.write_manifest(path, self.step, self._layout())
             ckpt_io.mark_latest(self.ckpt_root, path)
             ckpt_io.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, keep=path)
