@@ -26,6 +26,7 @@ from .data import DataBundle, prepare_data, rank_slice, sequence_shard
 from .mixture import MixtureSampler
 from .distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
 from .engine import build_engine
+from .resume import find_resume
 from .rng import get_rng_state, set_rng_state
 from .metrics import MetricsPanel
 from .sinks import MetricSinks
@@ -61,6 +62,7 @@ class Trainer:
         self.dp = self.topology.dp
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.resume = find_resume(cfg, self.ckpt_root, self.log)  # refused before anything is written
         if dist_info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self.data = self._prepare_data()
@@ -96,16 +98,6 @@ class Trainer:
             print(msg, flush=True)
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def resume_path(self) -> Path | None:
-        resume = self.cfg.checkpoint.resume
-        if resume is None:
-            return None
-        if resume == "auto":
-            return ckpt_io.find_resumable(self.ckpt_root, log=self.log)
-        path = Path(resume)
-        ckpt_io.verify(path)
-        return path
-
     def _layout(self) -> dict:
         from ..parallel import portable
 
@@ -261,7 +253,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        resume = self.resume_path()
+        resume = self.resume
         if resume is not None:
             self.load(resume)
         self.log(f"moesaic: {self.model.num_params(active_only=False) / 1e6:.2f}M params "
