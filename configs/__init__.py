@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -83,6 +84,14 @@ def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"bad value for '{key}' in {source}: {msg}")
 
 
+def _yaml_error(exc: yaml.YAMLError, file: Path) -> ConfigError:
+    """file:line:column (1-based) and PyYAML's own description of a syntax error."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(file)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return ConfigError(f"{where}: YAML syntax error: {problem}")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Merge defaults <- YAML file <- dot-list overrides, then validate."""
     merged = OmegaConf.structured(Config)
@@ -92,6 +101,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             merged = OmegaConf.merge(merged, OmegaConf.load(file))
         except OmegaConfBaseException as exc:
             raise _omegaconf_error(exc, str(file)) from None
+        except yaml.YAMLError as exc:
+            raise _yaml_error(exc, file) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=50)")

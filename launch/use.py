@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 
@@ -13,24 +14,26 @@ import torch
 RUN_HELP = "a run directory (its newest complete checkpoint) or a checkpoint directory"
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def _bounded(kind: type, low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: ``kind`` in [low, high] ((low, high] with low_open), else a one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            bounds = f"> {low}" if low_open else f">= {low}"
+            upper = f" and <= {high}" if high < math.inf else ""
+            raise argparse.ArgumentTypeError(f"{text} must be {bounds}{upper}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} must be a finite number >= 0")
-    return value
+positive_int, non_negative_int = _bounded(int, 1), _bounded(int, 0)
+positive_float, non_negative_float = _bounded(float, 0, low_open=True), _bounded(float, 0)
+port = _bounded(int, 1, 65535)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +43,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--format", choices=("hf", "native"), default="hf",
                     help="hf: transformers' <Family>ForCausalLM (default); native: moesaic's")
     ex.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="weight dtype (default: as trained)")
-    ex.add_argument("--shard-gib", type=non_negative_float, default=5.0, help="max safetensors shard size (hf)")
+    ex.add_argument("--shard-gib", type=positive_float, default=5.0, help="max safetensors shard size (hf)")
     gen = sub.add_parser("generate", help="sample text from a run's model with its tokenizer (KV-cached decoding)")
     gen.add_argument("run", help=RUN_HELP)
     gen.add_argument("--prompt", required=True, help="text to continue")
