@@ -95,6 +95,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_text(text: str | None) -> str | None:
+    """Rank 0's ``text`` on every rank (a collective; ``text`` on the others is ignored)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [text]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return text
+
+
 def destroy() -> None:
     """Tear the groups down explicitly, then drop what still references their work: gloo sometimes aborts
     at interpreter exit ("terminate called without an active exception") when its worker threads
