@@ -222,6 +222,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(e.swiglu_limit >= 0, f"model.moe.swiglu_limit={e.swiglu_limit} must be >= 0 (0 disables)")
     _require(e.bias_update_rate >= 0, f"model.moe.bias_update_rate={e.bias_update_rate} must be >= 0")
     _require(e.seq_aux_loss_coef >= 0, f"model.moe.seq_aux_loss_coef={e.seq_aux_loss_coef} must be >= 0")
+    _require(e.z_loss_coef >= 0, f"model.moe.z_loss_coef={e.z_loss_coef} must be >= 0")
     _require(0 <= e.num_hash_layers <= m.num_layers,
              f"model.moe.num_hash_layers={e.num_hash_layers} must be in [0, model.num_layers={m.num_layers}]")
     for i in range(e.num_hash_layers):

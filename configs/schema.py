@@ -44,6 +44,7 @@ class MoEConfig:
     swiglu_limit: float = 10.0  # clamp of the SwiGLU pre-activations; 0 disables
     bias_update_rate: float = 1e-3  # aux-loss-free bias step gamma; 0 disables the update
     seq_aux_loss_coef: float = 0.0  # sequence-wise balance loss alpha; 0 disables
+    z_loss_coef: float = 0.0  # router z-loss coef * mean_t logsumexp(logits_t)^2 (ST-MoE); 0 disables
     num_hash_layers: int = 0  # first layers routed by a token-id hash table
     # Gemma 4's router: scores from rms_normalize(x) * scale * hidden_size^-0.5 (scale: a [D] weight from 1)
     router_input_norm: bool = False
