@@ -164,6 +164,8 @@ class TrainConfig:
     spike_window: int = 50  # steps of loss history for spike detection
     max_rollbacks: int = 1  # rollbacks allowed before aborting (exit 3)
     inject_nan_at: List[int] = field(default_factory=list)  # testing aid: make these steps' loss NaN
+    # testing aid: multiply these steps' loss by 100 until the first rollback (a transient loss spike)
+    inject_spike_at: List[int] = field(default_factory=list)
 
 
 @dataclass

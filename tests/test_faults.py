@@ -73,3 +73,15 @@ def test_repeated_faults_roll_back_then_abort_with_checkpoint_intact(tmp_path: P
     assert good.name == "step_00000004"
     ck.verify(good)
     assert all(p.isfinite().all() for p in final_params(good).values())
+
+
+def test_loss_spike_rolls_back_once_and_training_finishes(tmp_path: Path, cache: str) -> None:
+    run = tmp_path / "run"
+    out = train(FAST + [cache, f"run_dir={run}", "train.steps=10", "checkpoint.every=4", "train.spike_zscore=3",
+                        "train.spike_window=4", "train.inject_spike_at=[6]", "train.max_rollbacks=1"])
+    assert "step 7: spike; rolling back to" in out.stdout and "step_00000004 with a new data order" in out.stdout
+    assert out.stdout.count("rolling back") == 1
+    rows = _rows(run)
+    assert rows[-1]["step"] == 10 and rows[-1]["train/rollbacks"] == 1
+    assert max(r["train/loss"] for r in rows if "train/loss" in r) < 20  # the x100 step was never logged
+    assert all(p.isfinite().all() for p in final_params(latest(run)).values())

@@ -176,7 +176,7 @@ class Trainer:
         for batch in self.micro_batches(self.step):
             inputs, labels = sequence_shard(batch.to(self.dist.device), self.topology.sp_rank, self.topology.sp)
             out = self.engine(inputs, labels=labels, stats=stats)
-            poison = math.nan if self.step in self.cfg.train.inject_nan_at else 1.0
+            poison = math.nan if self.step in self.cfg.train.inject_nan_at else self._spike_factor()
             self.engine.backward(out.loss * poison)
             self.engine.step()
             sums += torch.stack([out.lm_loss.detach().float() * poison, out.aux_loss.detach().float(),
@@ -195,6 +195,10 @@ class Trainer:
                                   f"validation sequences, fewer than the {self.dp} data-parallel ranks that expert "
                                   f"parallelism scores together; hold out more text or set data.val_fraction=0")
         return n
+
+    def _spike_factor(self) -> float:
+        """Testing aid: ``train.inject_spike_at`` multiplies a step's loss by 100 before any rollback."""
+        return 100.0 if self.rollbacks == 0 and self.step in self.cfg.train.inject_spike_at else 1.0
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
