@@ -65,8 +65,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.steps=50 model.moe.top_k=2")
 
 
+def _epilog() -> str:
+    """The bundled configs and the exit statuses, for ``moesaic --help``."""
+    from ..configs import CONFIG_DIR
+    from ..trainer.loop import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE
+
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    return (f"bundled configs: {names}\n\nexit status: 0 done; 2 bad input (one 'moesaic: error:' line naming the "
+            f"field or file); {DIVERGED_EXIT_CODE} training diverged after the allowed rollbacks (the last good "
+            f"checkpoint is intact); {PREEMPTED_EXIT_CODE} stopped by SIGTERM/SIGUSR1 after checkpointing (requeue "
+            f"with checkpoint.resume=auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moesaic", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="moesaic", description=__doc__.split("\n\n")[0], epilog=_epilog(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config_args(sub.add_parser("train", help="train or resume a model (checkpoint.resume=auto)"))

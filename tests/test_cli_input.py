@@ -94,3 +94,17 @@ def test_yaml_syntax_error_names_file_line_and_column(text: str, where: str, pro
     (tmp_path / "bad.yaml").write_text(text)
     code, err = run_cli(["train", str(tmp_path / "bad.yaml")], capsys)
     assert code == 2 and err.strip() == f"moesaic: error: {tmp_path / 'bad.yaml'}:{where}: YAML syntax error: {problem}"
+
+
+def test_help_lists_exit_codes_and_every_bundled_config(capsys: pytest.CaptureFixture) -> None:
+    from moesaic.configs import CONFIG_DIR
+
+    with pytest.raises(SystemExit) as exc:
+        cli(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    assert all(p.stem in out for p in CONFIG_DIR.glob("*.yaml")) and len(list(CONFIG_DIR.glob("*.yaml"))) >= 10
+    for code in ("0 done", "2 bad input", "3 training diverged", "75 stopped by SIGTERM/SIGUSR1"):
+        assert code in out
+    for command in ("export", "generate", "eval"):
+        assert command in out
