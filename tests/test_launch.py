@@ -77,3 +77,18 @@ def test_sbatch_script_is_valid_and_complete(tmp_path: Path) -> None:
                       "#SBATCH --time=12:00:00", "#SBATCH --signal=USR1@180", "#SBATCH --requeue",
                       "#SBATCH --partition=gpu", "scontrol requeue", '-eq 75', "checkpoint.resume=auto"):
         assert directive in text, directive
+
+
+def test_hostfile_launch_logs_per_rank_and_slurm_takes_cpus_and_port(tmp_path: Path, capsys) -> None:
+    from moesaic.launch.cli import main as cli
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    assert cli(["launch", "tiny", "--nproc", "2", "--hostfile", str(hostfile), "--dry-run", f"run_dir={tmp_path}",
+                "train.micro_batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert f"--enable_each_rank_log={tmp_path.resolve() / 'logs'}" in out and "deepspeed --hostfile" in out
+    assert cli(["slurm", "tiny", "--nodes", "2", "--gpus-per-node", "1", "--time", "1:00:00", "--cpus-per-task", "3",
+                "--master-port", "29777", f"run_dir={tmp_path}", "train.micro_batch_size=8"]) == 0
+    text = (tmp_path / "slurm.sbatch").read_text()
+    assert "#SBATCH --cpus-per-task=3" in text and "export MASTER_PORT=29777" in text
