@@ -92,3 +92,22 @@ def test_hostfile_launch_logs_per_rank_and_slurm_takes_cpus_and_port(tmp_path: P
                 "--master-port", "29777", f"run_dir={tmp_path}", "train.micro_batch_size=8"]) == 0
     text = (tmp_path / "slurm.sbatch").read_text()
     assert "#SBATCH --cpus-per-task=3" in text and "export MASTER_PORT=29777" in text
+
+
+@pytest.mark.multiproc
+def test_two_node_launch_on_one_machine_equals_one_node(tmp_path: Path) -> None:
+    """Two `moesaic launch --nnodes 2` processes (one worker each) meeting at 127.0.0.1, as two machines would,
+    train exactly what one 2-process node trains."""
+    common = FAST + [f"data.cache_dir={tmp_path / 'cache'}", "train.steps=3", "train.eval_every=3",
+                     "checkpoint.every=100"]
+    train(common + [f"run_dir={tmp_path / 'one'}"], nproc=2)
+    port = free_port()
+    node = [sys.executable, "-m", "moesaic.launch.cli", "launch", "tiny", "--nproc", "1", "--nnodes", "2",
+            "--master-addr", "127.0.0.1", "--master-port", str(port), *common, f"run_dir={tmp_path / 'two'}"]
+    procs = [subprocess.Popen(node, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    assert all("topology: world 2" in o for o in outs)
+    assert losses(tmp_path / "one") == losses(tmp_path / "two")
+    assert_identical(final_params(latest(tmp_path / "one")), final_params(latest(tmp_path / "two")))
