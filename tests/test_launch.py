@@ -94,10 +94,22 @@ def test_hostfile_launch_logs_per_rank_and_slurm_takes_cpus_and_port(tmp_path: P
     assert "#SBATCH --cpus-per-task=3" in text and "export MASTER_PORT=29777" in text
 
 
+FAKE_SRUN = """#!/bin/bash
+# srun for 2 tasks on this host: the environment SLURM gives each task, then the command
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for r in 0 1; do
+  SLURM_PROCID=$r SLURM_LOCALID=$r SLURM_NTASKS=2 SLURM_NNODES=1 SLURM_NODEID=0 "$@" & pids+=($!)
+done
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit "$rc"
+"""
+
+
 @pytest.mark.multiproc
-def test_two_node_launch_on_one_machine_equals_one_node(tmp_path: Path) -> None:
+def test_two_node_launch_and_slurm_script_on_one_machine_equal_one_node(tmp_path: Path) -> None:
     """Two `moesaic launch --nnodes 2` processes (one worker each) meeting at 127.0.0.1, as two machines would,
-    train exactly what one 2-process node trains."""
+    and the `moesaic slurm` script run as SLURM runs it for 2 tasks (srun and scontrol faked), each train
+    exactly what one 2-process node trains."""
     common = FAST + [f"data.cache_dir={tmp_path / 'cache'}", "train.steps=3", "train.eval_every=3",
                      "checkpoint.every=100"]
     train(common + [f"run_dir={tmp_path / 'one'}"], nproc=2)
@@ -111,3 +123,21 @@ def test_two_node_launch_on_one_machine_equals_one_node(tmp_path: Path) -> None:
     assert all("topology: world 2" in o for o in outs)
     assert losses(tmp_path / "one") == losses(tmp_path / "two")
     assert_identical(final_params(latest(tmp_path / "one")), final_params(latest(tmp_path / "two")))
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text('#!/bin/bash\n[ "$1" = show ] && echo 127.0.0.1\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    slurm = tmp_path / "slurm"
+    subprocess.run([sys.executable, "-m", "moesaic.launch.cli", "slurm", "tiny", "--nodes", "1", "--gpus-per-node",
+                    "2", "--time", "1:00:00", "--master-port", str(free_port()), *common, f"run_dir={slurm}"],
+                   check=True, capture_output=True, env=env())
+    proc = subprocess.run(["bash", str(slurm / "slurm.sbatch")], capture_output=True, text=True, timeout=600,
+                          env={**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "localhost",
+                               "SLURM_JOB_ID": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2" in proc.stdout
+    assert losses(tmp_path / "one") == losses(slurm)
+    assert_identical(final_params(latest(tmp_path / "one")), final_params(latest(slurm)))
