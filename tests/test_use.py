@@ -73,7 +73,8 @@ def test_export_refusals_are_one_line_and_write_nothing(run: Path, tmp_path: Pat
         (ckpt / "tokenizer.json").write_text("{}")
 
     cases = [(ckpt, "model.moe.score_func='softmax'", None), (tmp_path / "nowhere", "does not exist", None),
-             (tmp_path / "empty", "no complete checkpoint", lambda: (tmp_path / "empty").mkdir()), (ckpt, "tokenizer.json is truncated or altered", damage)]
+             (tmp_path / "empty", "no complete checkpoint", lambda: (tmp_path / "empty").mkdir()),
+             (ckpt, "tokenizer.json is truncated or altered", damage)]
     for src, message, before in cases:
         if before is not None:
             before()
@@ -81,6 +82,8 @@ def test_export_refusals_are_one_line_and_write_nothing(run: Path, tmp_path: Pat
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "out").exists()
+    assert cli(["convert", str(latest(run)), str(tmp_path / "out")]) == 2  # convert points to export
+    assert f"export a training checkpoint with `moesaic export {latest(run)} OUT_DIR`" in capsys.readouterr().err
 
 
 @pytest.mark.numerics

@@ -49,7 +49,8 @@ def read_native_config(directory: str | Path) -> ModelConfig:
         loaded = OmegaConf.load(path)
         if "model" in loaded:
             raise ConfigError(f"{directory} holds a run config ({NATIVE_CONFIG} with a 'model:' section), not a "
-                              f"native checkpoint; a training checkpoint exports via save_native(model, dir) first")
+                              f"native checkpoint; export a training checkpoint with "
+                              f"`moesaic export {directory} OUT_DIR`")
         merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
