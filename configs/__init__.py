@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -85,6 +86,14 @@ def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"bad value for '{key}' in {source}: {msg}")
 
 
+def _yaml_error(exc: yaml.YAMLError, file: Path) -> ConfigError:
+    """file:line:column (1-based) and PyYAML's own description of a syntax error."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(file)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return ConfigError(f"{where}: YAML syntax error: {problem}")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Merge defaults <- YAML file <- dot-list overrides, then validate."""
     merged = OmegaConf.structured(Config)
@@ -94,6 +103,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             merged = OmegaConf.merge(merged, OmegaConf.load(file))
         except OmegaConfBaseException as exc:
             raise _omegaconf_error(exc, str(file)) from None
+        except yaml.YAMLError as exc:
+            raise _yaml_error(exc, file) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=50)")
@@ -225,6 +236,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                                             f"with a softmax over the experts and the skip expert; set softmax")
         _require(e.num_hash_layers == 0 and not e.router_input_norm and not e.per_expert_scale,
                  "model.moe.router='mlp' takes no num_hash_layers, router_input_norm or per_expert_scale")
+        _require(e.z_loss_coef == 0, f"model.moe.z_loss_coef={e.z_loss_coef}: the z-loss is the linear router's; "
+                                     "model.moe.router='mlp' takes 0")
     _check_positive("model.moe", e, ["n_group", "topk_group"])
     if e.n_group > 1:
         _require(e.num_experts % e.n_group == 0 and e.num_experts // e.n_group >= 2,
@@ -242,6 +255,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(e.swiglu_limit >= 0, f"model.moe.swiglu_limit={e.swiglu_limit} must be >= 0 (0 disables)")
     _require(e.bias_update_rate >= 0, f"model.moe.bias_update_rate={e.bias_update_rate} must be >= 0")
     _require(e.seq_aux_loss_coef >= 0, f"model.moe.seq_aux_loss_coef={e.seq_aux_loss_coef} must be >= 0")
+    _require(e.z_loss_coef >= 0, f"model.moe.z_loss_coef={e.z_loss_coef} must be >= 0")
     _require(0 <= e.num_hash_layers <= m.num_layers,
              f"model.moe.num_hash_layers={e.num_hash_layers} must be in [0, model.num_layers={m.num_layers}]")
     for i in range(e.num_hash_layers):

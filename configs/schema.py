@@ -47,6 +47,7 @@ class MoEConfig:
     swiglu_limit: float = 10.0  # clamp of the SwiGLU pre-activations; 0 disables
     bias_update_rate: float = 1e-3  # aux-loss-free bias step gamma; 0 disables the update
     seq_aux_loss_coef: float = 0.0  # sequence-wise balance loss alpha; 0 disables
+    z_loss_coef: float = 0.0  # router z-loss coef * mean_t logsumexp(logits_t)^2 (ST-MoE); 0 disables
     num_hash_layers: int = 0  # first layers routed by a token-id hash table
     # Gemma 4's router: scores from rms_normalize(x) * scale * hidden_size^-0.5 (scale: a [D] weight from 1)
     router_input_norm: bool = False
@@ -181,6 +182,8 @@ class TrainConfig:
     spike_window: int = 50  # steps of loss history for spike detection
     max_rollbacks: int = 1  # rollbacks allowed before aborting (exit 3)
     inject_nan_at: List[int] = field(default_factory=list)  # testing aid: make these steps' loss NaN
+    # testing aid: multiply these steps' loss by 100 until the first rollback (a transient loss spike)
+    inject_spike_at: List[int] = field(default_factory=list)
 
 
 @dataclass

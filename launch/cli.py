@@ -5,7 +5,7 @@
                    --hostfile F] [--max-restarts K] [--dry-run]
                                              start N processes per node with torchrun (or the DeepSpeed
                                              launcher for a hostfile); per-rank logs in run_dir/logs
-    moesaic slurm CONFIG [key=value ...] --nodes M --gpus-per-node G --time T
+    moesaic slurm CONFIG [key=value ...] --nodes M --gpus-per-node G --time T [--cpus-per-task C --master-port P]
                                              write run_dir/slurm.sbatch (pre-emption signal, requeue)
     moesaic prepare-data CONFIG [key=value ...] [--num-proc N] [--shard-tokens M] [--rank R --world W]
                                              tokenise the data into sharded token files (what train
@@ -17,6 +17,12 @@
                                              choose each layer's attention so the KV cache fits the budget
                                              with the least predicted loss; writes the planned config
     moesaic report RUN_DIR [--out DIR]       PNG plots of a run's metrics.jsonl (loss, MoE load, KV)
+    moesaic export RUN_DIR_OR_CHECKPOINT OUT_DIR [--format hf|native] [--dtype fp32|bf16]
+                                             a trained run's model as a transformers (or native) checkpoint
+    moesaic generate RUN_DIR_OR_CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
+                                             continue a prompt with the run's tokenizer and model (KV cache)
+    moesaic eval RUN_DIR_OR_CHECKPOINT [--data SPEC] [--seq-len N] [--json]
+                                             validation loss, perplexity, bits per byte, KV bytes per token
     moesaic convert SRC DST [--shard-gib G]  transformers checkpoint <-> moesaic native checkpoint; families
                                              DeepSeek-V4, Qwen3-MoE, Gemma 4, Laguna, ZAYA1, DeepSeek-V3.2,
                                              DeepSeek-V3, GLM-MoE-DSA (direction from SRC: config.json or
@@ -40,6 +46,8 @@ from typing import Sequence
 from ..configs import Config, ConfigError, load_config, to_yaml, validate
 from ..model.attention.base import describe_layers
 from ..model.kv_accounting import INDEX_FORMATS, MAIN_FORMATS, format_report
+from .use import add_parsers as add_use_parsers
+from .use import non_negative_int, port, positive_float, positive_int
 
 _SUFFIXES = {"k": 2**10, "m": 2**20, "g": 2**30}
 
@@ -48,9 +56,12 @@ def context_length(text: str) -> int:
     """Parse 131072, 128k or 1M (binary multiples, as context lengths are quoted)."""
     t = text.strip().lower()
     try:
-        return int(t[:-1]) * _SUFFIXES[t[-1]] if t[-1] in _SUFFIXES else int(t)
+        value = int(t[:-1]) * _SUFFIXES[t[-1]] if t[-1:] in _SUFFIXES else int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--context '{text}' must be an integer or like 128k / 1M") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--context {text} must be >= 1")
+    return value
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -58,36 +69,51 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.steps=50 model.moe.top_k=2")
 
 
+def _epilog() -> str:
+    """The bundled configs and the exit statuses, for ``moesaic --help``."""
+    from ..configs import CONFIG_DIR
+    from ..trainer.loop import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE
+
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    return (f"bundled configs: {names}\n\nexit status: 0 done; 2 bad input (one 'moesaic: error:' line naming the "
+            f"field or file); {DIVERGED_EXIT_CODE} training diverged after the allowed rollbacks (the last good "
+            f"checkpoint is intact); {PREEMPTED_EXIT_CODE} stopped by SIGTERM/SIGUSR1 after checkpointing (requeue "
+            f"with checkpoint.resume=auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moesaic", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="moesaic", description=__doc__.split("\n\n")[0], epilog=_epilog(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config_args(sub.add_parser("train", help="train or resume a model (checkpoint.resume=auto)"))
     _add_config_args(sub.add_parser("config", help="print the resolved and validated config"))
     prep = sub.add_parser("prepare-data", help="tokenise the data into sharded token files (resumable)")
     _add_config_args(prep)
-    prep.add_argument("--num-proc", type=int, default=None, help="tokenising worker processes (data.num_proc)")
-    prep.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (data.shard_tokens)")
-    prep.add_argument("--rank", type=int, default=0, help="this machine's index among --world machines")
-    prep.add_argument("--world", type=int, default=1,
+    prep.add_argument("--num-proc", type=positive_int, default=None, help="tokenising worker processes (data.num_proc)")
+    prep.add_argument("--shard-tokens", type=positive_int, default=None,
+                      help="tokens per shard file (data.shard_tokens)")
+    prep.add_argument("--rank", type=non_negative_int, default=0, help="this machine's index among --world machines")
+    prep.add_argument("--world", type=positive_int, default=1,
                       help="machines preparing disjoint file ranges of each source into one data.cache_dir")
     la = sub.add_parser("launch", help="start a multi-process (multi-node) run with torchrun or the DeepSpeed launcher")
     _add_config_args(la)
-    la.add_argument("--nproc", type=int, required=True, help="processes (GPUs) per node")
-    la.add_argument("--nnodes", type=int, default=1, help="number of nodes (run the same command on each)")
+    la.add_argument("--nproc", type=positive_int, required=True, help="processes (GPUs) per node")
+    la.add_argument("--nnodes", type=positive_int, default=1, help="number of nodes (run the same command on each)")
     la.add_argument("--master-addr", default="127.0.0.1", help="address of node 0, the rendezvous host")
-    la.add_argument("--master-port", type=int, default=29500)
+    la.add_argument("--master-port", type=port, default=29500)
     la.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('host slots=N' lines); uses the deepspeed launcher")
-    la.add_argument("--max-restarts", type=int, default=0,
+    la.add_argument("--max-restarts", type=non_negative_int, default=0,
                     help="torchrun restarts of the worker group after a failure; workers resume from the last checkpoint")
     la.add_argument("--dry-run", action="store_true", help="print the topology and command, start nothing")
     sl = sub.add_parser("slurm", help="write a ready sbatch script for this run into its run directory")
     _add_config_args(sl)
-    sl.add_argument("--nodes", type=int, required=True)
-    sl.add_argument("--gpus-per-node", type=int, required=True)
+    sl.add_argument("--nodes", type=positive_int, required=True)
+    sl.add_argument("--gpus-per-node", type=positive_int, required=True)
     sl.add_argument("--time", required=True, help="time limit, e.g. 24:00:00")
     sl.add_argument("--partition", default=None)
     sl.add_argument("--account", default=None)
+    sl.add_argument("--cpus-per-task", type=positive_int, default=8, help="CPU cores per task (one task per GPU)")
+    sl.add_argument("--master-port", type=port, default=29500, help="rendezvous port on the first node")
     kv = sub.add_parser("kv-report", help="per-layer and total KV-cache bytes for a config at a context length")
     _add_config_args(kv)
     kv.add_argument("--context", type=context_length, default=2**20, help="tokens per sequence (default 1M)")
@@ -106,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help="a transformers checkpoint (config.json; family from its model_type) or a native "
                                   "one (config.yaml; family inferred from the model)")
     conv.add_argument("dst", help="new output directory (written atomically; must not exist)")
-    conv.add_argument("--shard-gib", type=float, default=5.0, help="max safetensors shard size for transformers output")
+    conv.add_argument("--shard-gib", type=positive_float, default=5.0,
+                      help="max safetensors shard size for transformers output")
+    add_use_parsers(sub)
     return parser
 
 
@@ -159,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .budget import budget_command
 
             return budget_command(args)
+        if args.command in ("export", "generate", "eval"):
+            from .use import run_command
+
+            return run_command(args)
         if args.command == "convert":
             print(f"{convert(args.src, args.dst, int(args.shard_gib * 2**30))}: {args.dst}")
             return 0
@@ -180,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .launcher import write_sbatch
 
             print(write_sbatch(cfg, args.config, args.overrides, args.nodes, args.gpus_per_node, args.time,
-                               args.partition, args.account))
+                               args.partition, args.account, cpus_per_task=args.cpus_per_task,
+                               port=args.master_port))
             return 0
         if args.command == "kv-report":
             print(format_report(cfg.model, args.context, args.dtype, args.index_dtype or args.dtype))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..configs import Config, ConfigError, validate
+from ..configs import Config, ConfigError, check_trainable, validate
 from .topology import describe
 
 TRAIN_MODULE = "moesaic.launch.cli"
@@ -48,6 +48,7 @@ def launch_command(spec: LaunchSpec, cfg: Config) -> list[str]:
     if spec.hostfile:
         return ["deepspeed", "--hostfile", spec.hostfile, "--num_gpus", str(spec.nproc),
                 "--master_addr", spec.master_addr, "--master_port", str(spec.master_port),
+                f"--enable_each_rank_log={Path(cfg.run_dir).resolve() / 'logs'}",  # <time>_rank{R}.log per rank
                 "--module", TRAIN_MODULE, *train_args]
     # c10d rendezvous, not the static one: each restart round gets a fresh store, whereas static
     # rendezvous restarts after a SIGKILLed rank were seen to hang in gloo's connection set-up.
@@ -61,7 +62,10 @@ def launch_command(spec: LaunchSpec, cfg: Config) -> list[str]:
 
 def launch(spec: LaunchSpec, cfg: Config, dry_run: bool) -> int:
     world = spec.nproc * spec.nnodes
-    validate(cfg, world_size=world)
+    if spec.hostfile and not Path(spec.hostfile).is_file():
+        raise ConfigError(f"--hostfile {spec.hostfile} does not exist")
+    validate(cfg, world_size=world)  # all that `moesaic train` checks, before any worker starts
+    check_trainable(cfg)
     print(describe(cfg, world))
     cmd = launch_command(spec, cfg)
     print("command: " + shlex.join(cmd), flush=True)
@@ -99,21 +103,24 @@ exit "$rc"
 
 
 def write_sbatch(cfg: Config, config: str, overrides: Sequence[str], nodes: int, gpus_per_node: int,
-                 time_limit: str, partition: str | None, account: str | None, warn_seconds: int = 180) -> Path:
+                 time_limit: str, partition: str | None, account: str | None, warn_seconds: int = 180,
+                 cpus_per_task: int = 8, port: int = 29500) -> Path:
     """Write ``run_dir/slurm.sbatch``: a requeueing, pre-emption-safe job for this config."""
     from ..trainer.loop import PREEMPTED_EXIT_CODE
 
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"--nodes={nodes} and --gpus-per-node={gpus_per_node} must be >= 1")
     validate(cfg, world_size=nodes * gpus_per_node)
+    check_trainable(cfg)
     run_dir = Path(cfg.run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     script = run_dir / "slurm.sbatch"
     resume = [] if any(o.startswith("checkpoint.resume=") for o in overrides) else ["checkpoint.resume=auto"]
     extra = "\n".join(f"#SBATCH --{k}={v}" for k, v in (("partition", partition), ("account", account)) if v)
     script.write_text(SBATCH.format(
-        script=script, job=f"moesaic-{run_dir.name}", nodes=nodes, gpus=gpus_per_node, cpus=8, time=time_limit,
-        logs=(run_dir / "logs").resolve(), warn=warn_seconds, extra=extra, port=29500, python=sys.executable,
+        script=script, job=f"moesaic-{run_dir.name}", nodes=nodes, gpus=gpus_per_node, cpus=cpus_per_task,
+        time=time_limit,
+        logs=(run_dir / "logs").resolve(), warn=warn_seconds, extra=extra, port=port, python=sys.executable,
         module=TRAIN_MODULE, config=shlex.quote(str(Path(config).resolve()) if Path(config).is_file() else config),
         overrides=shlex.join([*overrides, *resume]), preempted=PREEMPTED_EXIT_CODE))
     return script

@@ -44,8 +44,9 @@ class MTPBlock(Block):
             self.hc_head_fn, self.hc_head_base, self.hc_head_scale = mhc.head_parameters(self.hc, dim, cfg.init_std)
 
     def predict(self, h: torch.Tensor, next_ids: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
-                head: nn.Linear, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [B,S,(n,)D] state at t, next_ids [B,S] tokens t+d -> (logits [B,S,V], state [B,S,(n,)D], aux_loss).
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [B,S,(n,)D] state at t, next_ids [B,S] tokens t+d -> (normed hidden [B,S,D] for the shared head,
+        state [B,S,(n,)D], aux_loss); the caller fuses the head into the loss, as for the main model.
 
         ``embed``: the main model's token embedding (``Transformer.embed_tokens``, scaled with embed_scale)."""
         e = self.e_proj(self.enorm(embed(next_ids)))  # [B,S,D]
@@ -55,4 +56,4 @@ class MTPBlock(Block):
         x, aux_loss = self(x, next_ids, ctx)
         out = mhc.head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.hc) \
             if self.hc.n > 1 else x
-        return head(self.norm(out)), x, aux_loss
+        return self.norm(out), x, aux_loss

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moesaic.configs.schema import ModelConfig
@@ -132,12 +131,6 @@ class Transformer(nn.Module):
         up to the mean."""
         return total / self.sequence.sum((labels != -100).sum()).clamp(min=1)
 
-    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``_mean_loss`` of the cross-entropy of the (softcapped) logits [B,S,V] (the MTP depths' heads)."""
-        logits = softcap(logits.float(), self.cfg.final_logit_softcap)
-        total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        return self._mean_loss(total, labels)
-
     def _mtp_loss(self, x: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
                   ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy of the MTP depths and their aux loss; x [B,S,(n,)D] the final streams.
@@ -149,8 +142,10 @@ class Transformer(nn.Module):
         for depth, block in enumerate(self.mtp, start=1):
             if input_ids.shape[1] <= depth:
                 break
-            logits, h, block_aux = block.predict(h[:, :-1], input_ids[:, depth:], self.embed_tokens, self.head, ctx)
-            losses.append(self._cross_entropy(logits, labels[:, depth:]))
+            hidden, h, block_aux = block.predict(h[:, :-1], input_ids[:, depth:], self.embed_tokens, ctx)
+            depth_labels = labels[:, depth:]  # no [B, S, V] logits: the head is fused into the loss
+            losses.append(self._mean_loss(linear_cross_entropy(hidden, self.head.weight, depth_labels,
+                                                               cap=self.cfg.final_logit_softcap), depth_labels))
             aux_loss = aux_loss + block_aux
         return (torch.stack(losses).mean() if losses else aux_loss.new_zeros(())), aux_loss
 

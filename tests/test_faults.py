@@ -73,3 +73,30 @@ def test_repeated_faults_roll_back_then_abort_with_checkpoint_intact(tmp_path: P
     assert good.name == "step_00000004"
     ck.verify(good)
     assert all(p.isfinite().all() for p in final_params(good).values())
+
+
+def test_loss_spike_rolls_back_once_and_training_finishes(tmp_path: Path, cache: str) -> None:
+    run = tmp_path / "run"
+    out = train(FAST + [cache, f"run_dir={run}", "train.steps=10", "checkpoint.every=4", "train.spike_zscore=3",
+                        "train.spike_window=4", "train.inject_spike_at=[6]", "train.max_rollbacks=1"])
+    assert "step 7: spike; rolling back to" in out.stdout and "step_00000004 with a new data order" in out.stdout
+    assert out.stdout.count("rolling back") == 1
+    rows = _rows(run)
+    assert rows[-1]["step"] == 10 and rows[-1]["train/rollbacks"] == 1
+    assert max(r["train/loss"] for r in rows if "train/loss" in r) < 20  # the x100 step was never logged
+    assert all(p.isfinite().all() for p in final_params(latest(run)).values())
+
+
+def test_zero0_applied_nan_update_is_corrupt_and_rolls_back(tmp_path: Path, cache: str) -> None:
+    """ZeRO-0 does not skip a non-finite update (ZeRO-1/2 do): the step is classified corrupt and rolled back; the
+    injection recurs after the rollback, so the run then stops with the checkpoint intact."""
+    run = tmp_path / "run"
+    proc = subprocess.run(command(FAST + [cache, f"run_dir={run}", "train.steps=8", "checkpoint.every=4",
+                                          "train.zero_stage=0", "train.inject_nan_at=[5]", "train.max_rollbacks=1"]),
+                          capture_output=True, text=True, env=env(), timeout=600)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.count("step 6: corrupt; rolling back to") == 1 and "step_00000004" in proc.stdout
+    assert "non-finite loss or gradient, update skipped" not in proc.stdout  # nothing skipped it
+    assert "training diverged at step 6 (corrupt) after 1 rollback(s)" in proc.stderr
+    good = latest(run)
+    assert good.name == "step_00000004" and all(p.isfinite().all() for p in final_params(good).values())

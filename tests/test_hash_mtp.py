@@ -91,7 +91,8 @@ def test_mtp_predicts_one_token_further_from_the_next_input_token(hc_mult: int) 
 
     def spy(*args: object) -> tuple:
         result = original(*args)
-        mtp_logits.append(result[0])
+        with torch.no_grad():
+            mtp_logits.append(model.head(result[0]))  # the logits the fused loss never forms
         return result
 
     model.mtp[0].predict = spy
@@ -110,6 +111,17 @@ def test_mtp_predicts_one_token_further_from_the_next_input_token(hc_mult: int) 
     # largest logit), from there on a change.
     assert_close_scaled(mtp_logits[0][:, :6], logits[:, :6], 16, "before position 6", scale=logits.abs().max().item())
     assert ((mtp_logits[0] - logits)[:, 6:].abs().amax(dim=(0, 2)) > 1e-4).all()
+
+
+def test_training_forward_never_forms_full_logits_mtp_included() -> None:
+    """With labels the head is fused into the loss for the main model and every MTP depth: no [B, S, V] logits."""
+    model = Transformer(cfg(hc_mult=1, mtp_layers=2))
+    calls = []
+    model.head.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    model(torch.randint(0, VOCAB, (2, 10)), labels=torch.randint(0, VOCAB, (2, 10))).loss.backward()
+    assert calls == []
+    model(torch.randint(0, VOCAB, (2, 10)))  # inference does use it
+    assert calls == [(2, 10, VOCAB)]
 
 
 def test_mtp_depths_chain_and_train() -> None:

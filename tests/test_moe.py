@@ -369,3 +369,18 @@ def test_local_moe_forward_and_backward_do_not_sync_with_the_host() -> None:
         (y.square().sum() + aux).backward()
     assert syncs.calls == []
     assert moe.experts.w1.grad.abs().sum() > 0
+@pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
+def test_router_z_loss_matches_hand_computation(score_func: str) -> None:
+    """ST-MoE's z-loss on logits set by hand: token a has logits [0, 0] (logsumexp ln 2), token b [ln 3, 0]
+    (logsumexp ln 4 = 2 ln 2), so the loss is coef * ((ln 2)^2 + (2 ln 2)^2) / 2, whatever the score function."""
+    coef = 0.01
+    router = Router(make_cfg(dim=2, num_experts=2, top_k=1, z_loss_coef=coef, score_func=score_func), 0)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(2))
+    x = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0]]])  # [B=1, S=2, D=2]: the logits themselves
+    out = router(x)
+    assert out.aux_loss.item() == pytest.approx(coef * 2.5 * math.log(2) ** 2, rel=1e-6)
+    out.aux_loss.backward()  # d/dW of the loss: it pulls the logits down
+    assert router.weight.grad[0, 0] > 0
+    off = Router(make_cfg(dim=2, num_experts=2, top_k=1, score_func=score_func), 0)
+    assert off(x).aux_loss.item() == 0.0  # z_loss_coef 0 (the default): no loss

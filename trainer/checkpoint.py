@@ -87,11 +87,16 @@ def verify(ckpt: Path) -> dict[str, Any]:
     return manifest
 
 
+def is_step_dir(path: Path) -> bool:
+    """Whether ``path`` is named as a checkpoint (``step_XXXXXXXX``)."""
+    return bool(_STEP_DIR.match(path.name))
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Step directories under ``root``, newest first."""
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    dirs = [p for p in root.iterdir() if p.is_dir() and is_step_dir(p)]
     return sorted(dirs, key=lambda p: p.name, reverse=True)
 
 

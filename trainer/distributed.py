@@ -109,6 +109,13 @@ def host_group() -> Optional[dist.ProcessGroup]:
     if _host_group is None:
         _host_group = dist.new_group(backend="gloo")
     return _host_group
+def broadcast_text(text: str | None) -> str | None:
+    """Rank 0's ``text`` on every rank (a collective; ``text`` on the others is ignored)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [text]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return text
 
 
 def destroy() -> None:

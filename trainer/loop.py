@@ -25,8 +25,9 @@ from . import checkpoint as ckpt_io
 from .balance import update_router_biases
 from .data import DataBundle, prepare_data, rank_slice, sequence_shard
 from .mixture import MixtureSampler
-from .distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_text, destroy, init_distributed
 from .engine import build_engine
+from .resume import find_resume
 from .rng import get_rng_state, set_rng_state
 from .metrics import MetricsPanel, layer_label
 from .sinks import MetricSinks
@@ -62,6 +63,7 @@ class Trainer:
         self.dp = self.topology.dp
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.resume = find_resume(cfg, self.ckpt_root, self.log)  # refused before anything is written
         if dist_info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self.data = self._prepare_data()
@@ -82,16 +84,20 @@ class Trainer:
     def _prepare_data(self) -> DataBundle:
         """The main rank tokenises and fills the cache, then the others read it.
 
-        A data error on the main rank is reported on every rank instead of leaving them at a barrier.
+        Any error there (data, tokenizer, cache) ends every rank with the main rank's one-line message
+        instead of leaving the others waiting in a collective.
         """
-        error: ConfigError | None = None
+        error: str | None = None
         if self.dist.is_main:
             try:
                 data = prepare_data(self.cfg)
             except ConfigError as exc:
-                error = exc
-        if all_reduce_sum(torch.tensor([float(error is not None)])).item():
-            raise error or ConfigError("data preparation failed on rank 0; see its error line")
+                error = str(exc)
+            except Exception as exc:  # e.g. an OSError writing the cache: one line on every rank, not a hang
+                error = f"data preparation failed on rank 0: {type(exc).__name__}: {str(exc).partition(chr(10))[0]}"
+        error = broadcast_text(error)
+        if error is not None:
+            raise ConfigError(error)
         return data if self.dist.is_main else prepare_data(self.cfg)
 
     def log(self, msg: str) -> None:
@@ -99,16 +105,6 @@ class Trainer:
             print(msg, flush=True)
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def resume_path(self) -> Path | None:
-        resume = self.cfg.checkpoint.resume
-        if resume is None:
-            return None
-        if resume == "auto":
-            return ckpt_io.find_resumable(self.ckpt_root, log=self.log)
-        path = Path(resume)
-        ckpt_io.verify(path)
-        return path
-
     def _layout(self) -> dict:
         from ..parallel import portable
 
@@ -157,6 +153,7 @@ class Trainer:
         barrier()
         if self.dist.is_main:
             save_config(self.cfg, path / "config.yaml")
+            self.data.tokenizer.save(path / "tokenizer.json")  # export, generate and eval read it
             ckpt_io.write_manifest(path, self.step, self._layout())
             ckpt_io.mark_latest(self.ckpt_root, path)
             ckpt_io.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, keep=path)
@@ -186,7 +183,7 @@ class Trainer:
             batch = batch.to(self.dist.device, non_blocking=True)
             inputs, labels = sequence_shard(batch, self.topology.sp_rank, self.topology.sp)
             out = self.engine(inputs, labels=labels, stats=stats)
-            poison = math.nan if self.step in self.cfg.train.inject_nan_at else 1.0
+            poison = math.nan if self.step in self.cfg.train.inject_nan_at else self._spike_factor()
             self.engine.backward(out.loss * poison)
             self.engine.step()
             sums += torch.stack([out.lm_loss.detach().float() * poison, out.aux_loss.detach().float(),
@@ -195,13 +192,28 @@ class Trainer:
         self.step += 1
         return sums
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the first ``eval_batches`` x micro-batch validation blocks, split over dp ranks."""
-        self.engine.eval()
+    def val_sequences(self) -> int:
+        """Validation sequences a pass scores: the first ``eval_batches`` x micro-batch (0: no validation split)."""
         n = min(len(self.data.val), self.cfg.train.eval_batches * self.cfg.train.micro_batch_size)
         if self.cfg.parallel.ep > 1:  # expert-parallel forwards are collective: equal shares on every rank
             n -= n % self.dp
+            if 0 < len(self.data.val) and n == 0:
+                raise ConfigError(f"data.val_fraction={self.cfg.data.val_fraction} gives {len(self.data.val)} "
+                                  f"validation sequences, fewer than the {self.dp} data-parallel ranks that expert "
+                                  f"parallelism scores together; hold out more text or set data.val_fraction=0")
+        return n
+
+    def _spike_factor(self) -> float:
+        """Testing aid: ``train.inject_spike_at`` multiplies a step's loss by 100 before any rollback."""
+        return 100.0 if self.rollbacks == 0 and self.step in self.cfg.train.inject_spike_at else 1.0
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over ``val_sequences`` validation blocks, split over dp ranks; None without validation."""
+        n = self.val_sequences()
+        if n == 0:
+            return None
+        self.engine.eval()
         mine = list(range(n))[self.topology.dp_rank::self.dp]
         total = torch.zeros(2, dtype=torch.float64)
         for start in range(0, len(mine), self.cfg.train.micro_batch_size):
@@ -290,13 +302,15 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        resume = self.resume_path()
+        resume = self.resume
         if resume is not None:
             self.load(resume)
         self.log(f"moesaic: {self.model.num_params(active_only=False) / 1e6:.2f}M params "
                  f"({self.model.num_params(active_only=True) / 1e6:.2f}M active), world {self.dist.world_size}, "
                  f"{len(self.data.train)} train / {len(self.data.val)} val sequences of {cfg.data.seq_len}, "
                  f"unigram baseline {self.data.unigram_entropy:.3f} nats")
+        if self.val_sequences() == 0:  # raises if there are too few for the layout
+            self.log("no validation: data.val_fraction=0 holds out no text, so val/loss is not computed")
         sinks = MetricSinks(cfg, self.run_dir, resume_step=self.step if resume else None) if self.dist.is_main else None
         bar = None
         if self.dist.is_main and cfg.logging.progress_bar:
@@ -386,7 +400,8 @@ class Trainer:
                                 for layer, shares in mode_shares(self.model).items() for k, v in shares.items()})
             if eval_now:
                 val_loss = self.evaluate()
-                metrics["val/loss"] = val_loss
+                if val_loss is not None:
+                    metrics["val/loss"] = val_loss
             # Log before checkpointing: once the checkpoint exists a resume starts after this step, so
             # its metrics must already be written (a resume from an older checkpoint drops the rows past it).
             if sinks is not None and metrics:

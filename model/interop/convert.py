@@ -50,7 +50,8 @@ def read_native_config(directory: str | Path) -> ModelConfig:
         loaded = OmegaConf.load(path)
         if "model" in loaded:
             raise ConfigError(f"{directory} holds a run config ({NATIVE_CONFIG} with a 'model:' section), not a "
-                              f"native checkpoint; a training checkpoint exports via save_native(model, dir) first")
+                              f"native checkpoint; export a training checkpoint with "
+                              f"`moesaic export {directory} OUT_DIR`")
         merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
@@ -176,7 +177,10 @@ def export_hf(native_dir: str | Path, hf_dir: str | Path, max_shard_bytes: int =
                                   f"no place for it (it would read back as zeros)")
     with atomic_directory(hf_dir) as tmp:
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
-        write_sharded(tmp, write_plans(plan, src.get, native), max_shard_bytes)
+        stored = src.dtype("embed.weight")
+        constants = [TensorPlan(key, stored, tuple(t.shape), lambda t=t: t.to(stored))
+                     for key, t in family.constant_tensors(cfg).items()]
+        write_sharded(tmp, write_plans(plan, src.get, native) + constants, max_shard_bytes)
     return Path(hf_dir)
 
 

@@ -6,8 +6,8 @@ off-by-one default layout, §4.1). Import also reads the legacy keys transformer
 (``compress_ratios``, ``num_hash_layers``, ``qk_rope_head_dim``, flat or ``rope_scaling`` YaRN).
 
 What one side can express and the other cannot is refused with a ConfigError naming the field:
-transformers always builds mHC (its hc_mult = 1 is a one-stream mHC, moesaic's is a plain
-residual), an MoE FFN in every layer with exactly one shared expert of ``moe_intermediate_size``,
+transformers always builds mHC (moesaic's hc_mult = 1, a plain residual, exports as the one-stream
+mHC whose mappings are constant, ``plain_residual_tensors``, and is not imported back), an MoE FFN in every layer with exactly one shared expert of ``moe_intermediate_size``,
 normalised top-k gates, untied embeddings (V4), no YaRN attention scaling, and no FP8 weights.
 Each layer's attention type writes and reads its own keys (``AttentionSpec.to_hf``/``from_hf``); one
 config.json has one value per key, so the layers of an exported model must agree on shared keys.
@@ -16,6 +16,8 @@ config.json has one value per key, so the layers of an exported model must agree
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from moesaic.configs import AttentionConfig, ModelConfig, MoEConfig
 from moesaic.model.attention import layer_specs, registered, spec_for_hf
@@ -31,8 +33,6 @@ SCORE_FUNCS = ("sqrtsoftplus", "sigmoid")  # transformers 5.14 has no "softmax" 
 def check_exportable(cfg: ModelConfig) -> None:
     """Refuse models transformers' DeepseekV4ForCausalLM cannot reproduce exactly."""
     m = cfg.moe
-    require(cfg.hc_mult > 1, f"model.hc_mult={cfg.hc_mult}: DeepSeek-V4 checkpoints always use mHC; "
-                             "moesaic's hc_mult=1 (plain residual) has no equivalent")
     dense = [i for i in range(cfg.num_layers) if cfg.ffn_type(i) != "moe"]
     require(not dense, f"model.ffn_types[{dense[0] if dense else 0}]='{cfg.ffn_type(dense[0]) if dense else ''}': "
                        "DeepSeek-V4 has an MoE FFN in every layer")
@@ -60,6 +60,30 @@ def check_exportable(cfg: ModelConfig) -> None:
     require(all(spec.hf_layer_type == "sliding_attention" for spec in mtp),
             f"model.mtp_layer_type='{cfg.mtp_layer_type}': transformers' DeepSeek-V4 MTP blocks use sliding-window "
             "attention")
+
+
+# A plain residual is the one-stream mHC with constant mappings: fn = 0 (no input dependence), pre = the head's
+# weight = sigmoid(PLAIN_PRE_BASE), which is 1.0 exactly in fp32 and bf16, post = 2 sigmoid(0) = 1, comb = 1 (a 1x1
+# softmax); with hc_eps = 0 nothing is added, so each sublayer gives X + F(X), as moesaic's hc_mult = 1 does.
+PLAIN_PRE_BASE = 40.0
+
+
+def plain_residual_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers name -> tensor of the constant one-stream mHC standing for moesaic's plain residual
+    (empty for an mHC model), for every layer, the head and the MTP blocks."""
+    if cfg.hc_mult > 1:
+        return {}
+    names, dim = DeepSeekV4Names(cfg), cfg.hidden_size
+    site = {"fn": torch.zeros(3, dim), "base": torch.tensor([PLAIN_PRE_BASE, 0.0, 0.0]), "scale": torch.ones(3)}
+    head = {"fn": torch.zeros(1, dim), "base": torch.tensor([PLAIN_PRE_BASE]), "scale": torch.ones(1)}
+    blocks = [f"layers.{i}." for i in range(cfg.num_layers)] + [f"mtp.{i}." for i in range(cfg.mtp_layers)]
+    out = {}
+    for prefix in blocks:
+        for sub in ("attn", "ffn"):
+            out.update({names.keys(f"{prefix}hc_{sub}_{k}")[0]: v for k, v in site.items()})
+    for prefix in ["", *blocks[cfg.num_layers:]]:
+        out.update({names.keys(f"{prefix}hc_head_{k}")[0]: v for k, v in head.items()})
+    return out
 
 
 def _merge(out: dict[str, Any], part: dict[str, Any], owner: dict[str, str], name: str, path: str = "") -> None:
@@ -114,7 +138,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         **_attention_keys(cfg),
         "hc_mult": cfg.hc_mult,
         "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
-        "hc_eps": cfg.hc_eps,
+        "hc_eps": cfg.hc_eps if cfg.hc_mult > 1 else 0.0,  # 0: the plain residual's mHC adds nothing
         "n_routed_experts": m.num_experts,
         "n_shared_experts": 1,
         "num_experts_per_tok": m.top_k,
@@ -264,3 +288,6 @@ class DeepSeekV4(Family):
 
     def names(self, cfg: ModelConfig, tensor_names: frozenset[str] = frozenset()) -> DeepSeekV4Names:
         return DeepSeekV4Names(cfg)
+
+    def constant_tensors(self, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        return plain_residual_tensors(cfg)

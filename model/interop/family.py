@@ -12,6 +12,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import torch
+
 from moesaic.configs import ConfigError, ModelConfig
 from moesaic.model.attention import layer_specs
 
@@ -84,6 +86,11 @@ class Family(ABC):
     @abstractmethod
     def names(self, cfg: ModelConfig, tensor_names: frozenset[str] = frozenset()) -> NamePlan:
         """Where each tensor of a model of ``cfg`` lives (``tensor_names``: a checkpoint's, to pick its layout)."""
+
+    def constant_tensors(self, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors (transformers name -> value) that export writes for parts the family always has
+        but a model of ``cfg`` lacks (DeepSeek-V4's mHC around a plain residual)."""
+        return {}
 
 
 def families() -> list[Family]:

@@ -28,7 +28,7 @@ _FP32_BUFFERS = ("expert_bias", "load_counts", "stat_counts", "stat_sums")
 class RouterOutput(NamedTuple):
     topk_idx: torch.Tensor  # [T, k] long, selected experts per token (T = B*S)
     gates: torch.Tensor  # [T, k] fp32, weights of the selected experts' outputs
-    aux_loss: torch.Tensor  # scalar fp32, sequence-wise balance loss (already times alpha)
+    aux_loss: torch.Tensor  # scalar fp32, sequence-wise balance loss + router z-loss (already times their coefs)
 
 
 def hash_routing_table(vocab_size: int, num_experts: int, k: int, seed: int) -> torch.Tensor:
@@ -98,6 +98,7 @@ class Router(nn.Module):
         self.n_group, self.topk_group = moe.n_group, moe.topk_group
         self.bias_update_rate = moe.bias_update_rate
         self.seq_aux_loss_coef = moe.seq_aux_loss_coef
+        self.z_loss_coef = moe.z_loss_coef
         self.weight = nn.Parameter(torch.empty(moe.num_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.init_std)
         self.eps = cfg.rms_norm_eps
@@ -129,14 +130,21 @@ class Router(nn.Module):
                 self._buffers[name] = old.to(device=new.device)
         return self
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Affinities [..., E] in fp32 (routing decisions are precision sensitive)."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [..., E] in fp32 (routing decisions are precision sensitive)."""
         x = x.float()
         if self.scale is not None:  # Gemma: the un-normed stream, normalised and scaled here
             x = rms_normalize(x, self.eps) * self.scale.float() * x.shape[-1] ** -0.5
         logits = F.linear(x, self.weight.float())
         if self.logit_softcap > 0:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Affinities [..., E] in fp32: the score function of the logits."""
+        return self._activate(self.logits(x))
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         if self.score_func == "sqrtsoftplus":
             return F.softplus(logits).sqrt()
         if self.score_func == "sigmoid":
@@ -175,7 +183,8 @@ class Router(nn.Module):
         ``carry``: state routers hand from layer to layer (the MLP router's); this router has none.
         """
         batch, seq, _ = x.shape
-        scores = self.scores(x).view(batch * seq, self.num_experts)  # [T, E]
+        logits = self.logits(x).view(batch * seq, self.num_experts)  # [T, E]
+        scores = self._activate(logits)
         topk_idx = self._select(scores, input_ids)  # [T, k]
         gates = scores.gather(-1, topk_idx)  # [T, k], unbiased
         if self.norm_topk_prob:
@@ -188,7 +197,7 @@ class Router(nn.Module):
             self._count(topk_idx)
             if self.track_stats:
                 self._accumulate_stats(scores, topk_idx, aux_loss, sequence.shards)
-        return RouterOutput(topk_idx, gates, aux_loss)
+        return RouterOutput(topk_idx, gates, aux_loss + self._z_loss(logits, sequence))
 
     @torch.no_grad()
     def _count(self, topk_idx: torch.Tensor, taken: Optional[torch.Tensor] = None) -> None:
@@ -235,6 +244,13 @@ class Router(nn.Module):
         f = sequence.sum(chosen) * (self.num_experts / (self.top_k * seq * shards))  # [B, E]
         p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1) / shards  # [B, E]
         return self.seq_aux_loss_coef * (f * p).sum(dim=-1).mean()
+
+    def _z_loss(self, logits: torch.Tensor, sequence: WholeSequence) -> torch.Tensor:
+        """ST-MoE's router z-loss, coef * mean over tokens of logsumexp_j(logits)^2 (as Megatron), on logits
+        [T, E]: keeps the logits small; a shard's mean is divided by the shards so that they add up."""
+        if self.z_loss_coef == 0:
+            return logits.new_zeros(())
+        return self.z_loss_coef * logits.logsumexp(dim=-1).square().mean() / sequence.shards
 
     @torch.no_grad()
     def update_bias(self, global_counts: torch.Tensor) -> None:
