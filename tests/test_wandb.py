@@ -137,13 +137,16 @@ def test_steps_logged_after_the_last_checkpoint_of_a_killed_run_are_not_logged_t
     while proc.poll() is None and time.time() < deadline and not any(15 < s < 20 for s in logged):
         time.sleep(0.02)
         logged = [json.loads(r)["step"] for r in jsonl.read_text().splitlines()] if jsonl.exists() else []
-    time.sleep(1.0)  # the wandb service is a separate process: let it write what it was handed
+    # The wandb service is a separate process: wait (not a fixed time: a loaded host is slow) until it has
+    # written a step past the checkpoint.
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    while proc.poll() is None and time.time() < deadline and max(logged_steps(run_dir, run_id), default=0) <= 15:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
     assert not (run_dir / "checkpoints" / "step_00000030").exists()  # so steps 16.. are redone
     killed_at = max(json.loads(r)["step"] for r in jsonl.read_text().splitlines())
-    run_id = (run_dir / "wandb_run_id").read_text().strip()
     assert max(logged_steps(run_dir, run_id)) > 15, "the killed run's wandb holds no step to be redone"
     resumed = subprocess.run(command(common + ["checkpoint.resume=auto"]), env=env(), capture_output=True,
                              text=True, timeout=600)
