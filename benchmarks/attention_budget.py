@@ -113,8 +113,8 @@ def main() -> None:
         set_modes(elastic, layout)
         loss = mean_loss(elastic, val)
         rows.append((f"(b) elastic at {budget}", layout, kv_per_token(config(layout, args)), loss))
-        print(f"elastic at {budget}: val {loss:.4f} (dedicated {dedicated[budget]:.4f}, gap {loss - dedicated[budget]:+.4f})",
-              flush=True)
+        gap = loss - dedicated[budget]
+        print(f"elastic at {budget}: val {loss:.4f} (dedicated {dedicated[budget]:.4f}, gap {gap:+.4f})", flush=True)
     set_modes(elastic, [None] * 4)
 
     budget = kv_per_token(config(FIXED["mid"], args)) * CONTEXT
@@ -132,7 +132,8 @@ def main() -> None:
         random.Random(seed).shuffle(layout)
         randoms.append(run(f"(c) random placement, seed {seed}", layout))
 
-    print(f"\n{args.steps} steps of {BATCH} x {args.seq_len} tokens per run; {time.perf_counter() - start:.0f}s in all\n")
+    elapsed = time.perf_counter() - start
+    print(f"\n{args.steps} steps of {BATCH} x {args.seq_len} tokens per run; {elapsed:.0f}s in all\n")
     print("| run | layers | KV B/token at 1M (bf16) | val loss |")
     print("|---|---|---|---|")
     for name, layout, kv, loss in rows:

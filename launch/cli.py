@@ -101,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--nnodes", type=positive_int, default=1, help="number of nodes (run the same command on each)")
     la.add_argument("--master-addr", default="127.0.0.1", help="address of node 0, the rendezvous host")
     la.add_argument("--master-port", type=port, default=29500)
-    la.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('host slots=N' lines); uses the deepspeed launcher")
+    la.add_argument("--hostfile", default=None,
+                    help="DeepSpeed hostfile ('host slots=N' lines); uses the deepspeed launcher")
     la.add_argument("--max-restarts", type=non_negative_int, default=0,
-                    help="torchrun restarts of the worker group after a failure; workers resume from the last checkpoint")
+                    help="torchrun restarts of the worker group after a failure; workers resume from the last "
+                         "checkpoint")
     la.add_argument("--dry-run", action="store_true", help="print the topology and command, start nothing")
     sl = sub.add_parser("slurm", help="write a ready sbatch script for this run into its run directory")
     _add_config_args(sl)
@@ -119,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--context", type=context_length, default=2**20, help="tokens per sequence (default 1M)")
     kv.add_argument("--dtype", choices=MAIN_FORMATS, default="bf16", help="main KV entry format")
     kv.add_argument("--index-dtype", choices=INDEX_FORMATS, default=None,
-                    help="indexer key format (default: as --dtype; the V4 paper format is --dtype fp8 --index-dtype fp4)")
+                    help="indexer key format (default: as --dtype; the V4 paper format is --dtype fp8 "
+                         "--index-dtype fp4)")
     from .budget import add_arguments as add_budget_arguments
 
     add_budget_arguments(sub.add_parser("budget", help="per-layer attention choices fitting a KV budget (planner)"),
@@ -128,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
     report.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
     conv = sub.add_parser("convert", help="convert a checkpoint between transformers' format (DeepSeek-V4, Qwen3-MoE, "
-                                          "Gemma 4, Laguna, ZAYA1, DeepSeek-V3.2, DeepSeek-V3, GLM-MoE-DSA) and moesaic's")
+                                          "Gemma 4, Laguna, ZAYA1, DeepSeek-V3.2, DeepSeek-V3, GLM-MoE-DSA) and "
+                                          "moesaic's")
     conv.add_argument("src", help="a transformers checkpoint (config.json; family from its model_type) or a native "
                                   "one (config.yaml; family inferred from the model)")
     conv.add_argument("dst", help="new output directory (written atomically; must not exist)")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import pytest
@@ -283,17 +282,9 @@ def test_bad_fields_are_one_line():
 def test_demo_configs_train_with_their_panels(config, shared, source, tmp_path):
     """configs/mosaic_tiny.yaml (V4 + Gemma-style GQA + a KV-shared layer) and gemma4_tiny.yaml in the trainer: the
     loss falls, the GQA layers log their statistics, and the KV panel counts a shared layer as 0 bytes."""
-    from trainrun import losses, train
+    from trainrun import train_briefly
 
-    run = tmp_path / "run"
-    train([f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "model.hidden_size=64", "data.seq_len=64",
-           "train.steps=16", "train.micro_batch_size=4", "train.global_batch_size=4", "train.warmup_steps=2",
-           "train.log_every=4", "train.eval_every=100", "train.sample_tokens=0", "logging.wandb=disabled",
-           "logging.progress_bar=false", "logging.kv_contexts=[4096]"], config=config)
-    by_step = losses(run)
-    assert by_step[16] < by_step[4] - 0.3, by_step
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    logged = {k: v for row in rows for k, v in row.items()}
+    logged = train_briefly(tmp_path, config)
     for layer in (shared, source):
         assert 0 < logged[f"attn_layers/{layer}/mass_first"] < 1
         assert math.isfinite(logged[f"attn_layers/{layer}/max_logit"])
@@ -373,16 +364,9 @@ def test_layers_with_different_query_heads_account_their_own():
 def test_laguna_tiny_trains_with_its_gate_and_head_panel(tmp_path):
     """configs/laguna_tiny.yaml in the trainer: the loss falls; the panel logs each layer's query heads (6 global,
     8 sliding), the gates' statistics and equal KV bytes for both layer kinds (one KV shape, the budget aside)."""
-    from trainrun import losses, train
+    from trainrun import train_briefly
 
-    run = tmp_path / "run"
-    train([f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "model.hidden_size=64", "data.seq_len=64",
-           "train.steps=16", "train.micro_batch_size=4", "train.global_batch_size=4", "train.warmup_steps=2",
-           "train.log_every=4", "train.eval_every=100", "train.sample_tokens=0", "logging.wandb=disabled",
-           "logging.progress_bar=false", "logging.kv_contexts=[32]"], config="laguna_tiny")
-    by_step = losses(run)
-    assert by_step[16] < by_step[4] - 0.3, by_step
-    logged = {k: v for line in (run / "metrics.jsonl").read_text().splitlines() for k, v in json.loads(line).items()}
+    logged = train_briefly(tmp_path, "laguna_tiny", kv_context=32)
     assert [logged[f"attn_layers/L0{i}/query_heads"] for i in range(4)] == [6, 8, 8, 6]
     for i in range(4):
         assert 0 < logged[f"attn_layers/L0{i}/gate_mean"] <= logged[f"attn_layers/L0{i}/gate_max"]

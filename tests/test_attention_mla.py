@@ -5,7 +5,6 @@ gradient goes, linear memory, YaRN against transformers, and KV bytes (V3.2: 140
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -245,23 +244,15 @@ def test_kv_bytes_are_the_latents_and_the_cache_holds_exactly_them():
 def test_mixed_v4_dsa_mla_model_trains_in_the_demo_loop_with_its_panels(tmp_path):
     """V4's CSA and HCA beside DSA and MLA layers (mosaic_tiny's menu plus two entries) in the trainer: the loss
     falls, the DSA layer logs its indexer's selection statistics and the KV panel counts its latent + index key."""
-    from trainrun import losses, train
+    from trainrun import train_briefly
 
-    run = tmp_path / "run"
-    train([f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "model.hidden_size=64", "data.seq_len=64",
-           "model.num_layers=4", "model.layer_types=[csa,dsa,hca,mla]", "model.ffn_types=[dense,moe,moe,moe]",
-           "model.attention.menu.dsa={kind: dsa, num_heads: 4, q_lora_rank: 32, kv_lora_rank: 32, "
-           "qk_nope_head_dim: 16, qk_rope_head_dim: 8, v_head_dim: 16, index_heads: 16, index_head_dim: 16, "
-           "index_topk: 16, query_chunk: 32}",
-           "model.attention.menu.mla={kind: mla, num_heads: 4, q_lora_rank: 32, kv_lora_rank: 32, "
-           "qk_nope_head_dim: 16, qk_rope_head_dim: 8, v_head_dim: 16}",
-           "train.steps=16", "train.micro_batch_size=4", "train.global_batch_size=4", "train.warmup_steps=2",
-           "train.log_every=4", "train.eval_every=100", "train.sample_tokens=0", "logging.wandb=disabled",
-           "logging.progress_bar=false", "logging.kv_contexts=[4096]"], config="mosaic_tiny")
-    by_step = losses(run)
-    assert by_step[16] < by_step[4] - 0.3, by_step
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    logged = {k: v for row in rows for k, v in row.items()}
+    logged = train_briefly(
+        tmp_path, "mosaic_tiny", "model.num_layers=4", "model.layer_types=[csa,dsa,hca,mla]",
+        "model.ffn_types=[dense,moe,moe,moe]",
+        "model.attention.menu.dsa={kind: dsa, num_heads: 4, q_lora_rank: 32, kv_lora_rank: 32, qk_nope_head_dim: 16, "
+        "qk_rope_head_dim: 8, v_head_dim: 16, index_heads: 16, index_head_dim: 16, index_topk: 16, query_chunk: 32}",
+        "model.attention.menu.mla={kind: mla, num_heads: 4, q_lora_rank: 32, kv_lora_rank: 32, qk_nope_head_dim: 16, "
+        "qk_rope_head_dim: 8, v_head_dim: 16}")
     assert 0 < logged["attn_layers/L01/index_coverage"] <= 1 and logged["attn_layers/L01/index_distance"] > 0
     assert 0 < logged["attn_layers/L03/mass_first"] < 1
     assert logged["kv_layers/L01/4k/bytes_per_token"] == (32 + 8 + 16) * 4  # latent + RoPE key + index key, fp32

@@ -84,7 +84,8 @@ def test_bad_option_is_one_error_line(argv: list[str], message: str, capsys: pyt
 
 
 @pytest.mark.parametrize("text, where, problem", [
-    ("model:\n  hidden_size: 64\n  layer_types: [swa, csa\ntrain:\n  steps: 3\n", "4:6", "did not find expected ',' or ']'"),
+    ("model:\n  hidden_size: 64\n  layer_types: [swa, csa\ntrain:\n  steps: 3\n", "4:6",
+     "did not find expected ',' or ']'"),
     ("model:\n  hidden_size: 64\n   x: 1\n", "3:5", "mapping values are not allowed in this context"),
     ("train: {steps: 3\n", "2:1", "did not find expected ',' or '}'"),
     ("train:\n\tsteps: 3\n", "2:1", "found character that cannot start any token"),

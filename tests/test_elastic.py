@@ -28,7 +28,8 @@ MODES = list(SMALL["elastic"]["modes"])  # csa, csa1, hca, window
 
 
 def _cfg(layer_types: list[str]) -> ModelConfig:
-    return ModelConfig(vocab_size=64, hidden_size=48, num_layers=len(layer_types), ffn_types=["dense"] * len(layer_types),
+    return ModelConfig(vocab_size=64, hidden_size=48, num_layers=len(layer_types),
+                       ffn_types=["dense"] * len(layer_types),
                        dense_intermediate_size=32, layer_types=layer_types, attention=small_menu())
 
 

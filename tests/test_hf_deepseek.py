@@ -19,7 +19,7 @@ from moesaic.model import Transformer
 from moesaic.model.interop import from_hf_config, load_hf_into, load_native
 
 from test_hf_families import (VOCAB, Case, assert_same_logits, check_export, check_greedy, check_import, hf_config, ids,
-                              load_transformers, randomise)
+                              load_transformers, randomised)
 
 pytestmark = pytest.mark.numerics
 
@@ -58,17 +58,6 @@ CASES = {
         n_group=1, topk_group=1, rope_parameters={k: v for k, v in YARN.items() if "mscale" not in k}),
     "v3: no query latent, default rope, 2 dense layers": v3(q_lora_rank=None, first_k_dense_replace=2),
 }
-
-
-@torch.no_grad()
-def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """``randomise``, then selection biases ~ U(-0.2, 0.2): comparable to the sigmoid scores they steer."""
-    randomise(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    for name, t in model.state_dict(keep_vars=True).items():
-        if name.endswith(("e_score_correction_bias", "expert_bias")):
-            t.copy_(torch.rand(t.shape, generator=g) * 0.4 - 0.2)
-    return model
 
 
 def hf_model(case: Case) -> torch.nn.Module:

@@ -118,6 +118,18 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
             t.copy_(torch.rand(t.shape, generator=g) + 0.5)
 
 
+@torch.no_grad()
+def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``randomise``, then selection biases ~ U(-0.2, 0.2) (transformers' Parameter, moesaic's buffer): comparable
+    to the sigmoid scores they steer, so they change which experts win."""
+    randomise(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.endswith(("e_score_correction_bias", "expert_bias")):
+            t.copy_(torch.rand(t.shape, generator=g) * 0.4 - 0.2)
+    return model
+
+
 def ids(seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
 

@@ -26,7 +26,7 @@ from moesaic.model.interop import (check_same_architecture, export_hf, from_hf_c
                                    load_native, save_native, to_hf_config)
 
 from test_hf_families import (VOCAB, Case, assert_same_logits, check_export, check_greedy, check_import, edited,
-                              hf_model, load_transformers, moesaic_cfg, randomise)
+                              hf_model, load_transformers, moesaic_cfg, randomised)
 
 pytestmark = pytest.mark.numerics
 
@@ -64,25 +64,13 @@ CASES = {
 }
 
 
-@torch.no_grad()
-def randomise_bias(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """``randomise`` and a selection bias ~ U(-0.2, 0.2) (both sides: transformers' Parameter, moesaic's buffer),
-    large enough to change which experts win against sigmoid scores."""
-    randomise(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    for name, t in model.state_dict(keep_vars=True).items():
-        if name.endswith(("e_score_correction_bias", "expert_bias")):
-            t.copy_(torch.rand(t.shape, generator=g) * 0.4 - 0.2)
-    return model
-
-
 def laguna_hf(case: Case) -> torch.nn.Module:
-    return randomise_bias(hf_model(case), 5)
+    return randomised(hf_model(case), 5)
 
 
 def laguna_moesaic(case: Case) -> Transformer:
     torch.manual_seed(0)
-    return randomise_bias(Transformer(moesaic_cfg(case)).eval(), 0)
+    return randomised(Transformer(moesaic_cfg(case)).eval(), 0)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -178,7 +166,7 @@ def test_laguna_presets_are_laguna_and_round_trip_through_config_json(preset: st
 
 def test_laguna_tiny_preset_exports_to_transformers_with_equal_logits(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = randomise_bias(Transformer(load_config("laguna_tiny").model).eval(), 3)
+    model = randomised(Transformer(load_config("laguna_tiny").model).eval(), 3)
     save_native(model, tmp_path / "native")
     export_hf(tmp_path / "native", tmp_path / "hf")
     hf = load_transformers(laguna(), tmp_path / "hf")

@@ -3,7 +3,6 @@ zaya1_tiny preset in the trainer (which marks EOS as the document end; KV panel 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -36,17 +35,9 @@ def test_fp32_residual_stream_with_bf16_weights():
 
 
 def test_zaya1_tiny_trains_with_its_panels(tmp_path: Path) -> None:
-    from trainrun import losses, train
+    from trainrun import train_briefly
 
-    run = tmp_path / "run"
-    train([f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "model.hidden_size=64", "data.seq_len=64",
-           "train.steps=16", "train.micro_batch_size=4", "train.global_batch_size=4", "train.warmup_steps=2",
-           "train.log_every=4", "train.eval_every=100", "train.sample_tokens=0", "logging.wandb=disabled",
-           "logging.progress_bar=false", "logging.kv_contexts=[4096]"], config="zaya1_tiny")
-    by_step = losses(run)
-    assert by_step[16] < by_step[4] - 0.3, by_step
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    logged = {k: v for row in rows for k, v in row.items()}
+    logged = train_briefly(tmp_path, "zaya1_tiny")
     assert 0 < logged["attn_layers/L00/mass_first"] < 1
     state = (6 * 32 * 2 + 2 * 32 // 2) * 4  # two raw [q ; k] rows and one delayed value row, fp32
     assert logged["kv_layers/L00/4k/bytes_per_token"] == 2 * 2 * 32 * 4 + state / 4096

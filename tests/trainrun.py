@@ -54,6 +54,21 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+def train_briefly(tmp_path: Path, config: str, *overrides: str, kv_context: int = 4096) -> dict[str, float]:
+    """16 steps of ``config`` (hidden size 64, 64 tokens, logging every 4 steps); asserts the loss falls by 0.3
+    nats from step 4 to 16 and returns every logged metric (its last value)."""
+    run = tmp_path / "run"
+    train([f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "model.hidden_size=64", "data.seq_len=64",
+           *overrides, "train.steps=16", "train.micro_batch_size=4", "train.global_batch_size=4",
+           "train.warmup_steps=2", "train.log_every=4", "train.eval_every=100", "train.sample_tokens=0",
+           "logging.wandb=disabled", "logging.progress_bar=false", f"logging.kv_contexts=[{kv_context}]"],
+          config=config)
+    by_step = losses(run)
+    assert by_step[16] < by_step[4] - 0.3, by_step
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {k: v for row in rows for k, v in row.items()}
+
+
 def final_params(ckpt: Path) -> dict[str, torch.Tensor]:
     state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return state["module"]

@@ -1,8 +1,8 @@
 """Predicted cost of each layer's budget choices (model/budget.py), from a run's statistics or a calibration.
 
 * ``calibration_costs`` (nats): the validation-loss increase when that layer alone runs the choice,
-  with the trained weights (an elastic layer: in that mode), on the first validation batches. Exact for one switched layer; the
-  planner adds the layers' increases, which ignores their interactions.
+  with the trained weights (an elastic layer: in that mode), on the first validation batches. Exact for one
+  switched layer; the planner adds the layers' increases, which ignores their interactions.
 * ``stats_costs`` (attention mass): a proxy when no forward should run. A layer that put mass m on
   its compressed entries (``attn_layers/L../mass_compressed``, the mean of the last logged rows)
   loses, under a choice keeping a fraction f of its compressed cache at the target context,

@@ -50,7 +50,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         keep_freed_memory()
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun tasks (moesaic slurm), no torchrun
-        for key, slurm_key in (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS"), ("LOCAL_RANK", "SLURM_LOCALID")):
+        for key, slurm_key in (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS"),
+                               ("LOCAL_RANK", "SLURM_LOCALID")):
             os.environ[key] = os.environ[slurm_key]
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)

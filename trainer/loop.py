@@ -130,7 +130,8 @@ class Trainer:
                                           f"its own layout {saved}")
         # Nested under one key: DeepSpeed drops client keys that collide with its own (e.g. skipped_steps).
         progress = client["moesaic"]
-        self.step, self.rollbacks, self.skipped_steps = progress["step"], progress["rollbacks"], progress["skipped_steps"]
+        self.step, self.rollbacks = progress["step"], progress["rollbacks"]
+        self.skipped_steps = progress["skipped_steps"]
         self.sampler = self._make_sampler()
         # RNG streams are per rank; after a world-size change rank r continues saved rank r mod saved world.
         saved_rank = self.dist.rank % manifest.get("world_size", self.dist.world_size)

@@ -11,8 +11,8 @@ compressor, an indexer) is its own.
 Training draws each layer's mode per optimizer step from ``mode_weights`` with a generator seeded
 by (train.seed, step, layer), so every rank of an EP/SP run draws the same modes and a resumed run
 the same schedule (``draw_modes``, called by the trainer); the share of steps per mode is logged
-(``mode_shares``). Forwards without gradients (evaluation, decoding) run ``inference_mode``: ``eval_mode`` by default, or
-what a budget controller chose for the call (``model/budget.py: fit_modes``). KV bytes and the
+(``mode_shares``). Forwards without gradients (evaluation, decoding) run ``inference_mode``: ``eval_mode`` by
+default, or what a budget controller chose for the call (``model/budget.py: fit_modes``). KV bytes and the
 decode cache are the inference mode's; FLOPs per trained token are the draw-weighted mean.
 """
 

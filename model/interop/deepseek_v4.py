@@ -7,8 +7,9 @@ off-by-one default layout, §4.1). Import also reads the legacy keys transformer
 
 What one side can express and the other cannot is refused with a ConfigError naming the field:
 transformers always builds mHC (moesaic's hc_mult = 1, a plain residual, exports as the one-stream
-mHC whose mappings are constant, ``plain_residual_tensors``, and is not imported back), an MoE FFN in every layer with exactly one shared expert of ``moe_intermediate_size``,
-normalised top-k gates, untied embeddings (V4), no YaRN attention scaling, and no FP8 weights.
+mHC whose mappings are constant, ``plain_residual_tensors``, and is not imported back), an MoE FFN in
+every layer with exactly one shared expert of ``moe_intermediate_size``, normalised top-k gates, untied
+embeddings (V4), no YaRN attention scaling, and no FP8 weights.
 Each layer's attention type writes and reads its own keys (``AttentionSpec.to_hf``/``from_hf``); one
 config.json has one value per key, so the layers of an exported model must agree on shared keys.
 """
