@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,3 +252,23 @@ def test_sp2_matches_one_process_with_halo_and_document_resets():
     from harness import run_workers
 
     run_workers(sp_worker, world=2, layout=SP_LAYOUT).assert_ok()
+
+
+def test_mixed_csa_cca_and_laguna_model_trains_in_the_demo_loop(tmp_path: Path) -> None:
+    """V4's CSA beside a CCA layer and two Laguna-style gated GQA layers over one KV shape, the second with four
+    times the query heads of the first, in the trainer: the loss falls and each layer's panel is there."""
+    from trainrun import train_briefly
+
+    laguna = "kind: gqa, num_kv_heads: 2, head_dim: 16, rope_fraction: 0.5"
+    logged = train_briefly(
+        tmp_path, "mosaic_tiny", "model.num_layers=4", "model.layer_types=[csa,cca,narrow,wide]",
+        "model.ffn_types=[dense,moe,moe,moe]",
+        "model.attention.menu.cca={kind: cca, num_kv_heads: 2, head_dim: 16, window: 0}",
+        f"model.attention.menu.narrow={{{laguna}, num_heads: 2, gate: head, window: 16}}",
+        f"model.attention.menu.wide={{{laguna}, num_heads: 8, gate: element, window: 0}}")
+    assert [logged[f"attn_layers/L0{i}/query_heads"] for i in (2, 3)] == [2, 8]
+    for i in (2, 3):
+        assert 0 < logged[f"attn_layers/L0{i}/gate_mean"] <= logged[f"attn_layers/L0{i}/gate_max"]
+    assert 0 < logged["attn_layers/L01/mass_first"] < 1
+    assert logged["kv_layers/L01/4k/bytes_per_token"] > 2 * 2 * 16 * 4  # K/V of 2 heads of 16 in fp32 + the state
+    assert logged["kv_layers/L03/4k/bytes_per_token"] == 2 * 2 * 16 * 4
