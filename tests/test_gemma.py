@@ -291,10 +291,21 @@ def test_model_softcaps_logits_lm_loss_and_mtp_loss():
     logits = model(ids).logits
     assert_close_scaled(logits, cap * torch.tanh(raw[0] / cap), 4, "logits")
     raw.clear()
-    out = model(ids, labels=ids)  # the main loss is fused (no head call): the one call is the MTP block's
+    block, hidden = model.mtp[0], []
+    predict = block.predict
+
+    def keep_hidden(*args, **kwargs):  # the MTP block's normed hidden state, which the fused loss takes
+        out = predict(*args, **kwargs)
+        hidden.append(out[0])
+        return out
+
+    block.predict = keep_hidden
+    out = model(ids, labels=ids)
+    assert raw == []  # both losses are fused: no head call
     want = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
     assert_close_scaled(out.lm_loss, want, 16, "lm loss")
-    (mtp_raw,) = raw
+    with torch.no_grad():
+        mtp_raw = model.head(hidden[0])
     mtp_want = F.cross_entropy((cap * torch.tanh(mtp_raw / cap)).flatten(0, 1), ids[:, 1:].flatten())
     assert_close_scaled(out.mtp_loss, mtp_want, 16, "MTP loss")
     uncapped = F.cross_entropy(raw_logits(model, ids).flatten(0, 1), ids.flatten())

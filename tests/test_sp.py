@@ -117,7 +117,8 @@ def test_sp2_x_dp2_ep2_resume_is_bit_identical_and_resumes_at_another_dp(tmp_pat
 @pytest.mark.parametrize("overrides, world, message", [
     (["parallel.sp=2", "data.seq_len=24"], None,
      "data.seq_len=24 must be divisible by parallel.sp=2 x 8 (equal sequence shards, starting "
-     "model.attention.menu.csa at multiples of 4, model.attention.menu.hca at multiples of 8)"),
+     "model.attention.menu.csa at multiples of 4, model.attention.menu.hca at multiples of 8, "
+     "model.attention.menu.elastic at multiples of 8)"),
     (["parallel.sp=3", "model.num_layers=3", "model.layer_types=[swa,swa,swa]",
       "model.ffn_types=[dense,moe,moe]", "data.seq_len=32"], None,
      "data.seq_len=32 must be divisible by parallel.sp=3 (equal sequence shards)"),

@@ -23,8 +23,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 # Steps of the run below: train.steps=6 stopped at 3 and resumed, log_every=2, eval_every=3,
 # moe_heatmap_every=2. The last step of each invocation is a log and an eval step.
 EXPECTED_STEPS = {"log": {2, 3, 4, 6}, "eval": {3, 6}, "first": {2, 4}, "heatmap": {2, 4, 6}}
-CONDITIONS = {"": True, "moe": True, "seq-aux": True, "peak": True, "ep>1": False, "csa/hca": True, "csa": True,
-              "mixture": False, "gqa gate": False}
+CONDITIONS = {"": True, "moe": True, "seq-aux": True, "peak": True, "ep>1": False, "csa/hca": True,
+              "csa/dsa": True, "mixture": False, "gqa gate": False, "elastic": False}
 LAYERS, MOE_LAYERS, CSA_LAYERS, CONTEXTS = ["L00", "L01"], ["L00", "L01"], ["L00"], ["4k"]
 
 
@@ -32,7 +32,7 @@ def documented_keys() -> dict[str, tuple[str, str, str]]:
     """key -> (when, condition, meaning), with {L}/{ctx} expanded for the run below."""
     out = {}
     for key, when, cond, meaning in re.findall(r"^\| `([^`]+)` \| (\w+) \|([^|]*)\| (.*) \|$", DOC.read_text(), re.M):
-        layers = MOE_LAYERS if key.startswith("moe_layers") else CSA_LAYERS if cond.strip() == "csa" else LAYERS
+        layers = MOE_LAYERS if key.startswith("moe_layers") else CSA_LAYERS if cond.strip() == "csa/dsa" else LAYERS
         for layer in layers if "{L}" in key else [None]:
             for ctx in CONTEXTS if "{ctx}" in key else [None]:
                 out[key.replace("{L}", str(layer)).replace("{ctx}", str(ctx))] = (when, cond.strip(), meaning)
