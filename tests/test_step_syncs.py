@@ -22,12 +22,15 @@ CPU_KERNELS = re.compile(r"moesaic/model/(attention/_window_cpu|_cpu_compiled|_m
 
 # In a fresh process (DeepSpeed keeps global state): train with the counter on, print what it saw.
 SCRIPT = r"""
-import json, sys, traceback
+import json, os, sys, traceback
 sys.path.insert(0, {tests!r})
+import deepspeed, moesaic
 from host_sync import HostSyncCounter
 from moesaic.configs import load_config
 from moesaic.trainer import loop
 
+# Package roots by where they are installed (an editable moesaic lives in a directory of any name).
+ROOTS = [(m.__name__, os.path.dirname(m.__file__) + "/") for m in (moesaic, deepspeed)]
 step = [0]
 original = loop.Trainer.train_step
 def train_step(self, stats=None):
@@ -42,8 +45,8 @@ class Attributed(HostSyncCounter):
         if len(self.calls) > before:
             frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
             path = frames[-1].filename if frames else "?"
-            package = next((p for p in ("moesaic", "deepspeed") if f"/{{p}}/" in path), "")
-            short = package + "/" + path.rsplit(f"/{{package}}/", 1)[1] if package else path.split("/")[-1]
+            short = next((name + "/" + os.path.relpath(path, root) for name, root in ROOTS if path.startswith(root)),
+                         path.split("/")[-1])
             self.calls[-1] = (step[0], self.calls[-1], f"{{short}}:{{frames[-1].name if frames else '?'}}")
         return out
 
