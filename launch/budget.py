@@ -4,7 +4,8 @@ CONFIG_OR_RUN_DIR is a run directory (its config.yaml, metrics.jsonl, checkpoint
 ``run_dir`` holds them. Costs come from the run's logged attention statistics when it has them, else
 (or with ``--calibrate``) from a calibration on the latest checkpoint's weights (trainer/budget_costs.py).
 Writes the planned config (``--out``, default RUN_DIR/budget.yaml) and ``budget.json`` beside it (the
-table, which ``moesaic report`` plots), and prints the table.
+table, which ``moesaic report`` draws as budget.png), prints the table, and logs it to wandb as a Table and
+that image, in a run of its own beside the training run (``logging.wandb`` of the run's config decides).
 """
 
 from __future__ import annotations
@@ -125,4 +126,24 @@ def budget_command(args: argparse.Namespace) -> int:
     (out.parent / "budget.json").write_text(json.dumps(summary, indent=1))
     print(format_plan(chosen, args.context, args.kv_budget, unit))
     print(f"planned config: {out}")
+    sync = _to_wandb(cfg, run_dir, summary)
+    if sync:
+        print(f"wandb (offline): {sync}")
     return 0
+
+
+def _to_wandb(cfg: Config, run_dir: Path, summary: dict) -> Optional[str]:
+    from ..trainer.report import BUDGET_COLUMNS, budget_figure, budget_table, figure_png
+    from ..trainer.sinks import log_job
+
+    def payload() -> dict:
+        import io
+
+        import wandb
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(figure_png(budget_figure(summary))))
+        return {"budget/plan": wandb.Table(columns=BUDGET_COLUMNS, data=budget_table(summary)),
+                "budget/plan_png": wandb.Image(image)}
+
+    return log_job(cfg, run_dir, "budget", payload)

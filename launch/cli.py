@@ -16,7 +16,7 @@
     moesaic budget CONFIG_OR_RUN_DIR --kv-budget 8GiB [--context 1M] [--flops-budget F] [--types swa,csa]
                                              choose each layer's attention so the KV cache fits the budget
                                              with the least predicted loss; writes the planned config
-    moesaic report RUN_DIR [--out DIR]       PNG plots of a run's metrics.jsonl (loss, MoE load, KV)
+    moesaic report RUN_DIR [--out DIR]       PNG plots of a run's metrics.jsonl (loss, MoE load, KV; budget plan)
     moesaic export RUN_DIR_OR_CHECKPOINT OUT_DIR [--format hf|native] [--dtype fp32|bf16]
                                              a trained run's model as a transformers (or native) checkpoint
     moesaic generate RUN_DIR_OR_CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from moesaic.configs import load_config, save_config
 from moesaic.launch.cli import main
@@ -135,8 +136,9 @@ def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 
 def test_cli_plans_from_a_runs_stats(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The layer that reads more far back keeps its compressed cache; the planned config fits the budget in
-    ``kv-report``'s accounting and upgrading any one layer would not."""
-    cfg = load_config("tiny", SMALL)
+    ``kv-report``'s accounting and upgrading any one layer would not. The table reaches wandb (offline) as a
+    Table and ``moesaic report`` as budget.png."""
+    cfg = load_config("tiny", SMALL + ["logging.wandb=offline"])
     cfg.run_dir = str(tmp_path)
     save_config(cfg, tmp_path / "config.yaml")
     rows = [{"step": 10, "attn_layers/L00/mass_compressed": 0.1, "attn_layers/L01/mass_compressed": 0.2,
@@ -154,7 +156,16 @@ def test_cli_plans_from_a_runs_stats(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert total <= budget and all(total - swa + per[i] > budget for i in (0, 1))
     table = json.loads((tmp_path / "budget.json").read_text())
     assert [r["choice"] for r in table["layers"]] == planned.model.layer_types and table["kv_bytes"] == total
-    assert "mass dropped" in out
+    assert "mass dropped" in out and "wandb sync" in out
+    [logged] = (tmp_path / "wandb").glob("offline-run-*/files/media/table/budget/plan_*.table.json")
+    logged = json.loads(logged.read_text())
+    assert logged["columns"][:3] == ["layer", "choice", "kind"]
+    assert [r[1] for r in logged["data"]] == planned.model.layer_types
+    assert sum(r[3] for r in logged["data"]) * 2**20 == pytest.approx(total, rel=1e-12)
+    assert main(["report", str(tmp_path)]) == 0
+    png = Image.open(tmp_path / "report" / "budget.png")
+    assert 600 <= png.size[0] <= 1400 and 300 <= png.size[1] <= 1000
+    assert len(png.convert("RGB").getcolors(maxcolors=2**24)) > 8  # bars in colour, not a blank canvas
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,7 +3,9 @@
 Writes into RUN_DIR/report/: ``loss.png`` (train and val loss), ``maxvio.png`` (MaxVio per MoE
 layer and the max over layers), ``expert_load_LXX.png`` (tokens per expert / ideal over time, one
 per MoE layer; needs ``logging.moe_heatmap_every`` > 0) and ``kv_bytes.png`` (KV-cache bytes per
-token per layer at each ``logging.kv_contexts`` length). Plots whose metrics are absent are skipped.
+token per layer at each ``logging.kv_contexts`` length) and, after ``moesaic budget``, ``budget.png`` (its
+plan from RUN_DIR/budget.json: per-layer choice, KV bytes and predicted cost). Plots whose data are absent
+are skipped.
 Figures are built without pyplot, so nothing global is touched in a training process.
 """
 
@@ -19,6 +21,7 @@ from typing import Sequence
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 _MAXVIO = re.compile(r"moe_layers/(L\d+)/maxvio")
 _KV_LAYER = re.compile(r"kv_layers/(L\d+)/([^/]+)/bytes_per_token")
@@ -141,6 +144,41 @@ def kv_plot(rows: list[dict]) -> Figure | None:
     return fig
 
 
+BUDGET_COLUMNS = ["layer", "choice", "kind", "kv_mib", "flops_per_token", "cost"]
+
+
+def budget_table(summary: dict) -> list[list]:
+    """The rows of a ``budget.json`` plan, in ``BUDGET_COLUMNS`` order (for the PNG and the wandb Table)."""
+    return [[r["layer"], r["choice"], r["kind"], r["kv_bytes"] / 2**20, r["flops_per_token"], r["cost"]]
+            for r in summary["layers"]]
+
+
+def budget_figure(summary: dict) -> Figure:
+    """A ``moesaic budget`` plan: KV MiB per layer as bars coloured by kind, above the table it printed."""
+    rows = budget_table(summary)
+    kinds = list(dict.fromkeys(r[2] for r in rows))
+    colours = {k: colormaps["tab10"](i % 10) for i, k in enumerate(kinds)}
+    fig = Figure(figsize=(min(14.0, max(6.0, 0.4 * len(rows) + 3)), min(10.0, 3.5 + 0.22 * len(rows))))
+    FigureCanvasAgg(fig)
+    bars, table = fig.subplots(2, 1, height_ratios=[3, max(2, 0.22 * len(rows))])
+    bars.bar([r[0] for r in rows], [r[3] for r in rows], color=[colours[r[2]] for r in rows])
+    bars.set_xticks(*_ticks([str(r[0]) for r in rows]))
+    bars.set_xlabel("layer")
+    bars.set_ylabel("KV-cache MiB")
+    bars.legend(handles=[Patch(color=colours[k], label=k) for k in kinds], fontsize="small")
+    mib = 2**20
+    bars.set_title(f"planned attention: {summary['kv_bytes'] / mib:,.1f} of {summary['kv_budget'] / mib:,.1f} MiB "
+                   f"at {summary['context']:,} tokens\ncost: {summary['cost_unit']}", fontsize="medium")
+    table.axis("off")
+    cells = [[str(r[0]), r[1], r[2], f"{r[3]:.3f}", f"{r[4]:.3g}", f"{r[5]:.4f}"] for r in rows]
+    grid = table.table(cellText=cells, colLabels=["layer", "choice", "kind", "KV MiB", "FLOPs/token", "cost"],
+                       loc="upper center")
+    grid.auto_set_font_size(False)
+    grid.set_fontsize(8)
+    fig.tight_layout()
+    return fig
+
+
 def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Write the PNGs for ``run_dir``'s metrics.jsonl; returns the paths written."""
     metrics = Path(run_dir) / "metrics.jsonl"
@@ -151,6 +189,9 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {"loss": loss_plot(rows), "maxvio": maxvio_plot(rows), "kv_bytes": kv_plot(rows)}
     figures.update({f"expert_load_{layer}": fig for layer, fig in expert_load_plots(rows).items()})
+    plan = Path(run_dir) / "budget.json"
+    if plan.is_file():
+        figures["budget"] = budget_figure(json.loads(plan.read_text()))
     written = []
     for name, fig in figures.items():
         if fig is not None:

@@ -14,7 +14,7 @@ import netrc
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..configs import Config, to_yaml
 from .wandb_records import logged_steps
@@ -36,6 +36,25 @@ def wandb_mode(setting: str) -> str:
     if setting != "auto":
         return setting
     return os.environ.get("WANDB_MODE") or ("online" if _has_wandb_credentials() else "offline")
+
+
+def log_job(cfg: Config, run_dir: Path, job_type: str, payload: Callable[[], dict[str, Any]]) -> str | None:
+    """Log ``payload()`` (built only when wandb is on) once as its own wandb run beside the training run (same project and group, named
+    after it with ``-job_type``): a training run's history is closed, and an offline resume of it
+    could not be given steps it already holds. Returns the ``wandb sync`` command offline, else None."""
+    mode = wandb_mode(cfg.logging.wandb)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    run = wandb.init(project=cfg.logging.project, group=cfg.logging.group, tags=list(cfg.logging.tags),
+                     name=f"{cfg.logging.run_name or run_dir.name}-{job_type}", job_type=job_type,
+                     dir=str(run_dir), mode=mode)
+    run.log(payload())
+    folder = Path(run.dir).parent
+    run.finish()
+    wandb.teardown()
+    return f"wandb sync {folder}" if mode == "offline" else None
 
 
 class MetricSinks:
