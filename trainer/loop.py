@@ -198,10 +198,14 @@ class Trainer:
         n = min(len(self.data.val), self.cfg.train.eval_batches * self.cfg.train.micro_batch_size)
         if self.cfg.parallel.ep > 1:  # expert-parallel forwards are collective: equal shares on every rank
             n -= n % self.dp
-            if 0 < len(self.data.val) and n == 0:
+            together = f"fewer than the {self.dp} data-parallel ranks that expert parallelism scores together"
+            if 0 < len(self.data.val) < self.dp:
                 raise ConfigError(f"data.val_fraction={self.cfg.data.val_fraction} gives {len(self.data.val)} "
-                                  f"validation sequences, fewer than the {self.dp} data-parallel ranks that expert "
-                                  f"parallelism scores together; hold out more text or set data.val_fraction=0")
+                                  f"validation sequences, {together}; hold out more text or set data.val_fraction=0")
+            if 0 < len(self.data.val) and n == 0:
+                t = self.cfg.train
+                raise ConfigError(f"train.eval_batches={t.eval_batches} x train.micro_batch_size={t.micro_batch_size}"
+                                  f" validation sequences per evaluation are {together}; raise train.eval_batches")
         return n
 
     def _spike_factor(self) -> float:
