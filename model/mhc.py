@@ -40,7 +40,7 @@ from torch import nn
 
 from moesaic.configs.schema import ModelConfig
 
-from ._cpu_compiled import applies, as_numpy
+from ._cpu_compiled import as_numpy, use_compiled
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,19 @@ class HCSpec:
     sinkhorn_iters: int
     eps: float  # floor on pre and on the Sinkhorn denominators (hc_eps)
     norm_eps: float  # eps of the unweighted RMS norm of the flattened streams (rms_norm_eps)
+    backend: str = "auto"  # model.attention.backend: which kernels mix the streams (``_path``)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "HCSpec":
-        return cls(cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+        return cls(cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps, cfg.attention.backend)
+
+
+def _path(backend: str, *tensors: torch.Tensor) -> str:
+    """The kernels that mix these streams: "triton" (``_mhc_triton``: backend "triton", 32/16-bit streams), "cpu"
+    (``_mhc_cpu``: fp32 CPU tensors under "auto" or "cpu") or "torch" (everything else: "auto" on CUDA is torch)."""
+    if backend == "triton" and tensors[0].dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return "triton"
+    return "cpu" if use_compiled(backend, *tensors) else "torch"
 
 
 def mapping_parameters(n: int, dim: int, outputs: int, scales: int,
@@ -93,20 +102,37 @@ class _Mix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        flat, fn, lin, r = ctx.saved_tensors
+        x, fn, lin, r = ctx.saved_tensors
+        flat = x.reshape(*g.shape[:-1], -1).to(g.dtype)  # [B,S,n*D]; ``_ProjectTriton`` keeps [B,S,n,D] in its dtype
         d_lin = g * r  # [B,S,outputs]
         coef = (g * lin).sum(dim=-1, keepdim=True) * r.pow(3) / -flat.shape[-1]  # [B,S,1]
         d_flat = torch.matmul(d_lin, fn).addcmul_(coef, flat)  # [B,S,n*D]; in place: no second fresh buffer
         d_fn = torch.matmul(d_lin.flatten(0, -2).T, flat.flatten(0, -2))  # [outputs, n*D]
-        return d_flat, d_fn, None
+        return d_flat.view(x.shape), d_fn, None
 
 
-def _mix(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+class _ProjectTriton(_Mix):
+    """``_Mix`` with the projection and the sum of squares taken in one read of the 16/32-bit streams
+    (``_mhc_triton.project``); the same backward (torch GEMMs)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+        from ._mhc_triton import project
+
+        lin, sq = project(x, fn)  # [B,S,outputs], [B,S,1]
+        r = torch.rsqrt(sq / (x.shape[-2] * x.shape[-1]) + norm_eps)
+        ctx.save_for_backward(x, fn, lin, r)
+        return lin * r
+
+
+def _mix(x: torch.Tensor, fn: torch.Tensor, norm_eps: float, backend: str = "auto") -> torch.Tensor:
     """x [B,S,n,D] -> phi . x~ / rms(x~) [B,S,outputs] in fp32.
 
     Projecting first and scaling the few outputs after (as the official ``hc_pre``) keeps no
     normalised copy of the streams for backward (``_Mix``).
     """
+    if _path(backend, x) == "triton":
+        return _ProjectTriton.apply(x, fn.float(), norm_eps)
     return _Mix.apply(x.flatten(2).float(), fn.float(), norm_eps)
 
 
@@ -156,7 +182,7 @@ def sublayer_mappings(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sca
                       spec: HCSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [B,S,n,D] -> pre [B,S,n], post [B,S,n], comb [B,S,n,n] (fp32)."""
     n = spec.n
-    pre, post, comb = _mix(x, fn, spec.norm_eps).split([n, n, n * n], dim=-1)
+    pre, post, comb = _mix(x, fn, spec.norm_eps, spec.backend).split([n, n, n * n], dim=-1)
     base, scale = base.float(), scale.float()
     pre = torch.sigmoid(pre * scale[0] + base[:n]) + spec.eps
     post = 2 * torch.sigmoid(post * scale[1] + base[n:2 * n])
@@ -218,21 +244,33 @@ class _Expand(torch.autograd.Function):
         return dy, dx, dpost, dcomb
 
 
-def collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+def collapse(x: torch.Tensor, pre: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Sublayer input sum_i pre_i X_i: x [B,S,n,D], pre [B,S,n] -> [B,S,D] in x's dtype.
 
     On CPU (fp32) a compiled loop (``_mhc_cpu``); elsewhere a per-token [1,n] x [n,D] matmul, which
     measured (n=4, D=256, 8k tokens, one CPU thread) 5x faster forward + backward than a broadcast
-    product summed over the stream axis, and ~15x faster than n multiply-adds.
+    product summed over the stream axis, and ~15x faster than n multiply-adds. Backend "triton": one
+    kernel (``_mhc_triton``).
     """
-    if applies(x):
+    path = _path(backend, x)
+    if path == "triton":
+        from ._mhc_triton import Collapse
+
+        return Collapse.apply(x, pre.float())
+    if path == "cpu":
         return _Collapse.apply(x, pre.float())
     return torch.matmul(pre.to(x.dtype).unsqueeze(-2), x).squeeze(-2)
 
 
-def expand(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def expand(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+           backend: str = "auto") -> torch.Tensor:
     """New streams X'_j = post_j y + sum_i comb[i, j] X_i: y [B,S,D], x [B,S,n,D] -> [B,S,n,D]."""
-    if applies(x, y):
+    path = _path(backend, x, y)
+    if path == "triton":
+        from ._mhc_triton import Expand
+
+        return Expand.apply(y, x, post.float(), comb.float())
+    if path == "cpu":
         return _Expand.apply(y, x, post.float(), comb.float())
     # comb^T X per token, [B,S,n,D]. comb^T contiguous: ``sinkhorn`` hands back a permuted view, and
     # bmm over batches of strided 4x4 matrices copies each one (~10x slower on CPU at 8k tokens).
@@ -243,5 +281,5 @@ def expand(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Ten
 def head_collapse(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                   spec: HCSpec) -> torch.Tensor:
     """Final collapse before the norm: sum_i (sigmoid(a * mix_i + b_i) + eps) X_i, [B,S,n,D] -> [B,S,D]."""
-    pre = torch.sigmoid(_mix(x, fn, spec.norm_eps) * scale.float() + base.float()) + spec.eps
-    return collapse(x, pre)
+    pre = torch.sigmoid(_mix(x, fn, spec.norm_eps, spec.backend) * scale.float() + base.float()) + spec.eps
+    return collapse(x, pre, spec.backend)

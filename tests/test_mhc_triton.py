@@ -1,0 +1,116 @@
+"""mHC's Triton kernels (``model.attention.backend="triton"``, ``model/_mhc_triton.py``) against the torch ops of
+``mhc.py``: mappings, collapse, expand and every gradient, then a whole model. On CPU they run in Triton's
+interpreter (conftest sets TRITON_INTERPRET; on a GPU machine the same tests run the compiled kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moesaic.model import Transformer, mhc
+
+from numerics import assert_close_scaled
+from test_mhc import tiny_cfg
+
+pytestmark = pytest.mark.numerics
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FP16_EPS = torch.finfo(torch.float16).eps  # 2^-10
+NAMES = ("pre", "post", "comb", "collapse", "expand", "head collapse",
+         *(f"gradient of {n}" for n in ("x", "y", "fn", "base", "scale", "head fn", "head base", "head scale")))
+
+
+def site(n: int, D: int, seed: int) -> list[torch.Tensor]:
+    """Streams x [2, 13, n, D] (13 tokens: a partial token tile), a sublayer output y, and the parameters of a
+    sublayer site and a head with non-trivial values (comb logits of std ~1, pre/post away from 1/2)."""
+    g = torch.Generator().manual_seed(seed)
+    B, S = 2, 13
+    x, y = torch.randn(B, S, n, D, generator=g), torch.randn(B, S, D, generator=g)
+    fn = torch.randn((2 + n) * n, n * D, generator=g) / (n * D) ** 0.5
+    base, scale = torch.randn((2 + n) * n, generator=g), 0.5 + torch.rand(3, generator=g)
+    head_fn, head_base = torch.randn(n, n * D, generator=g) / (n * D) ** 0.5, torch.randn(n, generator=g)
+    return [x, y, fn, base, scale, head_fn, head_base, 0.5 + torch.rand(1, generator=g)]
+
+
+def run(tensors: list[torch.Tensor], backend: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """One sublayer site and a head collapse, forward and backward: streams in ``dtype``, parameters fp32."""
+    x, y, *params = (t.to(DEVICE, dtype if i < 2 else torch.float32).requires_grad_() for i, t in enumerate(tensors))
+    fn, base, scale, head_fn, head_base, head_scale = params
+    spec = mhc.HCSpec(x.shape[-2], 20, 1e-6, 1e-6, backend)
+    pre, post, comb = mhc.sublayer_mappings(x, fn, base, scale, spec)
+    col = mhc.collapse(x, pre, backend)
+    new = mhc.expand(y * col, x, post, comb, backend)  # y * col: the sublayer output depends on the collapse
+    head = mhc.head_collapse(new, head_fn, head_base, head_scale, spec)
+    g = torch.Generator().manual_seed(1)
+    w_new, w_head = torch.randn(new.shape, generator=g), torch.randn(head.shape, generator=g)
+    loss = (new.float() * w_new.to(DEVICE)).sum() + (head.float() * w_head.to(DEVICE)).sum()
+    grads = torch.autograd.grad(loss, (x, y, *params))
+    return [t.detach().cpu() for t in (pre, post, comb, col, new, head, *grads)]
+
+
+@pytest.mark.parametrize("n,D", [(4, 32), (4, 40), (3, 64)])
+def test_fp32_kernels_equal_the_torch_ops(n: int, D: int) -> None:
+    """fp32 streams: the same sums in other orders (the projection's dot, the per-token reductions), amplified by
+    20 Sinkhorn rounds in comb and its gradients (observed: at most ~10 eps of each tensor's scale).
+    D = 40 leaves a partial tile along D; n = 3 pads the stream axis."""
+    tensors = site(n, D, seed=n + D)
+    got, want = run(tensors, "triton", torch.float32), run(tensors, "torch", torch.float32)
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        assert a.dtype == b.dtype, name
+        assert_close_scaled(a, b, 48, name)
+
+
+def test_fp16_streams_round_once() -> None:
+    """fp16 streams, fp32 mappings: the kernels sum in fp32 and round each output once, the torch ops round
+    pre/post/comb to fp16 before mixing; both against the fp32 run on the same (fp16-valued) inputs. The
+    kernels stay within 6 fp16 eps of each tensor's scale (observed: up to 2.2, the head scale's gradient, a sum
+    over all tokens; the torch ops 3.7 there), and never further off than the torch ops by more than 1 fp16 eps."""
+    tensors = [t.half().float() if i < 2 else t for i, t in enumerate(site(4, 64, seed=3))]
+    exact = run(tensors, "torch", torch.float32)
+    got, torch16 = run(tensors, "triton", torch.float16), run(tensors, "torch", torch.float16)
+    for name, a, b, ref in zip(NAMES, got, torch16, exact, strict=True):
+        assert a.dtype == b.dtype, name
+        scale = ref.abs().max().item()
+        err, err_torch = (a.double() - ref).abs().max().item(), (b.double() - ref).abs().max().item()
+        assert err <= 6 * FP16_EPS * scale, f"{name}: {err / (FP16_EPS * scale):.2f} fp16 eps of the scale"
+        assert err <= err_torch + FP16_EPS * scale, f"{name}: kernels {err:.3g}, torch ops {err_torch:.3g}"
+
+
+def test_model_loss_and_gradients_equal_the_torch_ops() -> None:
+    """A tiny mHC Transformer (2 layers, n = 4; the first layer's streams are the embedding expanded n times, a
+    stride-0 view the kernels read in place) gives the torch path's loss and gradients with the kernels on.
+    Observed: loss ~1 eps; gradients up to ~20 eps of each parameter's largest gradient, except the head
+    collapse's: its dpre_i = X_i . g cancels (the final RMSNorm's backward leaves g nearly orthogonal to
+    the collapse, and the streams are still alike after 2 layers), so those gradients are ~100x smaller
+    than their summands and differ by up to ~1500 eps of themselves (the site test above holds the head
+    collapse's gradients without that cancellation to 48 eps)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 12), device=DEVICE)
+    results = []
+    for backend in ("triton", "torch"):
+        cfg = tiny_cfg(4)
+        cfg.attention.backend = backend
+        torch.manual_seed(0)
+        model = Transformer(cfg).to(DEVICE)
+        with torch.no_grad():  # mappings as training leaves them: streams that differ, pre/post/comb away from uniform
+            for name, p in model.named_parameters():
+                if "hc_" in name and not name.endswith("_scale"):
+                    p.normal_(0, 1 / p.shape[-1] ** 0.5 if name.endswith("_fn") else 1.0)
+        assert all(layer.hc.backend == backend for layer in model.layers)
+        out = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}))
+    (loss_t, grads_t), (loss_r, grads_r) = results
+    assert_close_scaled(loss_t, loss_r, 16, "loss")
+    assert grads_t.keys() == grads_r.keys() and any("hc_" in k for k in grads_t)
+    for k in grads_r:
+        assert_close_scaled(grads_t[k], grads_r[k], 4096 if k.startswith("hc_head_") else 64, f"gradient of {k}")
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the interpreter the kernels refuse CPU streams with one line naming the setting."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, pre = torch.randn(1, 2, 4, 16), torch.rand(1, 2, 4)
+    with pytest.raises(ValueError, match="model.attention.backend='triton' runs CUDA tensors"):
+        mhc.collapse(x, pre, "triton")
+    torch.testing.assert_close(mhc.collapse(x, pre, "torch"), (pre[..., None] * x).sum(-2))
