@@ -14,16 +14,14 @@ from test_mhc import tiny_cfg
 
 pytestmark = pytest.mark.numerics
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FP16_EPS = torch.finfo(torch.float16).eps  # 2^-10
 NAMES = ("pre", "post", "comb", "collapse", "expand", "head collapse",
          *(f"gradient of {n}" for n in ("x", "y", "fn", "base", "scale", "head fn", "head base", "head scale")))
 
 
-def site(n: int, D: int, seed: int) -> list[torch.Tensor]:
-    """Streams x [2, 13, n, D] (13 tokens: a partial token tile), a sublayer output y, and the parameters of a
+def site(n: int, D: int, seed: int, B: int = 2, S: int = 13) -> list[torch.Tensor]:
+    """Streams x [B, S, n, D] (13 tokens: a partial token tile), a sublayer output y, and the parameters of a
     sublayer site and a head with non-trivial values (comb logits of std ~1, pre/post away from 1/2)."""
     g = torch.Generator().manual_seed(seed)
-    B, S = 2, 13
     x, y = torch.randn(B, S, n, D, generator=g), torch.randn(B, S, D, generator=g)
     fn = torch.randn((2 + n) * n, n * D, generator=g) / (n * D) ** 0.5
     base, scale = torch.randn((2 + n) * n, generator=g), 0.5 + torch.rand(3, generator=g)
@@ -59,20 +57,27 @@ def test_fp32_kernels_equal_the_torch_ops(n: int, D: int) -> None:
         assert_close_scaled(a, b, 48, name)
 
 
-def test_fp16_streams_round_once() -> None:
-    """fp16 streams, fp32 mappings: the kernels sum in fp32 and round each output once, the torch ops round
-    pre/post/comb to fp16 before mixing; both against the fp32 run on the same (fp16-valued) inputs. The
-    kernels stay within 6 fp16 eps of each tensor's scale (observed: up to 2.2, the head scale's gradient, a sum
-    over all tokens; the torch ops 3.7 there), and never further off than the torch ops by more than 1 fp16 eps."""
-    tensors = [t.half().float() if i < 2 else t for i, t in enumerate(site(4, 64, seed=3))]
+def assert_16bit_streams_round_once(tensors: list[torch.Tensor], dtype: torch.dtype, eps_allowed: float) -> None:
+    """16-bit streams, fp32 mappings, against the fp32 torch run on the same (16-bit-valued) inputs: the kernels
+    sum in fp32 and round each output once, the torch ops round pre/post/comb to ``dtype`` before mixing. The
+    kernels stay within ``eps_allowed`` of ``dtype``'s eps of each tensor's scale, and never further off than the
+    torch ops by more than one such eps."""
+    eps = torch.finfo(dtype).eps
+    tensors = [t.to(dtype).float() if i < 2 else t for i, t in enumerate(tensors)]
     exact = run(tensors, "torch", torch.float32)
-    got, torch16 = run(tensors, "triton", torch.float16), run(tensors, "torch", torch.float16)
+    got, torch16 = run(tensors, "triton", dtype), run(tensors, "torch", dtype)
     for name, a, b, ref in zip(NAMES, got, torch16, exact, strict=True):
         assert a.dtype == b.dtype, name
         scale = ref.abs().max().item()
         err, err_torch = (a.double() - ref).abs().max().item(), (b.double() - ref).abs().max().item()
-        assert err <= 6 * FP16_EPS * scale, f"{name}: {err / (FP16_EPS * scale):.2f} fp16 eps of the scale"
-        assert err <= err_torch + FP16_EPS * scale, f"{name}: kernels {err:.3g}, torch ops {err_torch:.3g}"
+        assert err <= eps_allowed * eps * scale, f"{name}: {err / (eps * scale):.2f} {dtype} eps of the scale"
+        assert err <= err_torch + eps * scale, f"{name}: kernels {err:.3g}, torch ops {err_torch:.3g}"
+
+
+def test_fp16_streams_round_once() -> None:
+    """Within 6 fp16 eps (observed: up to 2.2, the head scale's gradient, a sum over all tokens; the torch ops
+    3.7 there)."""
+    assert_16bit_streams_round_once(site(4, 64, seed=3), torch.float16, 6)
 
 
 def test_model_loss_and_gradients_equal_the_torch_ops() -> None:
