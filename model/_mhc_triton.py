@@ -2,16 +2,17 @@
 
 Per sublayer the torch ops go over the [T, n, D] streams many times: an fp32 copy of 16-bit streams for the
 mapping projection, the projection, the RMS norm, the collapse's bmm, the expand's bmm and its addcmul (each
-with an intermediate in memory), and as many again in backward. Here each pass reads the streams once:
+with an intermediate in memory), and as many again in backward. Here:
 
-* ``project``: phi . x~ and sum(x~^2) per token in one read (fp32 math, the streams converted on load);
-* ``collapse``: sum_i pre_i X_i; backward: dX and dpre in one read of X and the gradient;
-* ``expand``: post_j F + sum_i comb[i, j] X_i; backward: dF, dX, dpost, dcomb in one read of X, F, the gradient.
+* ``mix_collapse``: per tile of tokens, phi . x~ and sum(x~^2) (fp32, the streams converted on load), then
+  pre = sigmoid(a0 mix[:n] + b[:n]) + eps and sum_i pre_i X_i. pre needs the whole row's projection, so the
+  tile's streams are read twice, the second time right after the first (from cache, not memory);
+* ``Collapse`` (pre given), its backward ``collapse_backward``: dX and dpre in one read of X and the gradient;
+* ``Expand``: post_j F + sum_i comb[i, j] X_i; backward: dF, dX, dpost, dcomb in one read of X, F, the gradient.
 
-The per-token mapping math on the projection (sigmoids, Sinkhorn over n x n) stays in torch: [T, (2+n)n]
-values, not the streams. pre needs the whole row's projection, so the collapse is a second read of X after
-the projection (not fused into one kernel). Sums run in fp32; outputs take the streams' dtype. Runs on CUDA
-tensors, and on CPU ones under ``TRITON_INTERPRET=1`` (how CI tests it).
+post and comb from the projection (sigmoid, Sinkhorn over n x n) and the projection's backward (two GEMMs
+with the [T, (2+n)n] gradient) stay torch ops in ``mhc.py``. Sums run in fp32; outputs take the streams'
+dtype. Runs on CUDA tensors, and on CPU ones under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ _BLOCK_T = 16  # tokens per program (tl.dot's minimum tile side in the projectio
 
 
 @triton.jit
-def _project_kernel(x_ptr, fn_ptr, lin_ptr, sq_ptr, T, D, OUT, sx_t, sx_i, s_fn,
-                    N: tl.constexpr, OUT_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    # lin[t, o] = sum_{i,d} x[t, i, d] fn[o, i*D + d]; sq[t] = sum_{i,d} x[t, i, d]^2
+def _mix_collapse_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, lin_ptr, r_ptr, pre_ptr, y_ptr, T, D, OUT,
+                         sx_t, sx_i, s_fn, norm_eps, eps,
+                         N: tl.constexpr, N_P: tl.constexpr, OUT_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    # lin[t, o] = sum_{i,d} x[t, i, d] fn[o, i*D + d]; r[t] = (mean_{i,d} x[t, i, d]^2 + norm_eps)^-1/2;
+    # pre[t, i] = sigmoid(scale[0] lin[t, i] r[t] + base[i]) + eps; y[t, d] = sum_i pre[t, i] x[t, i, d]
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_o, offs_d = tl.arange(0, OUT_P), tl.arange(0, BLOCK_D)
-    in_t, in_o = offs_t < T, offs_o < OUT
+    offs_o, offs_d, offs_i = tl.arange(0, OUT_P), tl.arange(0, BLOCK_D), tl.arange(0, N_P)
+    in_t, in_o, in_i = offs_t < T, offs_o < OUT, offs_i < N
     acc = tl.zeros((BLOCK_T, OUT_P), dtype=tl.float32)
     sq = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for i in tl.static_range(N):
@@ -44,8 +48,22 @@ def _project_kernel(x_ptr, fn_ptr, lin_ptr, sq_ptr, T, D, OUT, sx_t, sx_i, s_fn,
                         other=0.0)  # [BLOCK_D, OUT_P]: fn^T
             acc += tl.dot(x, w, input_precision="ieee")
             sq += tl.sum(x * x, axis=1)
+    r = 1.0 / tl.sqrt(sq / (N * D) + norm_eps)
+    z = acc * r[:, None] * tl.load(scale_ptr) + tl.load(base_ptr + offs_o, mask=offs_o < N, other=0.0)
+    # [BLOCK_T, OUT_P] -> the first N columns [BLOCK_T, N_P]
+    pre = tl.sum(tl.where(offs_i[None, :, None] == offs_o[None, None, :], tl.sigmoid(z)[:, None, :], 0.0), axis=2) + eps
+    m2 = in_t[:, None] & in_i[None, :]
     tl.store(lin_ptr + offs_t[:, None] * OUT + offs_o[None, :], acc, mask=in_t[:, None] & in_o[None, :])
-    tl.store(sq_ptr + offs_t, sq, mask=in_t)
+    tl.store(r_ptr + offs_t, r, mask=in_t)
+    tl.store(pre_ptr + offs_t[:, None] * N + offs_i[None, :], pre, mask=m2)
+    for d0 in range(0, D, BLOCK_D):  # the token tile's streams again: just read, so from cache rather than memory
+        d = d0 + offs_d
+        in_d = d < D
+        x3 = tl.load(x_ptr + offs_t[:, None, None] * sx_t + offs_i[None, :, None] * sx_i + d[None, None, :],
+                     mask=m2[:, :, None] & in_d[None, None, :], other=0.0).to(tl.float32)  # [BLOCK_T, N_P, BLOCK_D]
+        y = tl.sum(pre[:, :, None] * x3, axis=1)
+        tl.store(y_ptr + offs_t[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=in_t[:, None] & in_d[None, :])
 
 
 @triton.jit
@@ -163,19 +181,36 @@ def _block_d(D: int) -> int:
     return min(64, max(16, triton.next_power_of_2(D)))
 
 
-def project(x: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., n, D] (any float dtype), fn [OUT, n*D] fp32 -> (x~ fn^T [..., OUT], sum(x~^2) [..., 1]), fp32."""
+def mix_collapse(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., n, D] (any float dtype), fn [OUT, n*D], base [>= n], scale [>= 1] fp32 -> (sum_i pre_i X_i [..., D] in
+    x's dtype, x~ fn^T [..., OUT], r = rms(x~)^-1 [..., 1], pre [..., n]), all but the first fp32."""
     check_device(x)
     x3 = _streams(x)
     T, n, D = x3.shape
-    fn = fn.float().contiguous()
+    fn = fn.contiguous()
     out = fn.shape[0]
+    y = x.new_empty(T, D)
     lin = torch.empty(T, out, device=x.device, dtype=torch.float32)
-    sq = torch.empty(T, device=x.device, dtype=torch.float32)
-    _project_kernel[(triton.cdiv(T, _BLOCK_T),)](
-        x3, fn, lin, sq, T, D, out, x3.stride(0), x3.stride(1), fn.stride(0),
-        N=n, OUT_P=max(16, triton.next_power_of_2(out)), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D))
-    return lin.view(*x.shape[:-2], out), sq.view(*x.shape[:-2], 1)
+    r, pre = lin.new_empty(T), lin.new_empty(T, n)
+    _mix_collapse_kernel[(triton.cdiv(T, _BLOCK_T),)](
+        x3, fn, base.contiguous(), scale.contiguous(), lin, r, pre, y, T, D, out, x3.stride(0), x3.stride(1),
+        fn.stride(0), norm_eps, eps, N=n, N_P=triton.next_power_of_2(n),
+        OUT_P=max(16, triton.next_power_of_2(out)), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D))
+    lead = x.shape[:-2]
+    return y.view(*lead, D), lin.view(*lead, out), r.view(*lead, 1), pre.view(*lead, n)
+
+
+def collapse_backward(x: torch.Tensor, pre: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The collapse's gradients for g [..., D]: dX [..., n, D] in x's dtype, dpre [..., n] fp32."""
+    x3 = _streams(x)
+    T, n, D = x3.shape
+    g2, pre2 = g.reshape(T, D).contiguous(), pre.reshape(T, n).float().contiguous()
+    dx, dpre = torch.empty(T, n, D, device=x3.device, dtype=x3.dtype), torch.empty_like(pre2)
+    _collapse_backward_kernel[(triton.cdiv(T, _BLOCK_T),)](
+        x3, pre2, g2, dx, dpre, T, D, x3.stride(0), x3.stride(1),
+        N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D))
+    return dx.view(x.shape), dpre.view(pre.shape)
 
 
 class Collapse(torch.autograd.Function):
@@ -191,21 +226,12 @@ class Collapse(torch.autograd.Function):
         _collapse_kernel[(triton.cdiv(T, _BLOCK_T), triton.cdiv(D, bd))](
             x3, pre2, y, T, D, x3.stride(0), x3.stride(1),
             N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=bd)
-        ctx.save_for_backward(x3, pre2)
-        ctx.shapes = x.shape, pre.shape
+        ctx.save_for_backward(x, pre)
         return y.view(*x.shape[:-2], D)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x3, pre2 = ctx.saved_tensors
-        T, n, D = x3.shape
-        g2 = g.reshape(T, D).contiguous()
-        dx, dpre = torch.empty(T, n, D, device=x3.device, dtype=x3.dtype), torch.empty_like(pre2)
-        _collapse_backward_kernel[(triton.cdiv(T, _BLOCK_T),)](
-            x3, pre2, g2, dx, dpre, T, D, x3.stride(0), x3.stride(1),
-            N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D))
-        x_shape, pre_shape = ctx.shapes
-        return dx.view(x_shape), dpre.view(pre_shape)
+        return collapse_backward(*ctx.saved_tensors, g)
 
 
 class Expand(torch.autograd.Function):

@@ -33,6 +33,7 @@ All mHC math runs in fp32 (the mappings are precision sensitive); mixing runs in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,38 +103,65 @@ class _Mix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        x, fn, lin, r = ctx.saved_tensors
-        flat = x.reshape(*g.shape[:-1], -1).to(g.dtype)  # [B,S,n*D]; ``_ProjectTriton`` keeps [B,S,n,D] in its dtype
-        d_lin = g * r  # [B,S,outputs]
-        coef = (g * lin).sum(dim=-1, keepdim=True) * r.pow(3) / -flat.shape[-1]  # [B,S,1]
-        d_flat = torch.matmul(d_lin, fn).addcmul_(coef, flat)  # [B,S,n*D]; in place: no second fresh buffer
-        d_fn = torch.matmul(d_lin.flatten(0, -2).T, flat.flatten(0, -2))  # [outputs, n*D]
-        return d_flat.view(x.shape), d_fn, None
+        return *_mix_backward(g, *ctx.saved_tensors), None
 
 
-class _ProjectTriton(_Mix):
-    """``_Mix`` with the projection and the sum of squares taken in one read of the 16/32-bit streams
-    (``_mhc_triton.project``); the same backward (torch GEMMs)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
-        from ._mhc_triton import project
-
-        lin, sq = project(x, fn)  # [B,S,outputs], [B,S,1]
-        r = torch.rsqrt(sq / (x.shape[-2] * x.shape[-1]) + norm_eps)
-        ctx.save_for_backward(x, fn, lin, r)
-        return lin * r
+def _mix_backward(g: torch.Tensor, x: torch.Tensor, fn: torch.Tensor, lin: torch.Tensor,
+                  r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_Mix``'s gradients (of x, shaped as x, and fn) for the output gradient g [B,S,outputs]."""
+    flat = x.reshape(*g.shape[:-1], -1).to(g.dtype)  # [B,S,n*D]; the Triton path keeps [B,S,n,D] in its dtype
+    d_lin = g * r  # [B,S,outputs]
+    coef = (g * lin).sum(dim=-1, keepdim=True) * r.pow(3) / -flat.shape[-1]  # [B,S,1]
+    d_flat = torch.matmul(d_lin, fn).addcmul_(coef, flat)  # [B,S,n*D]; in place: no second fresh buffer
+    d_fn = torch.matmul(d_lin.flatten(0, -2).T, flat.flatten(0, -2))  # [outputs, n*D]
+    return d_flat.view(x.shape), d_fn
 
 
-def _mix(x: torch.Tensor, fn: torch.Tensor, norm_eps: float, backend: str = "auto") -> torch.Tensor:
+def _mix(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     """x [B,S,n,D] -> phi . x~ / rms(x~) [B,S,outputs] in fp32.
 
     Projecting first and scaling the few outputs after (as the official ``hc_pre``) keeps no
     normalised copy of the streams for backward (``_Mix``).
     """
-    if _path(backend, x) == "triton":
-        return _ProjectTriton.apply(x, fn.float(), norm_eps)
     return _Mix.apply(x.flatten(2).float(), fn.float(), norm_eps)
+
+
+class _CollapseTriton(torch.autograd.Function):
+    """pre = sigmoid(a0 * mix[:n] + b[:n]) + eps and the collapse sum_i pre_i X_i in one kernel
+    (``_mhc_triton.mix_collapse``), returning (collapse, mix) for the rest of the mappings (torch ops).
+
+    Backward: dX, dpre from one kernel (``_mhc_triton.Collapse``'s), then pre's sigmoid and the projection's
+    backward (``_mix_backward``, torch GEMMs) on the few per-token values; only base[:n] and scale[0] get
+    gradients here, the rest reach them through the torch ops on mix.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                norm_eps: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        from ._mhc_triton import mix_collapse
+
+        y, lin, r, pre = mix_collapse(x, fn, base, scale, norm_eps, eps)  # [B,S,D], [B,S,outputs], [B,S,1], [B,S,n]
+        ctx.save_for_backward(x, fn, lin, r, pre, scale)
+        ctx.eps, ctx.base_shape = eps, base.shape
+        return y, lin * r
+
+    @staticmethod
+    def backward(ctx, g_y: torch.Tensor, g_mix: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        from ._mhc_triton import collapse_backward
+
+        x, fn, lin, r, pre, scale = ctx.saved_tensors
+        n = pre.shape[-1]
+        dx, d_pre = collapse_backward(x, pre, g_y)
+        s = pre - ctx.eps  # the sigmoid
+        d_z = d_pre * s * (1 - s)  # [B,S,n]
+        g_mix = g_mix.clone()
+        g_mix[..., :n] += d_z * scale[0]
+        d_x, d_fn = _mix_backward(g_mix, x, fn, lin, r)
+        d_base = d_z.new_zeros(ctx.base_shape)
+        d_base[:n] = d_z.flatten(0, -2).sum(0)
+        d_scale = torch.zeros_like(scale)
+        d_scale[0] = (d_z * lin[..., :n] * r).sum()
+        return d_x.add_(dx), d_fn, d_base, d_scale, None, None
 
 
 def _normalisations(iters: int) -> list[int]:
@@ -178,16 +206,36 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return _Sinkhorn.apply(flat, iters, eps).permute(2, 0, 1).reshape(logits.shape)
 
 
-def sublayer_mappings(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
-                      spec: HCSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [B,S,n,D] -> pre [B,S,n], post [B,S,n], comb [B,S,n,n] (fp32)."""
+def _post_comb(mix: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+               spec: HCSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """mix [B,S,(2+n)*n] (fp32) -> post [B,S,n], comb [B,S,n,n]."""
     n = spec.n
-    pre, post, comb = _mix(x, fn, spec.norm_eps, spec.backend).split([n, n, n * n], dim=-1)
-    base, scale = base.float(), scale.float()
-    pre = torch.sigmoid(pre * scale[0] + base[:n]) + spec.eps
+    post, comb = mix[..., n:2 * n], mix[..., 2 * n:]
     post = 2 * torch.sigmoid(post * scale[1] + base[n:2 * n])
     comb = comb.unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)
-    return pre, post, sinkhorn(comb, spec.sinkhorn_iters, spec.eps)
+    return post, sinkhorn(comb, spec.sinkhorn_iters, spec.eps)
+
+
+def sublayer_mappings(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                      spec: HCSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B,S,n,D] -> pre [B,S,n], post [B,S,n], comb [B,S,n,n] (fp32), by torch ops (``sublayer_collapse``
+    takes the Triton path)."""
+    mix = _mix(x, fn, spec.norm_eps)
+    base, scale = base.float(), scale.float()
+    pre = torch.sigmoid(mix[..., :spec.n] * scale[0] + base[:spec.n]) + spec.eps
+    return pre, *_post_comb(mix, base, scale, spec)
+
+
+def sublayer_collapse(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                      spec: HCSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sublayer's input and the mappings for its expand: x [B,S,n,D] -> (sum_i pre_i X_i [B,S,D] in x's dtype,
+    post [B,S,n], comb [B,S,n,n]). Backend "triton": the projection and the collapse in one kernel."""
+    if _path(spec.backend, x) == "triton":
+        base, scale = base.float(), scale.float()
+        y, mix = _CollapseTriton.apply(x, fn.float(), base, scale, spec.norm_eps, spec.eps)
+        return y, *_post_comb(mix, base, scale, spec)
+    pre, post, comb = sublayer_mappings(x, fn, base, scale, spec)
+    return collapse(x, pre, spec.backend), post, comb
 
 
 class _Collapse(torch.autograd.Function):
@@ -281,5 +329,7 @@ def expand(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Ten
 def head_collapse(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                   spec: HCSpec) -> torch.Tensor:
     """Final collapse before the norm: sum_i (sigmoid(a * mix_i + b_i) + eps) X_i, [B,S,n,D] -> [B,S,D]."""
-    pre = torch.sigmoid(_mix(x, fn, spec.norm_eps, spec.backend) * scale.float() + base.float()) + spec.eps
+    if _path(spec.backend, x) == "triton":
+        return _CollapseTriton.apply(x, fn.float(), base.float(), scale.float(), spec.norm_eps, spec.eps)[0]
+    pre = torch.sigmoid(_mix(x, fn, spec.norm_eps) * scale.float() + base.float()) + spec.eps
     return collapse(x, pre, spec.backend)

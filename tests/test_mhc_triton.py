@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moesaic.model import Transformer, mhc
+from moesaic.model import Transformer, _mhc_triton, mhc
 
 from numerics import assert_close_scaled
 from test_mhc import tiny_cfg
 
 pytestmark = pytest.mark.numerics
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-NAMES = ("pre", "post", "comb", "collapse", "expand", "head collapse",
+NAMES = ("post", "comb", "collapse", "collapse of given pre", "expand", "head collapse",
          *(f"gradient of {n}" for n in ("x", "y", "fn", "base", "scale", "head fn", "head base", "head scale")))
 
 
@@ -34,15 +34,15 @@ def run(tensors: list[torch.Tensor], backend: str, dtype: torch.dtype) -> list[t
     x, y, *params = (t.to(DEVICE, dtype if i < 2 else torch.float32).requires_grad_() for i, t in enumerate(tensors))
     fn, base, scale, head_fn, head_base, head_scale = params
     spec = mhc.HCSpec(x.shape[-2], 20, 1e-6, 1e-6, backend)
-    pre, post, comb = mhc.sublayer_mappings(x, fn, base, scale, spec)
-    col = mhc.collapse(x, pre, backend)
+    col, post, comb = mhc.sublayer_collapse(x, fn, base, scale, spec)
+    col_pre = mhc.collapse(x, mhc.sublayer_mappings(x, fn, base, scale, spec)[0], backend)
     new = mhc.expand(y * col, x, post, comb, backend)  # y * col: the sublayer output depends on the collapse
     head = mhc.head_collapse(new, head_fn, head_base, head_scale, spec)
     g = torch.Generator().manual_seed(1)
-    w_new, w_head = torch.randn(new.shape, generator=g), torch.randn(head.shape, generator=g)
-    loss = (new.float() * w_new.to(DEVICE)).sum() + (head.float() * w_head.to(DEVICE)).sum()
+    w_new, w_head, w_pre = (torch.randn(t.shape, generator=g).to(DEVICE) for t in (new, head, col_pre))
+    loss = (new.float() * w_new).sum() + (head.float() * w_head).sum() + (col_pre.float() * w_pre).sum()
     grads = torch.autograd.grad(loss, (x, y, *params))
-    return [t.detach().cpu() for t in (pre, post, comb, col, new, head, *grads)]
+    return [t.detach().cpu() for t in (post, comb, col, col_pre, new, head, *grads)]
 
 
 @pytest.mark.parametrize("n,D", [(4, 32), (4, 40), (3, 64)])
@@ -80,7 +80,7 @@ def test_fp16_streams_round_once() -> None:
     assert_16bit_streams_round_once(site(4, 64, seed=3), torch.float16, 6)
 
 
-def test_model_loss_and_gradients_equal_the_torch_ops() -> None:
+def test_model_loss_and_gradients_equal_the_torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny mHC Transformer (2 layers, n = 4; the first layer's streams are the embedding expanded n times, a
     stride-0 view the kernels read in place) gives the torch path's loss and gradients with the kernels on.
     Observed: loss ~1 eps; gradients up to ~20 eps of each parameter's largest gradient, except the head
@@ -88,6 +88,10 @@ def test_model_loss_and_gradients_equal_the_torch_ops() -> None:
     the collapse, and the streams are still alike after 2 layers), so those gradients are ~100x smaller
     than their summands and differ by up to ~1500 eps of themselves (the site test above holds the head
     collapse's gradients without that cancellation to 48 eps)."""
+    calls = []
+    for name in ("mix_collapse", "collapse_backward"):  # count the fused collapse's forward and backward
+        original = getattr(_mhc_triton, name)
+        monkeypatch.setattr(_mhc_triton, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     torch.manual_seed(0)
     ids = torch.randint(0, 64, (2, 12), device=DEVICE)
     results = []
@@ -106,6 +110,8 @@ def test_model_loss_and_gradients_equal_the_torch_ops() -> None:
         loss.backward()
         results.append((loss.detach(), {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}))
     (loss_t, grads_t), (loss_r, grads_r) = results
+    # 2 layers x 2 sublayers + the head, each once forward and once backward (the torch run calls neither)
+    assert sorted(calls) == ["collapse_backward"] * 5 + ["mix_collapse"] * 5
     assert_close_scaled(loss_t, loss_r, 16, "loss")
     assert grads_t.keys() == grads_r.keys() and any("hc_" in k for k in grads_t)
     for k in grads_r:
