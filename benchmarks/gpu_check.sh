@@ -4,9 +4,10 @@
 # 1. tests/test_cuda.py (CUDA vs CPU references, grouped experts, the MoE layer with sync checks on error,
 #    activation checkpointing), tests/test_indexer_triton.py and tests/test_mhc_triton.py (the compiled Triton
 #    indexer, bf16 included, and mHC kernels);
-# 2. benchmarks/grouped_experts.py in bf16 (grouped_mm vs the per-expert loop);
+# 2. benchmarks/grouped_experts.py in bf16 (grouped_mm vs the per-expert loop) and benchmarks/mhc_triton.py
+#    (mHC's Triton kernels vs the torch ops, one sublayer site in bf16);
 # 3. benchmarks/gpu_step.py on configs/v4_1b.yaml (tokens/s, peak memory, MFU), without and with selective
-#    activation checkpointing. Each part has its own time limit (about 8 minutes in all), and a failing part
+#    activation checkpointing. Each part has its own time limit (about 9 minutes in all), and a failing part
 #    does not stop the next.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
@@ -23,6 +24,8 @@ timeout 180 python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/tes
 echo "test_cuda exit $?" >> "$OUT/summary.txt"
 timeout 60 python benchmarks/grouped_experts.py --dtype bfloat16 --reps 20 > "$OUT/grouped_experts.txt" 2>&1
 echo "grouped_experts exit $?" >> "$OUT/summary.txt"
+timeout 60 python benchmarks/mhc_triton.py > "$OUT/mhc_triton.txt" 2>&1
+echo "mhc_triton exit $?" >> "$OUT/summary.txt"
 for ac in none selective; do
     timeout 120 python benchmarks/gpu_step.py --json "$OUT/gpu_step_$ac.json" \
         "train.activation_checkpointing=$ac" > "$OUT/gpu_step_$ac.txt" 2>&1
