@@ -18,6 +18,7 @@ dtype. Runs on CUDA tensors, and on CPU ones under ``TRITON_INTERPRET=1`` (how C
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -84,8 +85,9 @@ def _collapse_kernel(x_ptr, pre_ptr, y_ptr, T, D, sx_t, sx_i,
 
 @triton.jit
 def _collapse_backward_kernel(x_ptr, pre_ptr, g_ptr, dx_ptr, dpre_ptr, T, D, sx_t, sx_i,
-                              N: tl.constexpr, N_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    # dx[t, i, d] = pre[t, i] g[t, d]; dpre[t, i] = sum_d x[t, i, d] g[t, d]
+                              N: tl.constexpr, N_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                              WRITE_DX: tl.constexpr):
+    # dx[t, i, d] = pre[t, i] g[t, d] (if WRITE_DX); dpre[t, i] = sum_d x[t, i, d] g[t, d]
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_i, offs_d = tl.arange(0, N_P), tl.arange(0, BLOCK_D)
     in_t, in_i = offs_t < T, offs_i < N
@@ -101,10 +103,53 @@ def _collapse_backward_kernel(x_ptr, pre_ptr, g_ptr, dx_ptr, dpre_ptr, T, D, sx_
         g = tl.load(g_ptr + offs_t[:, None] * D + d[None, :], mask=in_t[:, None] & in_d[None, :],
                     other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_D]
         dpre += tl.sum(x * g[:, None, :], axis=2)
-        dx = pre[:, :, None] * g[:, None, :]
-        tl.store(dx_ptr + offs_t[:, None, None] * (N * D) + offs_i[None, :, None] * D + d[None, None, :],
-                 dx.to(dx_ptr.dtype.element_ty), mask=m3)
+        if WRITE_DX:
+            dx = pre[:, :, None] * g[:, None, :]
+            tl.store(dx_ptr + offs_t[:, None, None] * (N * D) + offs_i[None, :, None] * D + d[None, None, :],
+                     dx.to(dx_ptr.dtype.element_ty), mask=m3)
     tl.store(dpre_ptr + offs_t[:, None] * N + offs_i[None, :], dpre, mask=m2)
+
+
+@triton.jit
+def _mix_collapse_dx_kernel(x_ptr, pre_ptr, g_ptr, dlin_ptr, coef_ptr, fn_ptr, dx_ptr, T, D, OUT, sx_t, sx_i, s_fn,
+                            N: tl.constexpr, OUT_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    # dx[t, i, d] = pre[t, i] g[t, d] + sum_o dlin[t, o] fn[o, i*D + d] + coef[t] x[t, i, d]
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_o = tl.arange(0, OUT_P)
+    in_t, in_d, in_o = offs_t < T, d < D, offs_o < OUT
+    md = in_t[:, None] & in_d[None, :]
+    dlin = tl.load(dlin_ptr + offs_t[:, None] * OUT + offs_o[None, :], mask=in_t[:, None] & in_o[None, :], other=0.0)
+    coef = tl.load(coef_ptr + offs_t, mask=in_t, other=0.0)
+    g = tl.load(g_ptr + offs_t[:, None] * D + d[None, :], mask=md, other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_D]
+    for i in tl.static_range(N):
+        x = tl.load(x_ptr + offs_t[:, None] * sx_t + i * sx_i + d[None, :], mask=md, other=0.0).to(tl.float32)
+        p = tl.load(pre_ptr + offs_t * N + i, mask=in_t, other=0.0)
+        w = tl.load(fn_ptr + offs_o[:, None] * s_fn + i * D + d[None, :], mask=in_o[:, None] & in_d[None, :],
+                    other=0.0)  # [OUT_P, BLOCK_D]
+        dx = tl.dot(dlin, w, input_precision="ieee") + coef[:, None] * x + p[:, None] * g
+        tl.store(dx_ptr + offs_t[:, None] * (N * D) + i * D + d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=md)
+
+
+@triton.jit
+def _fn_grad_kernel(x_ptr, dlin_ptr, dfn_ptr, T, D, OUT, sx_t, sx_i,
+                    OUT_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    # dfn[o, i*D + d] = sum_t dlin[t, o] x[t, i, d]: one program per (stream i, column tile), over all tokens
+    i = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_o, offs_t = tl.arange(0, OUT_P), tl.arange(0, BLOCK_T)
+    in_d, in_o = d < D, offs_o < OUT
+    acc = tl.zeros((OUT_P, BLOCK_D), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + offs_t
+        in_t = t < T
+        dlin_t = tl.load(dlin_ptr + t[None, :] * OUT + offs_o[:, None], mask=in_o[:, None] & in_t[None, :],
+                         other=0.0)  # [OUT_P, BLOCK_T]
+        x = tl.load(x_ptr + t[:, None] * sx_t + i * sx_i + d[None, :], mask=in_t[:, None] & in_d[None, :],
+                    other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_D]
+        acc += tl.dot(dlin_t, x, input_precision="ieee")
+    tl.store(dfn_ptr + offs_o[:, None] * (D * tl.num_programs(0)) + i * D + d[None, :], acc,
+             mask=in_o[:, None] & in_d[None, :])
 
 
 @triton.jit
@@ -201,16 +246,40 @@ def mix_collapse(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
     return y.view(*lead, D), lin.view(*lead, out), r.view(*lead, 1), pre.view(*lead, n)
 
 
-def collapse_backward(x: torch.Tensor, pre: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The collapse's gradients for g [..., D]: dX [..., n, D] in x's dtype, dpre [..., n] fp32."""
+def collapse_backward(x: torch.Tensor, pre: torch.Tensor, g: torch.Tensor,
+                      write_dx: bool = True) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """The collapse's gradients for g [..., D]: dX [..., n, D] in x's dtype (None unless ``write_dx``), dpre
+    [..., n] fp32."""
     x3 = _streams(x)
     T, n, D = x3.shape
     g2, pre2 = g.reshape(T, D).contiguous(), pre.reshape(T, n).float().contiguous()
-    dx, dpre = torch.empty(T, n, D, device=x3.device, dtype=x3.dtype), torch.empty_like(pre2)
+    dx = torch.empty(T, n, D, device=x3.device, dtype=x3.dtype) if write_dx else None
+    dpre = torch.empty_like(pre2)
     _collapse_backward_kernel[(triton.cdiv(T, _BLOCK_T),)](
-        x3, pre2, g2, dx, dpre, T, D, x3.stride(0), x3.stride(1),
-        N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D))
-    return dx.view(x.shape), dpre.view(pre.shape)
+        x3, pre2, g2, dx if write_dx else dpre, dpre, T, D, x3.stride(0), x3.stride(1),
+        N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D), WRITE_DX=write_dx)
+    return (dx.view(x.shape) if write_dx else None), dpre.view(pre.shape)
+
+
+def mix_collapse_backward(x: torch.Tensor, pre: torch.Tensor, g: torch.Tensor, d_lin: torch.Tensor,
+                          coef: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mix_collapse``'s stream and projection gradients from the collapse's output gradient g [..., D] and the
+    projection's terms (``mhc._mix_terms``: d_lin [..., OUT], coef [..., 1]): (pre_i g + d_lin fn + coef x~
+    [..., n, D] in x's dtype, d_lin^T x~ [OUT, n*D] fp32), each in one read of the streams."""
+    x3 = _streams(x)
+    T, n, D = x3.shape
+    out = fn.shape[0]
+    g2, pre2 = g.reshape(T, D).contiguous(), pre.reshape(T, n).contiguous()
+    d_lin2, coef1, fn = d_lin.reshape(T, out).contiguous(), coef.reshape(T).contiguous(), fn.contiguous()
+    dx = torch.empty(T, n, D, device=x3.device, dtype=x3.dtype)
+    d_fn = torch.empty(out, n * D, device=x3.device, dtype=torch.float32)
+    bd, out_p = _block_d(D), max(16, triton.next_power_of_2(out))
+    _mix_collapse_dx_kernel[(triton.cdiv(T, _BLOCK_T), triton.cdiv(D, bd))](
+        x3, pre2, g2, d_lin2, coef1, fn, dx, T, D, out, x3.stride(0), x3.stride(1), fn.stride(0),
+        N=n, OUT_P=out_p, BLOCK_T=_BLOCK_T, BLOCK_D=bd)
+    _fn_grad_kernel[(n, triton.cdiv(D, bd))](
+        x3, d_lin2, d_fn, T, D, out, x3.stride(0), x3.stride(1), OUT_P=out_p, BLOCK_T=2 * _BLOCK_T, BLOCK_D=bd)
+    return dx.view(x.shape), d_fn
 
 
 class Collapse(torch.autograd.Function):

@@ -103,18 +103,17 @@ class _Mix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        return *_mix_backward(g, *ctx.saved_tensors), None
+        flat, fn, lin, r = ctx.saved_tensors
+        d_lin, coef = _mix_terms(g, lin, r, flat.shape[-1])  # [B,S,outputs], [B,S,1]
+        d_flat = torch.matmul(d_lin, fn).addcmul_(coef, flat)  # [B,S,n*D]; in place: no second fresh buffer
+        d_fn = torch.matmul(d_lin.flatten(0, -2).T, flat.flatten(0, -2))  # [outputs, n*D]
+        return d_flat, d_fn, None
 
 
-def _mix_backward(g: torch.Tensor, x: torch.Tensor, fn: torch.Tensor, lin: torch.Tensor,
-                  r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_Mix``'s gradients (of x, shaped as x, and fn) for the output gradient g [B,S,outputs]."""
-    flat = x.reshape(*g.shape[:-1], -1).to(g.dtype)  # [B,S,n*D]; the Triton path keeps [B,S,n,D] in its dtype
-    d_lin = g * r  # [B,S,outputs]
-    coef = (g * lin).sum(dim=-1, keepdim=True) * r.pow(3) / -flat.shape[-1]  # [B,S,1]
-    d_flat = torch.matmul(d_lin, fn).addcmul_(coef, flat)  # [B,S,n*D]; in place: no second fresh buffer
-    d_fn = torch.matmul(d_lin.flatten(0, -2).T, flat.flatten(0, -2))  # [outputs, n*D]
-    return d_flat.view(x.shape), d_fn
+def _mix_terms(g: torch.Tensor, lin: torch.Tensor, r: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_Mix``'s per-token backward terms for the output gradient g [B,S,outputs]: d lin = g r [B,S,outputs] and
+    coef = -(d r) r^3 / K [B,S,1], so that d x~ = (d lin) phi + coef x~."""
+    return g * r, (g * lin).sum(dim=-1, keepdim=True) * r.pow(3) / -K
 
 
 def _mix(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -130,9 +129,10 @@ class _CollapseTriton(torch.autograd.Function):
     """pre = sigmoid(a0 * mix[:n] + b[:n]) + eps and the collapse sum_i pre_i X_i in one kernel
     (``_mhc_triton.mix_collapse``), returning (collapse, mix) for the rest of the mappings (torch ops).
 
-    Backward: dX, dpre from one kernel (``_mhc_triton.Collapse``'s), then pre's sigmoid and the projection's
-    backward (``_mix_backward``, torch GEMMs) on the few per-token values; only base[:n] and scale[0] get
-    gradients here, the rest reach them through the torch ops on mix.
+    Backward, recomputing nothing: dpre in one read of X and the gradient, pre's sigmoid and the projection's
+    per-token terms on the few per-token values (torch), then dX (collapse + projection, one kernel) and dphi
+    (one kernel, each program summing all tokens for its columns: no atomics, deterministic). Only base[:n] and
+    scale[0] get gradients here, the rest reach them through the torch ops on mix.
     """
 
     @staticmethod
@@ -147,21 +147,22 @@ class _CollapseTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_y: torch.Tensor, g_mix: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        from ._mhc_triton import collapse_backward
+        from ._mhc_triton import collapse_backward, mix_collapse_backward
 
         x, fn, lin, r, pre, scale = ctx.saved_tensors
         n = pre.shape[-1]
-        dx, d_pre = collapse_backward(x, pre, g_y)
+        d_pre = collapse_backward(x, pre, g_y, write_dx=False)[1]  # [B,S,n]
         s = pre - ctx.eps  # the sigmoid
-        d_z = d_pre * s * (1 - s)  # [B,S,n]
+        d_z = d_pre * s * (1 - s)
         g_mix = g_mix.clone()
         g_mix[..., :n] += d_z * scale[0]
-        d_x, d_fn = _mix_backward(g_mix, x, fn, lin, r)
+        d_lin, coef = _mix_terms(g_mix, lin, r, n * x.shape[-1])
+        d_x, d_fn = mix_collapse_backward(x, pre, g_y, d_lin, coef, fn)
         d_base = d_z.new_zeros(ctx.base_shape)
         d_base[:n] = d_z.flatten(0, -2).sum(0)
         d_scale = torch.zeros_like(scale)
         d_scale[0] = (d_z * lin[..., :n] * r).sum()
-        return d_x.add_(dx), d_fn, d_base, d_scale, None, None
+        return d_x, d_fn, d_base, d_scale, None, None
 
 
 def _normalisations(iters: int) -> list[int]:
