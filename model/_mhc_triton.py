@@ -6,13 +6,16 @@ with an intermediate in memory), and as many again in backward. Here:
 
 * ``mix_collapse``: per tile of tokens, phi . x~ and sum(x~^2) (fp32, the streams converted on load), then
   pre = sigmoid(a0 mix[:n] + b[:n]) + eps and sum_i pre_i X_i. pre needs the whole row's projection, so the
-  tile's streams are read twice, the second time right after the first (from cache, not memory);
+  tile's streams are read twice, the second time right after the first, so that it can come from cache. Its
+  backward (``mix_collapse_backward``, after dpre from ``collapse_backward``): dX of the collapse and the
+  projection together in one read of X, and dphi in another (each program sums all tokens for its columns);
 * ``Collapse`` (pre given), its backward ``collapse_backward``: dX and dpre in one read of X and the gradient;
 * ``Expand``: post_j F + sum_i comb[i, j] X_i; backward: dF, dX, dpost, dcomb in one read of X, F, the gradient.
 
-post and comb from the projection (sigmoid, Sinkhorn over n x n) and the projection's backward (two GEMMs
-with the [T, (2+n)n] gradient) stay torch ops in ``mhc.py``. Sums run in fp32; outputs take the streams'
-dtype. Runs on CUDA tensors, and on CPU ones under ``TRITON_INTERPRET=1`` (how CI tests it).
+The per-token math on the [T, (2+n)n] projection (post, comb's Sinkhorn over n x n, pre's sigmoid
+derivative, the projection's per-token backward terms) stays torch ops in ``mhc.py``. Sums run in fp32
+(tl.dot in full fp32, no TF32); outputs take the streams' dtype. Runs on CUDA tensors, and on CPU ones under
+``TRITON_INTERPRET=1`` (how CI tests it).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _mix_collapse_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, lin_ptr, r_ptr, pre
     tl.store(lin_ptr + offs_t[:, None] * OUT + offs_o[None, :], acc, mask=in_t[:, None] & in_o[None, :])
     tl.store(r_ptr + offs_t, r, mask=in_t)
     tl.store(pre_ptr + offs_t[:, None] * N + offs_i[None, :], pre, mask=m2)
-    for d0 in range(0, D, BLOCK_D):  # the token tile's streams again: just read, so from cache rather than memory
+    for d0 in range(0, D, BLOCK_D):  # the token tile's streams again, just read: a cache hit where they still fit
         d = d0 + offs_d
         in_d = d < D
         x3 = tl.load(x_ptr + offs_t[:, None, None] * sx_t + offs_i[None, :, None] * sx_i + d[None, None, :],

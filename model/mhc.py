@@ -28,6 +28,10 @@ comb = 1/n, so X' = X + F(X) exactly (F reads 2X, the same after its RMS norm); 
 phi only perturbs this, and the streams diverge as phi, b and a learn. On a tiny model this
 trains as well as the plain residual (tests/test_mhc.py prints both losses).
 All mHC math runs in fp32 (the mappings are precision sensitive); mixing runs in X's dtype.
+
+Kernels by ``model.attention.backend`` (``HCSpec.backend``): "auto" compiled loops for fp32 CPU streams
+(``_mhc_cpu``) and torch ops elsewhere, CUDA included; "torch" torch ops; "triton" Triton kernels that read the
+streams once per pass (``_mhc_triton``: the projection with the collapse, the expand, their backwards).
 """
 
 from __future__ import annotations
@@ -230,7 +234,7 @@ def sublayer_mappings(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sca
 def sublayer_collapse(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                       spec: HCSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A sublayer's input and the mappings for its expand: x [B,S,n,D] -> (sum_i pre_i X_i [B,S,D] in x's dtype,
-    post [B,S,n], comb [B,S,n,n]). Backend "triton": the projection and the collapse in one kernel."""
+    post [B,S,n], comb [B,S,n,n]). Backend "triton": the projection, pre and the collapse in one kernel."""
     if _path(spec.backend, x) == "triton":
         base, scale = base.float(), scale.float()
         y, mix = _CollapseTriton.apply(x, fn.float(), base, scale, spec.norm_eps, spec.eps)
