@@ -126,3 +126,17 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(ValueError, match="model.attention.backend='triton' runs CUDA tensors"):
         mhc.collapse(x, pre, "triton")
     torch.testing.assert_close(mhc.collapse(x, pre, "torch"), (pre[..., None] * x).sum(-2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU selection (auto: compiled loops)")
+def test_backend_selects_the_kernels() -> None:
+    """fp32 CPU streams: "auto" takes the compiled loops, "torch" the torch ops (it turns the loops off, as for
+    attention), "triton" the Triton kernels; fp64 streams take the torch ops under "triton" (the kernels sum in
+    fp32)."""
+    x, pre = torch.randn(1, 2, 4, 16, requires_grad=True), torch.rand(1, 2, 4)
+    def kind(x: torch.Tensor, backend: str) -> str:
+        name = type(mhc.collapse(x, pre, backend).grad_fn).__name__
+        return {"_CollapseBackward": "compiled", "CollapseBackward": "triton"}.get(name, "torch ops")
+
+    assert [kind(x, b) for b in ("auto", "torch", "triton")] == ["compiled", "torch ops", "triton"]
+    assert kind(x.double(), "triton") == "torch ops"
