@@ -37,7 +37,7 @@ def _mix_collapse_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, lin_ptr, r_ptr, pre
                          BLOCK_D: tl.constexpr):
     # lin[t, o] = sum_{i,d} x[t, i, d] fn[o, i*D + d]; r[t] = (mean_{i,d} x[t, i, d]^2 + norm_eps)^-1/2;
     # pre[t, i] = sigmoid(scale[0] lin[t, i] r[t] + base[i]) + eps; y[t, d] = sum_i pre[t, i] x[t, i, d]
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # int64: T * n * D may pass 2^31
     offs_o, offs_d, offs_i = tl.arange(0, OUT_P), tl.arange(0, BLOCK_D), tl.arange(0, N_P)
     in_t, in_o, in_i = offs_t < T, offs_o < OUT, offs_i < N
     acc = tl.zeros((BLOCK_T, OUT_P), dtype=tl.float32)
@@ -74,7 +74,7 @@ def _mix_collapse_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, lin_ptr, r_ptr, pre
 def _collapse_kernel(x_ptr, pre_ptr, y_ptr, T, D, sx_t, sx_i,
                      N: tl.constexpr, N_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     # y[t, d] = sum_i pre[t, i] x[t, i, d]
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_i = tl.arange(0, N_P)
     in_t, in_i, in_d = offs_t < T, offs_i < N, d < D
@@ -91,7 +91,7 @@ def _collapse_backward_kernel(x_ptr, pre_ptr, g_ptr, dx_ptr, dpre_ptr, T, D, sx_
                               N: tl.constexpr, N_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                               WRITE_DX: tl.constexpr):
     # dx[t, i, d] = pre[t, i] g[t, d] (if WRITE_DX); dpre[t, i] = sum_d x[t, i, d] g[t, d]
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_i, offs_d = tl.arange(0, N_P), tl.arange(0, BLOCK_D)
     in_t, in_i = offs_t < T, offs_i < N
     m2 = in_t[:, None] & in_i[None, :]
@@ -117,7 +117,7 @@ def _collapse_backward_kernel(x_ptr, pre_ptr, g_ptr, dx_ptr, dpre_ptr, T, D, sx_
 def _mix_collapse_dx_kernel(x_ptr, pre_ptr, g_ptr, dlin_ptr, coef_ptr, fn_ptr, dx_ptr, T, D, OUT, sx_t, sx_i, s_fn,
                             N: tl.constexpr, OUT_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     # dx[t, i, d] = pre[t, i] g[t, d] + sum_o dlin[t, o] fn[o, i*D + d] + coef[t] x[t, i, d]
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_o = tl.arange(0, OUT_P)
     in_t, in_d, in_o = offs_t < T, d < D, offs_o < OUT
@@ -144,7 +144,7 @@ def _fn_grad_kernel(x_ptr, dlin_ptr, dfn_ptr, T, D, OUT, sx_t, sx_i,
     in_d, in_o = d < D, offs_o < OUT
     acc = tl.zeros((OUT_P, BLOCK_D), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + offs_t
+        t = (t0 + offs_t).to(tl.int64)
         in_t = t < T
         dlin_t = tl.load(dlin_ptr + t[None, :] * OUT + offs_o[:, None], mask=in_o[:, None] & in_t[None, :],
                          other=0.0)  # [OUT_P, BLOCK_T]
@@ -159,7 +159,7 @@ def _fn_grad_kernel(x_ptr, dlin_ptr, dfn_ptr, T, D, OUT, sx_t, sx_i,
 def _expand_kernel(y_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, T, D, sx_t, sx_i,
                    N: tl.constexpr, N_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     # out[t, j, d] = post[t, j] y[t, d] + sum_i comb[t, i, j] x[t, i, d]
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_i = tl.arange(0, N_P)
     in_t, in_i, in_d = offs_t < T, offs_i < N, d < D
@@ -179,7 +179,7 @@ def _expand_backward_kernel(y_ptr, x_ptr, post_ptr, comb_ptr, g_ptr, dy_ptr, dx_
                             T, D, sx_t, sx_i,
                             N: tl.constexpr, N_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     # dy = sum_j post_j g_j; dx_i = sum_j comb[i, j] g_j; dpost_j = y . g_j; dcomb[i, j] = x_i . g_j (per token)
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_i, offs_d = tl.arange(0, N_P), tl.arange(0, BLOCK_D)
     in_t, in_i = offs_t < T, offs_i < N
     m2 = in_t[:, None] & in_i[None, :]
