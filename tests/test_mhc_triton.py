@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moesaic.configs import ConfigError, load_config
 from moesaic.model import Transformer, _mhc_triton, mhc
 
 from numerics import assert_close_scaled
@@ -120,8 +121,11 @@ def test_model_loss_and_gradients_equal_the_torch_ops(monkeypatch: pytest.Monkey
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Outside the interpreter the kernels refuse CPU streams with one line naming the setting."""
+    """Outside the interpreter the config refuses the backend on CPU, and the kernels refuse CPU streams, each with
+    one line naming the setting."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="model.attention.backend='triton' runs on CUDA, but train.device='cpu'"):
+        load_config("v4_tiny", ["model.attention.backend=triton", "train.device=cpu"])
     x, pre = torch.randn(1, 2, 4, 16), torch.rand(1, 2, 4)
     with pytest.raises(ValueError, match="model.attention.backend='triton' runs CUDA tensors"):
         mhc.collapse(x, pre, "triton")
