@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 
 _BLOCK_T = 16  # tokens per program (tl.dot's minimum tile side in the projection)
+# 8 warps and 32-wide column tiles: every kernel compiles for sm_90 without register spills (cuobjdump -res-usage)
+_NUM_WARPS = 8
 
 
 @triton.jit
@@ -226,7 +228,7 @@ def _streams(x: torch.Tensor) -> torch.Tensor:
 
 
 def _block_d(D: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(D)))
+    return min(32, max(16, triton.next_power_of_2(D)))
 
 
 def mix_collapse(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
@@ -244,7 +246,7 @@ def mix_collapse(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
     _mix_collapse_kernel[(triton.cdiv(T, _BLOCK_T),)](
         x3, fn, base.contiguous(), scale.contiguous(), lin, r, pre, y, T, D, out, x3.stride(0), x3.stride(1),
         fn.stride(0), norm_eps, eps, N=n, N_P=triton.next_power_of_2(n),
-        OUT_P=max(16, triton.next_power_of_2(out)), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D))
+        OUT_P=max(16, triton.next_power_of_2(out)), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D), num_warps=_NUM_WARPS)
     lead = x.shape[:-2]
     return y.view(*lead, D), lin.view(*lead, out), r.view(*lead, 1), pre.view(*lead, n)
 
@@ -260,7 +262,8 @@ def collapse_backward(x: torch.Tensor, pre: torch.Tensor, g: torch.Tensor,
     dpre = torch.empty_like(pre2)
     _collapse_backward_kernel[(triton.cdiv(T, _BLOCK_T),)](
         x3, pre2, g2, dx if write_dx else dpre, dpre, T, D, x3.stride(0), x3.stride(1),
-        N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D), WRITE_DX=write_dx)
+        N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D), WRITE_DX=write_dx,
+        num_warps=_NUM_WARPS)
     return (dx.view(x.shape) if write_dx else None), dpre.view(pre.shape)
 
 
@@ -279,9 +282,10 @@ def mix_collapse_backward(x: torch.Tensor, pre: torch.Tensor, g: torch.Tensor, d
     bd, out_p = _block_d(D), max(16, triton.next_power_of_2(out))
     _mix_collapse_dx_kernel[(triton.cdiv(T, _BLOCK_T), triton.cdiv(D, bd))](
         x3, pre2, g2, d_lin2, coef1, fn, dx, T, D, out, x3.stride(0), x3.stride(1), fn.stride(0),
-        N=n, OUT_P=out_p, BLOCK_T=_BLOCK_T, BLOCK_D=bd)
+        N=n, OUT_P=out_p, BLOCK_T=_BLOCK_T, BLOCK_D=bd, num_warps=_NUM_WARPS)
     _fn_grad_kernel[(n, triton.cdiv(D, bd))](
-        x3, d_lin2, d_fn, T, D, out, x3.stride(0), x3.stride(1), OUT_P=out_p, BLOCK_T=2 * _BLOCK_T, BLOCK_D=bd)
+        x3, d_lin2, d_fn, T, D, out, x3.stride(0), x3.stride(1), OUT_P=out_p, BLOCK_T=2 * _BLOCK_T, BLOCK_D=bd,
+        num_warps=_NUM_WARPS)
     return dx.view(x.shape), d_fn
 
 
@@ -297,7 +301,7 @@ class Collapse(torch.autograd.Function):
         bd = _block_d(D)
         _collapse_kernel[(triton.cdiv(T, _BLOCK_T), triton.cdiv(D, bd))](
             x3, pre2, y, T, D, x3.stride(0), x3.stride(1),
-            N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=bd)
+            N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=bd, num_warps=_NUM_WARPS)
         ctx.save_for_backward(x, pre)
         return y.view(*x.shape[:-2], D)
 
@@ -321,7 +325,7 @@ class Expand(torch.autograd.Function):
         bd = _block_d(D)
         _expand_kernel[(triton.cdiv(T, _BLOCK_T), triton.cdiv(D, bd))](
             y2, x3, post2, comb3, out, T, D, x3.stride(0), x3.stride(1),
-            N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=bd)
+            N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=bd, num_warps=_NUM_WARPS)
         ctx.save_for_backward(y2, x3, post2, comb3)
         ctx.shapes = y.shape, x.shape, post.shape, comb.shape
         return out.view(x.shape)
@@ -335,5 +339,5 @@ class Expand(torch.autograd.Function):
         dpost, dcomb = torch.empty_like(post2), torch.empty_like(comb3)
         _expand_backward_kernel[(triton.cdiv(T, _BLOCK_T),)](
             y2, x3, post2, comb3, g3, dy, dx, dpost, dcomb, T, D, x3.stride(0), x3.stride(1),
-            N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D))
+            N=n, N_P=triton.next_power_of_2(n), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D), num_warps=_NUM_WARPS)
         return tuple(t.view(s) for t, s in zip((dy, dx, dpost, dcomb), ctx.shapes))
