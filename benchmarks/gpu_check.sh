@@ -7,8 +7,9 @@
 # 2. benchmarks/grouped_experts.py in bf16 (grouped_mm vs the per-expert loop) and benchmarks/mhc_triton.py
 #    (mHC's Triton kernels vs the torch ops, one sublayer site in bf16);
 # 3. benchmarks/gpu_step.py on configs/v4_1b.yaml (tokens/s, peak memory, MFU), without and with selective
-#    activation checkpointing. Each part has its own time limit (about 9 minutes in all), and a failing part
-#    does not stop the next.
+#    activation checkpointing;
+# 4. benchmarks/gpu_attention.py (CSA and HCA layers vs dense SDPA, torch and Triton backends, 8k-128k).
+#    Each part has its own time limit (about 12 minutes in all), and a failing part does not stop the next.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -31,4 +32,6 @@ for ac in none selective; do
         "train.activation_checkpointing=$ac" > "$OUT/gpu_step_$ac.txt" 2>&1
     echo "gpu_step $ac exit $?" >> "$OUT/summary.txt"
 done
+timeout 180 python benchmarks/gpu_attention.py --json "$OUT/gpu_attention.json" > "$OUT/gpu_attention.txt" 2>&1
+echo "gpu_attention exit $?" >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"
