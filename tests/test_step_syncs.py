@@ -82,11 +82,12 @@ def test_steps_between_log_eval_and_checkpoint_steps_do_not_sync(tmp_path: Path)
 
 
 
-@pytest.mark.parametrize("config", ["tiny", "deepseek_v32_tiny", "gemma4_tiny", "laguna_tiny", "zaya1_tiny"])
+@pytest.mark.parametrize("config", ["tiny", "v4_tiny", "deepseek_v32_tiny", "gemma4_tiny", "laguna_tiny", "zaya1_tiny"])
 def test_the_torch_path_of_a_training_forward_and_backward_reads_nothing_on_the_host(config: str) -> None:
-    """What runs on a GPU (``model.attention.backend=torch``): CSA/HCA/DSA selection sizes its chunks from host
-    positions and breaks top-k ties without checking for them first; MoE, attention and losses queue only.
-    After a warm-up step (caches built once), a forward and backward make no host read."""
+    """What runs on a GPU (``model.attention.backend=torch``; v4_tiny adds mHC, hash routing and MTP): CSA/HCA/DSA
+    selection sizes its chunks from host positions and breaks top-k ties without checking for them first; MoE,
+    attention and losses queue only. After a warm-up step (caches built once), forward and backward make no host
+    read."""
     cfg = load_config(config, ["model.attention.backend=torch"])
     torch.manual_seed(0)
     model = Transformer(cfg.model).train()
