@@ -39,8 +39,10 @@ _NO_EXTRA, _IDX, _MASK = 0, 1, 2  # the EXTRA constexpr: which compressed entrie
 def _dot(a, b, FULL_FP32: tl.constexpr):
     """a @ b with fp32 accumulation; full fp32 products for fp32 inputs."""
     if FULL_FP32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
 
 
 @triton.jit
@@ -68,7 +70,7 @@ def _forward_kernel(q_ptr, kv_ptr, sink_ptr, ent_ptr, idx_ptr, msk_ptr, out_ptr,
                     sq_b, sq_s, sq_h, skv_b, skv_t, se_b, se_n, si_b, si_s, sm_b, sm_s, so_b, so_s, so_h,
                     C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EXTRA: tl.constexpr, STATS: tl.constexpr, FULL_FP32: tl.constexpr):
-    s, b = tl.program_id(0), tl.program_id(2)
+    s, b = tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64)  # int64 offsets: B*S*H*c may pass 2^31
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c = tl.arange(0, C)
     in_h = offs_h < H
@@ -78,7 +80,7 @@ def _forward_kernel(q_ptr, kv_ptr, sink_ptr, ent_ptr, idx_ptr, msk_ptr, out_ptr,
     l_win = tl.zeros((BLOCK_H,), tl.float32)
     l_ext = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, C), tl.float32)
-    row = T - S + s  # the query's own row of kv
+    row = T - S + tl.program_id(0)  # the query's own row of kv (int32: the loop bounds)
     lo = tl.maximum(row - window + 1, 0)
     for n0 in range(lo, row + 1, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -145,7 +147,7 @@ def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, msk_ptr, do_ptr, lse_ptr, 
                      sq_b, sq_s, sq_h, skv_b, skv_t, se_b, se_n, si_b, si_s, sm_b, sm_s, sd_b, sd_s, sd_h,
                      C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      EXTRA: tl.constexpr, FULL_FP32: tl.constexpr):
-    s, b = tl.program_id(0), tl.program_id(2)
+    s, b = tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64)  # int64 offsets: B*S*H*c may pass 2^31
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c = tl.arange(0, C)
     in_h = offs_h < H
@@ -157,7 +159,7 @@ def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, msk_ptr, do_ptr, lse_ptr, 
     lse = tl.load(lse_ptr + row_hs, mask=in_h, other=float("inf"))  # padding rows: probabilities 0
     delta = tl.load(delta_ptr + row_hs, mask=in_h, other=0.0)
     dq = tl.zeros((BLOCK_H, C), tl.float32)
-    row = T - S + s
+    row = T - S + tl.program_id(0)
     lo = tl.maximum(row - window + 1, 0)
     for n0 in range(lo, row + 1, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -188,11 +190,11 @@ def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, msk_ptr, do_ptr, lse_ptr, 
 
 
 def _blocks(q: torch.Tensor, window: int) -> tuple[int, int, int]:
-    """(heads per program, window/mask tile, pick tile): powers of 2 >= 16 (tl.dot's minimum); fewer heads per
-    program for wide heads, so the [heads, c] accumulators stay in registers."""
+    """(heads per program, window/mask tile, pick tile): powers of 2 >= 16 (tl.dot's minimum); fewer heads and
+    keys per program for wide heads, so the [heads, c] accumulator and [keys, c] tiles stay in registers."""
     H, c = q.shape[2:]
     block_h = min(max(16, triton.next_power_of_2(H)), max(16, 8192 // c))
-    return block_h, min(64, max(16, triton.next_power_of_2(window))), 16
+    return block_h, min(max(16, 8192 // c), 64, max(16, triton.next_power_of_2(window))), 16
 
 
 def _check(q: torch.Tensor) -> None:

@@ -32,7 +32,8 @@ On CPU in fp32 (backend "auto" or "cpu") the same function runs as compiled per-
 and its backward adds straight into their gradients; masked (HCA) entries, a dense prefix shared by a
 span of queries, are added by GEMMs and a log-sum-exp merge (``_dense_entries``). The 8k-token model
 step of ``benchmarks/vs_hf_reference.py`` spent 2.8 s in the torch path's blocks and 0.8 s in the
-compiled one (one thread).
+compiled one (one thread). With backend "triton" it runs as Triton kernels instead (``_window_triton``, CUDA):
+one program per query and head group, all of a pass in one launch.
 
 Like flash attention, the forward keeps only each row's log-sum-exp and the backward rebuilds a
 chunk's probabilities from it, so neither the probabilities nor the gathered [S, k, c] entries are
