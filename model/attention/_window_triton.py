@@ -65,43 +65,69 @@ def _online(qv, keys, visible, m_i, l_this, l_other, acc, scale, FULL_FP32: tl.c
 
 
 @triton.jit
+def _query(q_ptr, sq_b, sq_s, sq_h, H, BLOCK_H: tl.constexpr, C: tl.constexpr):
+    """This program's query s of batch b (int64: B*S*H*c may pass 2^31), its heads and its rows [BLOCK_H, C]."""
+    s, b = tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, C)
+    in_h = offs_h < H
+    qv = tl.load(q_ptr + b * sq_b + s * sq_s + offs_h[:, None] * sq_h + offs_c[None, :], mask=in_h[:, None],
+                 other=0.0)
+    return s, b, offs_h, offs_c, in_h, qv
+
+
+@triton.jit
+def _window_tile(kv_ptr, base, n0, row, skv_t, offs_c, BLOCK_N: tl.constexpr):
+    """Window keys n0.. of the query at ``row`` (base: its batch's kv): (rows, visible, keys [BLOCK_N, C])."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    visible = offs_n <= row
+    keys = tl.load(kv_ptr + base + offs_n[:, None] * skv_t + offs_c[None, :], mask=visible[:, None], other=0.0)
+    return offs_n, visible, keys
+
+
+@triton.jit
+def _pick_tile(idx_ptr, ent_ptr, idx_base, ent_base, j0, K, se_n, offs_c, BLOCK_K: tl.constexpr):
+    """Picks j0.. of the query (idx_base: its idx row): (slots, entry rows, visible, entries [BLOCK_K, C])."""
+    offs_j = j0 + tl.arange(0, BLOCK_K)
+    picks = tl.load(idx_ptr + idx_base + offs_j, mask=offs_j < K, other=-1)
+    visible = picks >= 0
+    keys = tl.load(ent_ptr + ent_base + picks[:, None] * se_n + offs_c[None, :], mask=visible[:, None], other=0.0)
+    return offs_j, picks, visible, keys
+
+
+@triton.jit
+def _mask_tile(msk_ptr, ent_ptr, msk_base, ent_base, n0, N, se_n, offs_c, BLOCK_N: tl.constexpr):
+    """Entries n0.. and which of them the query sees (msk_base: its mask row): (rows, visible, entries)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    visible = tl.load(msk_ptr + msk_base + offs_n, mask=offs_n < N, other=0) != 0
+    keys = tl.load(ent_ptr + ent_base + offs_n[:, None] * se_n + offs_c[None, :], mask=visible[:, None], other=0.0)
+    return offs_n, visible, keys
+
+
+@triton.jit
 def _forward_kernel(q_ptr, kv_ptr, sink_ptr, ent_ptr, idx_ptr, msk_ptr, out_ptr, lse_ptr, mass_ptr, stat_ptr,
                     S, T, H, N, K, window, scale,
                     sq_b, sq_s, sq_h, skv_b, skv_t, se_b, se_n, si_b, si_s, sm_b, sm_s, so_b, so_s, so_h,
                     C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EXTRA: tl.constexpr, STATS: tl.constexpr, FULL_FP32: tl.constexpr):
-    s, b = tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64)  # int64 offsets: B*S*H*c may pass 2^31
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_c = tl.arange(0, C)
-    in_h = offs_h < H
-    qv = tl.load(q_ptr + b * sq_b + s * sq_s + offs_h[:, None] * sq_h + offs_c[None, :], mask=in_h[:, None],
-                 other=0.0)  # [BLOCK_H, C]
+    s, b, offs_h, offs_c, in_h, qv = _query(q_ptr, sq_b, sq_s, sq_h, H, BLOCK_H, C)
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_win = tl.zeros((BLOCK_H,), tl.float32)
     l_ext = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, C), tl.float32)
     row = T - S + tl.program_id(0)  # the query's own row of kv (int32: the loop bounds)
-    lo = tl.maximum(row - window + 1, 0)
-    for n0 in range(lo, row + 1, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        visible = offs_n <= row
-        keys = tl.load(kv_ptr + b * skv_b + offs_n[:, None] * skv_t + offs_c[None, :], mask=visible[:, None],
-                       other=0.0)  # [BLOCK_N, C]
+    for n0 in range(tl.maximum(row - window + 1, 0), row + 1, BLOCK_N):
+        _, visible, keys = _window_tile(kv_ptr, b * skv_b, n0, row, skv_t, offs_c, BLOCK_N)
         m_i, l_win, l_ext, acc = _online(qv, keys, visible, m_i, l_win, l_ext, acc, scale, FULL_FP32)
     if EXTRA == 1:
         for j0 in range(0, K, BLOCK_K):
-            offs_j = j0 + tl.arange(0, BLOCK_K)
-            picks = tl.load(idx_ptr + b * si_b + s * si_s + offs_j, mask=offs_j < K, other=-1)
-            visible = picks >= 0
-            keys = tl.load(ent_ptr + b * se_b + picks[:, None] * se_n + offs_c[None, :], mask=visible[:, None],
-                           other=0.0)  # [BLOCK_K, C]
+            _, _, visible, keys = _pick_tile(idx_ptr, ent_ptr, b * si_b + s * si_s, b * se_b, j0, K, se_n, offs_c,
+                                             BLOCK_K)
             m_i, l_ext, l_win, acc = _online(qv, keys, visible, m_i, l_ext, l_win, acc, scale, FULL_FP32)
     if EXTRA == 2:
         for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            visible = tl.load(msk_ptr + b * sm_b + s * sm_s + offs_n, mask=offs_n < N, other=0) != 0
-            keys = tl.load(ent_ptr + b * se_b + offs_n[:, None] * se_n + offs_c[None, :], mask=visible[:, None],
-                           other=0.0)  # [BLOCK_N, C]
+            _, visible, keys = _mask_tile(msk_ptr, ent_ptr, b * sm_b + s * sm_s, b * se_b, n0, N, se_n, offs_c,
+                                          BLOCK_N)
             m_i, l_ext, l_win, acc = _online(qv, keys, visible, m_i, l_ext, l_win, acc, scale, FULL_FP32)
     sink = tl.load(sink_ptr + offs_h, mask=in_h, other=0.0).to(tl.float32)
     m_f = tl.maximum(m_i, sink)  # m_i is finite: every query sees its own key
@@ -118,11 +144,8 @@ def _forward_kernel(q_ptr, kv_ptr, sink_ptr, ent_ptr, idx_ptr, msk_ptr, out_ptr,
         tl.store(stat_ptr + row_hs * 3 + 2, m_i, mask=in_h)
     if EXTRA == 1:  # mass: each pick's probability summed over heads, now that lse is known
         for j0 in range(0, K, BLOCK_K):
-            offs_j = j0 + tl.arange(0, BLOCK_K)
-            picks = tl.load(idx_ptr + b * si_b + s * si_s + offs_j, mask=offs_j < K, other=-1)
-            visible = picks >= 0
-            keys = tl.load(ent_ptr + b * se_b + picks[:, None] * se_n + offs_c[None, :], mask=visible[:, None],
-                           other=0.0)
+            offs_j, _, visible, keys = _pick_tile(idx_ptr, ent_ptr, b * si_b + s * si_s, b * se_b, j0, K, se_n,
+                                                  offs_c, BLOCK_K)
             p = tl.exp(_logits(qv, keys, visible, scale, FULL_FP32) - lse[:, None])
             p = tl.where(in_h[:, None], p, 0.0)
             tl.atomic_add(mass_ptr + (b * S + s) * K + offs_j, tl.sum(p, 0), mask=offs_j < K)  # head groups add
@@ -147,12 +170,7 @@ def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, msk_ptr, do_ptr, lse_ptr, 
                      sq_b, sq_s, sq_h, skv_b, skv_t, se_b, se_n, si_b, si_s, sm_b, sm_s, sd_b, sd_s, sd_h,
                      C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      EXTRA: tl.constexpr, FULL_FP32: tl.constexpr):
-    s, b = tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64)  # int64 offsets: B*S*H*c may pass 2^31
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_c = tl.arange(0, C)
-    in_h = offs_h < H
-    qv = tl.load(q_ptr + b * sq_b + s * sq_s + offs_h[:, None] * sq_h + offs_c[None, :], mask=in_h[:, None],
-                 other=0.0)  # [BLOCK_H, C]
+    s, b, offs_h, offs_c, in_h, qv = _query(q_ptr, sq_b, sq_s, sq_h, H, BLOCK_H, C)
     do = tl.load(do_ptr + b * sd_b + s * sd_s + offs_h[:, None] * sd_h + offs_c[None, :], mask=in_h[:, None],
                  other=0.0).to(qv.dtype)
     row_hs = (b * S + s) * H + offs_h
@@ -160,29 +178,20 @@ def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, msk_ptr, do_ptr, lse_ptr, 
     delta = tl.load(delta_ptr + row_hs, mask=in_h, other=0.0)
     dq = tl.zeros((BLOCK_H, C), tl.float32)
     row = T - S + tl.program_id(0)
-    lo = tl.maximum(row - window + 1, 0)
-    for n0 in range(lo, row + 1, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        visible = offs_n <= row
-        key_ptrs = offs_n[:, None] * skv_t + offs_c[None, :]
-        keys = tl.load(kv_ptr + b * skv_b + key_ptrs, mask=visible[:, None], other=0.0)
+    for n0 in range(tl.maximum(row - window + 1, 0), row + 1, BLOCK_N):
+        offs_n, visible, keys = _window_tile(kv_ptr, b * skv_b, n0, row, skv_t, offs_c, BLOCK_N)
         dq, d_keys = _grad_tile(qv, do, lse, delta, keys, visible, dq, scale, FULL_FP32)
         tl.atomic_add(dkv_ptr + b * T * C + offs_n[:, None] * C + offs_c[None, :], d_keys, mask=visible[:, None])
     if EXTRA == 1:
         for j0 in range(0, K, BLOCK_K):
-            offs_j = j0 + tl.arange(0, BLOCK_K)
-            picks = tl.load(idx_ptr + b * si_b + s * si_s + offs_j, mask=offs_j < K, other=-1)
-            visible = picks >= 0
-            keys = tl.load(ent_ptr + b * se_b + picks[:, None] * se_n + offs_c[None, :], mask=visible[:, None],
-                           other=0.0)
+            _, picks, visible, keys = _pick_tile(idx_ptr, ent_ptr, b * si_b + s * si_s, b * se_b, j0, K, se_n,
+                                                 offs_c, BLOCK_K)
             dq, d_keys = _grad_tile(qv, do, lse, delta, keys, visible, dq, scale, FULL_FP32)
             tl.atomic_add(dent_ptr + b * N * C + picks[:, None] * C + offs_c[None, :], d_keys, mask=visible[:, None])
     if EXTRA == 2:
         for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            visible = tl.load(msk_ptr + b * sm_b + s * sm_s + offs_n, mask=offs_n < N, other=0) != 0
-            keys = tl.load(ent_ptr + b * se_b + offs_n[:, None] * se_n + offs_c[None, :], mask=visible[:, None],
-                           other=0.0)
+            offs_n, visible, keys = _mask_tile(msk_ptr, ent_ptr, b * sm_b + s * sm_s, b * se_b, n0, N, se_n, offs_c,
+                                               BLOCK_N)
             dq, d_keys = _grad_tile(qv, do, lse, delta, keys, visible, dq, scale, FULL_FP32)
             tl.atomic_add(dent_ptr + b * N * C + offs_n[:, None] * C + offs_c[None, :], d_keys, mask=visible[:, None])
     tl.store(dq_ptr + b * sq_b + s * sq_s + offs_h[:, None] * sq_h + offs_c[None, :],
