@@ -198,12 +198,13 @@ def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, msk_ptr, do_ptr, lse_ptr, 
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=in_h[:, None])
 
 
-def _blocks(q: torch.Tensor, window: int) -> tuple[int, int, int]:
+def _blocks(q: torch.Tensor, window: int, tile: int) -> tuple[int, int, int]:
     """(heads per program, window/mask tile, pick tile): powers of 2 >= 16 (tl.dot's minimum); fewer heads and
-    keys per program for wide heads, so the [heads, c] accumulator and [keys, c] tiles stay in registers."""
+    keys per program for wide heads, so the [heads, c] and [keys, c] tiles (``tile`` elements at most) stay in
+    registers (the backward holds four such tiles, the forward two: it takes half the forward's ``tile``)."""
     H, c = q.shape[2:]
-    block_h = min(max(16, triton.next_power_of_2(H)), max(16, 8192 // c))
-    return block_h, min(max(16, 8192 // c), 64, max(16, triton.next_power_of_2(window))), 16
+    block_h = min(max(16, triton.next_power_of_2(H)), max(16, tile // c))
+    return block_h, min(max(16, tile // c), 64, max(16, triton.next_power_of_2(window))), 16
 
 
 def _check(q: torch.Tensor) -> None:
@@ -245,7 +246,7 @@ def forward_op(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: O
     row_stats = torch.empty(B, S, H, 3, device=q.device, dtype=torch.float32) if stats is not None else lse
     if mass is not None:
         mass.zero_()  # the kernel adds each head group's probabilities
-    block_h, block_n, block_k = _blocks(q, window)
+    block_h, block_n, block_k = _blocks(q, window, 8192)
     grid = (S, triton.cdiv(H, block_h), B)
     mass_buf = lse if mass is None else mass  # lse: never written as mass without picks
     _forward_kernel[grid](q, kv, sink, ent, idx_, msk, out, lse, mass_buf, row_stats, S, T, H, N, K, window, scale,
@@ -276,7 +277,7 @@ def backward_op(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: 
     d_q = torch.empty_like(q)
     d_kv = torch.zeros(B, T, c, device=q.device, dtype=torch.float32)
     d_ent = torch.zeros(B, N, c, device=q.device, dtype=torch.float32) if entries is not None else d_kv
-    block_h, block_n, block_k = _blocks(q, window)
+    block_h, block_n, block_k = _blocks(q, window, 4096)
     grid = (S, triton.cdiv(H, block_h), B)
     _backward_kernel[grid](q, kv, ent, idx_, msk, d_out, lse, delta, d_q, d_kv, d_ent, S, T, H, N, K, window, scale,
                            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), *ex_strides,
