@@ -89,10 +89,10 @@ def test_kernels_match_the_fp64_torch_path(extra: Optional[str], dtype: torch.dt
 def test_tiny_model_loss_and_grads_as_accurate_as_the_torch_backend() -> None:
     """SWA, CSA and HCA layers (and the MTP block) of a tiny V4 model in fp32 with the Triton kernels (indexer
     scores included) and with the torch ops, against the torch ops in fp64: the loss to 1e-5; all gradients
-    together (norm-wise) within 2x the torch ops' error + 1e-7 (observed: 4.8e-7 on both paths), and each
-    parameter's within 4x theirs + 1e-2, which any wrong gradient term exceeds: gradients summed over all
-    tokens cancel, and the MTP block's mHC scales' fp32 error alone ranges over 3e-4..4e-3 of their norm on
-    both paths, with the CPU's vector width (as in test_cuda)."""
+    together (norm-wise) within 4x the torch ops' error + 1e-6 (observed: 4.8e-7 on both paths on CPU; a 10%
+    error in the sinks' gradients alone gives 1e-4), and each parameter's within 4x theirs + 1e-2, which any
+    wrong gradient term exceeds: gradients summed over all tokens cancel, and the MTP block's mHC scales' fp32
+    error alone ranges over 3e-4..4e-3 of their norm on both paths, with the CPU's vector width."""
     torch.manual_seed(0)
     model = Transformer(v4_tiny())
     ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(1))
@@ -116,7 +116,7 @@ def test_tiny_model_loss_and_grads_as_accurate_as_the_torch_backend() -> None:
             (("ref", ref), ("torch", grads_torch), ("triton", grads_triton))}
     err_torch, err_triton = ((flat[key] - flat["ref"]).norm().item() / flat["ref"].norm().item()
                              for key in ("torch", "triton"))
-    assert err_triton <= 2 * err_torch + 1e-7, f"all gradients: {err_triton:.3g} vs the torch ops' {err_torch:.3g}"
+    assert err_triton <= 4 * err_torch + 1e-6, f"all gradients: {err_triton:.3g} vs the torch ops' {err_torch:.3g}"
     for name, want in ref.items():
         norm = want.norm().item()
         err_torch, err_triton = ((g[name] - want).norm().item() / norm for g in (grads_torch, grads_triton))
