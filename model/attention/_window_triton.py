@@ -12,7 +12,8 @@ their logits into the head-summed probabilities ``mass`` (the final lse is neede
 backward rebuilds the probabilities from lse (delta = d_out . out, from torch), writes d_q and adds
 each key's and entry's gradient (K = V: dS scaled q plus P d_out) with ``tl.atomic_add`` into fp32
 buffers: d_kv and d_entries are NOT bitwise deterministic across runs (the order of the adds of
-different queries varies), d_q, out, lse and mass are. d_sink is summed by torch from lse and delta.
+different queries varies); d_q, out and lse are, and mass too while one program holds all heads (up to
+8192 / c of them; beyond, head groups add theirs atomically). d_sink is summed by torch from lse and delta.
 
 fp32 inputs multiply in full fp32 (``input_precision="ieee"``, no TF32), so results match the torch
 path up to summation order; fp16/bf16 use the tensor cores with fp32 accumulation, probabilities
