@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -221,6 +222,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if m.attention.backend == "triton":
         _require(importlib.util.find_spec("triton") is not None,
                  "model.attention.backend='triton' needs the triton package (pip install triton)")
+        _require(t.device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1",
+                 "model.attention.backend='triton' runs on CUDA, but train.device='cpu' (on CPU only in Triton's "
+                 "interpreter, TRITON_INTERPRET=1); use 'auto'")
         for name, spec in used.items():
             c = getattr(spec, "index_head_dim", 16)
             _require(c >= 16 and not c & (c - 1), f"model.attention.backend='triton' needs index_head_dim a power of "

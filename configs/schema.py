@@ -27,7 +27,8 @@ class AttentionConfig:
     """
 
     # attention kernels: auto (compiled on fp32 CPU, torch ops elsewhere) | torch | cpu | triton (Triton kernels
-    # for window_attention and the CSA indexer's scores; CUDA, or CPU under TRITON_INTERPRET=1)
+    # for window_attention and the CSA indexer's scores; CUDA, or CPU under TRITON_INTERPRET=1).
+    # mHC's stream mixing follows it too: compiled loops on fp32 CPU (auto, cpu), Triton kernels (triton)
     backend: str = "auto"
     common: Dict[str, Any] = field(default_factory=dict)
     menu: Dict[str, Any] = field(default_factory=lambda: {"swa": {"kind": "swa"}})

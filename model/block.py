@@ -126,9 +126,9 @@ class Block(nn.Module):
 
     def _forward_mhc(self, x: torch.Tensor, input_ids: torch.Tensor,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        pre, post, comb = mhc.sublayer_mappings(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.hc)
-        h, attn_aux = self.attn_sublayer(mhc.collapse(x, pre), ctx)
-        x = mhc.expand(h, x, post, comb)  # [B,S,n,D]
-        pre, post, comb = mhc.sublayer_mappings(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.hc)
-        h, ffn_aux = self.ffn_sublayer(mhc.collapse(x, pre), input_ids, ctx)
-        return mhc.expand(h, x, post, comb), attn_aux + ffn_aux
+        h, post, comb = mhc.sublayer_collapse(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.hc)
+        h, attn_aux = self.attn_sublayer(h, ctx)
+        x = mhc.expand(h, x, post, comb, self.hc.backend)  # [B,S,n,D]
+        h, post, comb = mhc.sublayer_collapse(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.hc)
+        h, ffn_aux = self.ffn_sublayer(h, input_ids, ctx)
+        return mhc.expand(h, x, post, comb, self.hc.backend), attn_aux + ffn_aux

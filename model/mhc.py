@@ -28,11 +28,16 @@ comb = 1/n, so X' = X + F(X) exactly (F reads 2X, the same after its RMS norm); 
 phi only perturbs this, and the streams diverge as phi, b and a learn. On a tiny model this
 trains as well as the plain residual (tests/test_mhc.py prints both losses).
 All mHC math runs in fp32 (the mappings are precision sensitive); mixing runs in X's dtype.
+
+Kernels by ``model.attention.backend`` (``HCSpec.backend``): "auto" compiled loops for fp32 CPU streams
+(``_mhc_cpu``) and torch ops elsewhere, CUDA included; "torch" torch ops; "triton" Triton kernels that read the
+streams once per pass (``_mhc_triton``: the projection with the collapse, the expand, their backwards).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +45,7 @@ from torch import nn
 
 from moesaic.configs.schema import ModelConfig
 
-from ._cpu_compiled import applies, as_numpy
+from ._cpu_compiled import as_numpy, use_compiled
 
 
 @dataclass(frozen=True)
@@ -51,10 +56,19 @@ class HCSpec:
     sinkhorn_iters: int
     eps: float  # floor on pre and on the Sinkhorn denominators (hc_eps)
     norm_eps: float  # eps of the unweighted RMS norm of the flattened streams (rms_norm_eps)
+    backend: str = "auto"  # model.attention.backend: which kernels mix the streams (``_path``)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "HCSpec":
-        return cls(cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+        return cls(cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps, cfg.attention.backend)
+
+
+def _path(backend: str, *tensors: torch.Tensor) -> str:
+    """The kernels that mix these streams: "triton" (``_mhc_triton``: backend "triton", 32/16-bit streams), "cpu"
+    (``_mhc_cpu``: fp32 CPU tensors under "auto" or "cpu") or "torch" (everything else: "auto" on CUDA is torch)."""
+    if backend == "triton" and tensors[0].dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return "triton"
+    return "cpu" if use_compiled(backend, *tensors) else "torch"
 
 
 def mapping_parameters(n: int, dim: int, outputs: int, scales: int,
@@ -94,11 +108,16 @@ class _Mix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         flat, fn, lin, r = ctx.saved_tensors
-        d_lin = g * r  # [B,S,outputs]
-        coef = (g * lin).sum(dim=-1, keepdim=True) * r.pow(3) / -flat.shape[-1]  # [B,S,1]
+        d_lin, coef = _mix_terms(g, lin, r, flat.shape[-1])  # [B,S,outputs], [B,S,1]
         d_flat = torch.matmul(d_lin, fn).addcmul_(coef, flat)  # [B,S,n*D]; in place: no second fresh buffer
         d_fn = torch.matmul(d_lin.flatten(0, -2).T, flat.flatten(0, -2))  # [outputs, n*D]
         return d_flat, d_fn, None
+
+
+def _mix_terms(g: torch.Tensor, lin: torch.Tensor, r: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_Mix``'s per-token backward terms for the output gradient g [B,S,outputs]: d lin = g r [B,S,outputs] and
+    coef = -(d r) r^3 / K [B,S,1], so that d x~ = (d lin) phi + coef x~."""
+    return g * r, (g * lin).sum(dim=-1, keepdim=True) * r.pow(3) / -K
 
 
 def _mix(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -108,6 +127,46 @@ def _mix(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     normalised copy of the streams for backward (``_Mix``).
     """
     return _Mix.apply(x.flatten(2).float(), fn.float(), norm_eps)
+
+
+class _CollapseTriton(torch.autograd.Function):
+    """pre = sigmoid(a0 * mix[:n] + b[:n]) + eps and the collapse sum_i pre_i X_i in one kernel
+    (``_mhc_triton.mix_collapse``), returning (collapse, mix) for the rest of the mappings (torch ops).
+
+    Backward, recomputing nothing: dpre in one read of X and the gradient, pre's sigmoid and the projection's
+    per-token terms on the few per-token values (torch), then dX (collapse + projection, one kernel) and dphi
+    (one kernel, each program summing all tokens for its columns: no atomics, deterministic). Only base[:n] and
+    scale[0] get gradients here, the rest reach them through the torch ops on mix.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                norm_eps: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        from ._mhc_triton import mix_collapse
+
+        y, lin, r, pre = mix_collapse(x, fn, base, scale, norm_eps, eps)  # [B,S,D], [B,S,outputs], [B,S,1], [B,S,n]
+        ctx.save_for_backward(x, fn, lin, r, pre, scale)
+        ctx.eps, ctx.base_shape = eps, base.shape
+        return y, lin * r
+
+    @staticmethod
+    def backward(ctx, g_y: torch.Tensor, g_mix: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        from ._mhc_triton import collapse_backward, mix_collapse_backward
+
+        x, fn, lin, r, pre, scale = ctx.saved_tensors
+        n = pre.shape[-1]
+        d_pre = collapse_backward(x, pre, g_y, write_dx=False)[1]  # [B,S,n]
+        s = pre - ctx.eps  # the sigmoid
+        d_z = d_pre * s * (1 - s)
+        g_mix = g_mix.clone()
+        g_mix[..., :n] += d_z * scale[0]
+        d_lin, coef = _mix_terms(g_mix, lin, r, n * x.shape[-1])
+        d_x, d_fn = mix_collapse_backward(x, pre, g_y, d_lin, coef, fn)
+        d_base = d_z.new_zeros(ctx.base_shape)
+        d_base[:n] = d_z.flatten(0, -2).sum(0)
+        d_scale = torch.zeros_like(scale)
+        d_scale[0] = (d_z * lin[..., :n] * r).sum()
+        return d_x, d_fn, d_base, d_scale, None, None
 
 
 def _normalisations(iters: int) -> list[int]:
@@ -152,16 +211,36 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return _Sinkhorn.apply(flat, iters, eps).permute(2, 0, 1).reshape(logits.shape)
 
 
-def sublayer_mappings(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
-                      spec: HCSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [B,S,n,D] -> pre [B,S,n], post [B,S,n], comb [B,S,n,n] (fp32)."""
+def _post_comb(mix: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+               spec: HCSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """mix [B,S,(2+n)*n] (fp32) -> post [B,S,n], comb [B,S,n,n]."""
     n = spec.n
-    pre, post, comb = _mix(x, fn, spec.norm_eps).split([n, n, n * n], dim=-1)
-    base, scale = base.float(), scale.float()
-    pre = torch.sigmoid(pre * scale[0] + base[:n]) + spec.eps
+    post, comb = mix[..., n:2 * n], mix[..., 2 * n:]
     post = 2 * torch.sigmoid(post * scale[1] + base[n:2 * n])
     comb = comb.unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)
-    return pre, post, sinkhorn(comb, spec.sinkhorn_iters, spec.eps)
+    return post, sinkhorn(comb, spec.sinkhorn_iters, spec.eps)
+
+
+def sublayer_mappings(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                      spec: HCSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B,S,n,D] -> pre [B,S,n], post [B,S,n], comb [B,S,n,n] (fp32), by torch ops (``sublayer_collapse``
+    takes the Triton path)."""
+    mix = _mix(x, fn, spec.norm_eps)
+    base, scale = base.float(), scale.float()
+    pre = torch.sigmoid(mix[..., :spec.n] * scale[0] + base[:spec.n]) + spec.eps
+    return pre, *_post_comb(mix, base, scale, spec)
+
+
+def sublayer_collapse(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                      spec: HCSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sublayer's input and the mappings for its expand: x [B,S,n,D] -> (sum_i pre_i X_i [B,S,D] in x's dtype,
+    post [B,S,n], comb [B,S,n,n]). Backend "triton": the projection, pre and the collapse in one kernel."""
+    if _path(spec.backend, x) == "triton":
+        base, scale = base.float(), scale.float()
+        y, mix = _CollapseTriton.apply(x, fn.float(), base, scale, spec.norm_eps, spec.eps)
+        return y, *_post_comb(mix, base, scale, spec)
+    pre, post, comb = sublayer_mappings(x, fn, base, scale, spec)
+    return collapse(x, pre, spec.backend), post, comb
 
 
 class _Collapse(torch.autograd.Function):
@@ -218,21 +297,33 @@ class _Expand(torch.autograd.Function):
         return dy, dx, dpost, dcomb
 
 
-def collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+def collapse(x: torch.Tensor, pre: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Sublayer input sum_i pre_i X_i: x [B,S,n,D], pre [B,S,n] -> [B,S,D] in x's dtype.
 
     On CPU (fp32) a compiled loop (``_mhc_cpu``); elsewhere a per-token [1,n] x [n,D] matmul, which
     measured (n=4, D=256, 8k tokens, one CPU thread) 5x faster forward + backward than a broadcast
-    product summed over the stream axis, and ~15x faster than n multiply-adds.
+    product summed over the stream axis, and ~15x faster than n multiply-adds. Backend "triton": one
+    kernel (``_mhc_triton``).
     """
-    if applies(x):
+    path = _path(backend, x)
+    if path == "triton":
+        from ._mhc_triton import Collapse
+
+        return Collapse.apply(x, pre.float())
+    if path == "cpu":
         return _Collapse.apply(x, pre.float())
     return torch.matmul(pre.to(x.dtype).unsqueeze(-2), x).squeeze(-2)
 
 
-def expand(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def expand(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+           backend: str = "auto") -> torch.Tensor:
     """New streams X'_j = post_j y + sum_i comb[i, j] X_i: y [B,S,D], x [B,S,n,D] -> [B,S,n,D]."""
-    if applies(x, y):
+    path = _path(backend, x, y)
+    if path == "triton":
+        from ._mhc_triton import Expand
+
+        return Expand.apply(y, x, post.float(), comb.float())
+    if path == "cpu":
         return _Expand.apply(y, x, post.float(), comb.float())
     # comb^T X per token, [B,S,n,D]. comb^T contiguous: ``sinkhorn`` hands back a permuted view, and
     # bmm over batches of strided 4x4 matrices copies each one (~10x slower on CPU at 8k tokens).
@@ -243,5 +334,7 @@ def expand(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Ten
 def head_collapse(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                   spec: HCSpec) -> torch.Tensor:
     """Final collapse before the norm: sum_i (sigmoid(a * mix_i + b_i) + eps) X_i, [B,S,n,D] -> [B,S,D]."""
+    if _path(spec.backend, x) == "triton":
+        return _CollapseTriton.apply(x, fn.float(), base.float(), scale.float(), spec.norm_eps, spec.eps)[0]
     pre = torch.sigmoid(_mix(x, fn, spec.norm_eps) * scale.float() + base.float()) + spec.eps
-    return collapse(x, pre)
+    return collapse(x, pre, spec.backend)

@@ -24,6 +24,8 @@ layers.{i}.ple.norm.weight    model.layers.{i}.post_per_layer_input_norm.weight 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -33,9 +35,11 @@ from .ffn import activation_fn
 from .norm import RMSNorm
 
 
+@functools.lru_cache(maxsize=None)
 def embedding_scale(dim: int, dtype: torch.dtype) -> float:
     """sqrt(dim) rounded to fp32 and then to the weight dtype, as transformers' Gemma4TextScaledWordEmbedding
-    (bf16: sqrt(1536) = 39.19 becomes 39.25), so a bf16 model scales exactly as the reference."""
+    (bf16: sqrt(1536) = 39.19 becomes 39.25), so a bf16 model scales exactly as the reference. Cached: the
+    rounding goes through a host tensor, which a forward need not build again."""
     return torch.tensor(dim ** 0.5, dtype=torch.float32).to(dtype).item()
 
 

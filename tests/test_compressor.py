@@ -198,7 +198,7 @@ def test_index_scores_match_naive_einsum() -> None:
     positions = torch.arange(23)
     naive = naive_scores(fp64_copy(ix), *fp64(q_lat, x, keys))
     assert_close_scaled(ix.scores(*ix.queries(q_lat, x, positions), keys), naive, 16, "scores")
-    idx, scores = ix.select(*ix.queries(q_lat, x, positions), keys, positions, M)
+    idx, scores = ix.select(*ix.queries(q_lat, x, positions), keys, 0, M)
     ref = naive.gather(-1, idx.clamp_min(0))
     assert_close_scaled(scores[idx >= 0], ref[idx >= 0], 16, "selected scores")
 
@@ -219,7 +219,7 @@ def test_topk_ties_break_toward_lower_index(backend: str) -> None:
         ix.weights_proj.weight[1] = 0  # a dead head
     positions = torch.arange(S)
     scores = ix.scores(*ix.queries(q_lat, x, positions), keys)
-    idx, val = ix.select(*ix.queries(q_lat, x, positions), keys, positions, M)
+    idx, val = ix.select(*ix.queries(q_lat, x, positions), keys, 0, M)
     ref_idx, ref_val = naive_topk(scores, 5)
     assert torch.equal(idx, ref_idx)
     assert_close_scaled(val, ref_val, 8, "scores")  # the compiled path sums heads in order
@@ -242,10 +242,10 @@ def test_chunked_selection_equals_unchunked_exactly(backend: str) -> None:
     q_lat, x = inputs(45, zero_queries=(11, 30))
     keys = ix.keys(x)
     positions = torch.arange(45)
-    idx, val = ix.select(*ix.queries(q_lat, x, positions), keys, positions, M)
+    idx, val = ix.select(*ix.queries(q_lat, x, positions), keys, 0, M)
     for chunk in (1, 3, 16):
         ix.query_chunk = chunk
-        idx_c, val_c = ix.select(*ix.queries(q_lat, x, positions), keys, positions, M)
+        idx_c, val_c = ix.select(*ix.queries(q_lat, x, positions), keys, 0, M)
         assert torch.equal(idx_c, idx)
         # Scores agree to rounding only: each chunk scores only the entries it can see (a narrower GEMM).
         assert_close_scaled(val_c, val, 8, f"scores, chunk {chunk}")
@@ -381,7 +381,7 @@ def test_selected_scores_equal_dense_scores_at_the_picks(chunk: int) -> None:
     keys = ix.keys(x).detach().requires_grad_()
     q, w = (t.detach().requires_grad_() for t in ix.queries(q_lat, x, positions))
     with torch.no_grad():
-        idx, _ = ix.select(*ix.queries(q_lat, x, positions), keys, positions, M)  # [B,S,k], -1 where fewer than k are visible
+        idx, _ = ix.select(*ix.queries(q_lat, x, positions), keys, 0, M)  # [B,S,k], -1 where fewer than k are visible
     valid = idx >= 0
     got = selected_scores(q, w, keys, idx, chunk).masked_fill(~valid, 0.0)
     want = ix.scores(q, w, keys).gather(-1, idx.clamp(min=0)).masked_fill(~valid, 0.0)

@@ -252,3 +252,20 @@ def test_triton_window_attention_as_accurate_as_torch_at_a_realistic_shape(mode:
         scale = want.abs().max().item()
         err_torch, err_triton = ((t - want).abs().max().item() for t in (torch_bf16, triton_bf16))
         assert err_triton <= 2 * err_torch + 1e-3 * scale, f"{err_triton:.3g} vs the torch ops' {err_torch:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mhc_triton_kernels_equal_the_torch_ops_on_cuda(dtype: torch.dtype) -> None:
+    """mHC's compiled Triton kernels (``model.attention.backend="triton"``) against the torch ops at a realistic
+    width (4 streams of D = 1024, 2 x 1000 tokens: partial tiles), one sublayer site and a head collapse, forward
+    and all gradients. fp32: rounding only, the projection's K = 4096 sums in other orders (256 eps of each
+    tensor's scale); bf16: as ``test_mhc_triton``'s fp16 check, within 6 bf16 eps."""
+    from numerics import assert_close_scaled
+    from test_mhc_triton import NAMES, assert_16bit_streams_round_once, run, site
+
+    tensors = site(4, 1024, seed=0, B=2, S=1000)
+    if dtype == torch.bfloat16:
+        assert_16bit_streams_round_once(tensors, dtype, 6)
+        return
+    for name, got, want in zip(NAMES, run(tensors, "triton", dtype), run(tensors, "torch", dtype), strict=True):
+        assert_close_scaled(got, want, 256, name)

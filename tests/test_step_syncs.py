@@ -15,6 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from moesaic.configs import load_config
+from moesaic.model import Transformer
+from host_sync import HostSyncCounter
 from trainrun import FAST, env
 
 # The CPU kernels hand CPU tensors to numba through .numpy(); a GPU step runs torch ops instead.
@@ -74,3 +80,18 @@ def test_steps_between_log_eval_and_checkpoint_steps_do_not_sync(tmp_path: Path)
     assert ours == [], ours
     assert any(c[0] in (3, 5) and c[2] == "moesaic/trainer/loop.py:_check_steps" for c in calls)  # checks are seen
 
+
+
+@pytest.mark.parametrize("config", ["tiny", "deepseek_v32_tiny", "gemma4_tiny", "laguna_tiny", "zaya1_tiny"])
+def test_the_torch_path_of_a_training_forward_and_backward_reads_nothing_on_the_host(config: str) -> None:
+    """What runs on a GPU (``model.attention.backend=torch``): CSA/HCA/DSA selection sizes its chunks from host
+    positions and breaks top-k ties without checking for them first; MoE, attention and losses queue only.
+    After a warm-up step (caches built once), a forward and backward make no host read."""
+    cfg = load_config(config, ["model.attention.backend=torch"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).train()
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 65))
+    model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+    with HostSyncCounter() as syncs:
+        model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+    assert syncs.calls == []

@@ -32,9 +32,14 @@ class ForwardContext:
             return None
         return self.caches[layer_idx]
 
+    def start(self, length: int, cache: Any = None) -> int:
+        """Absolute position of the first of ``length`` local tokens: after the cached ones, or at this shard's
+        offset (a host int: what needs it to size work must not read the device)."""
+        return cache.pos if cache is not None else self.sequence.offset(length)
+
     def positions(self, length: int, device: torch.device, cache: Any = None) -> torch.Tensor:
-        """Absolute positions [length] of the local tokens: after the cached ones, or at this shard's offset."""
-        start = cache.pos if cache is not None else self.sequence.offset(length)
+        """Absolute positions [length] of the local tokens (``start`` onwards)."""
+        start = self.start(length, cache)
         return torch.arange(start, start + length, device=device)
 
     def stats_for(self, layer_idx: int) -> Optional[AttentionStats]:

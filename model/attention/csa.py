@@ -113,7 +113,7 @@ class CompressedSparseAttention(CompressedAttention):
         else:
             keys = cache.index.absorb(self.indexer.compressor, x.detach(), cache.pos)
         q_i, w_i = self.indexer.queries(qr, x, positions)  # [B,S,H_I,c_I], [B,S,H_I]: for selection and loss
-        idx, _ = self.indexer.select(q_i, w_i, keys, positions, self.ratio)  # [B,S,k]
+        idx, _ = self.indexer.select(q_i, w_i, keys, ctx.start(x.shape[1], cache), self.ratio)  # [B,S,k]
         if stats is not None:
             self._record_selection(stats, ctx.sequence, idx, positions, keys.shape[1])
         extra = CompressedKV(entries, idx=idx)

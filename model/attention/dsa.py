@@ -232,7 +232,7 @@ class DSAAttention(MLAAttention):
         positions = torch.arange(query_start, query_start + x.shape[1], device=x.device)  # [S]
         keys = self.every_token(self.indexer.keys(x, cos, sin), ctx, query_start, LatentCache.extend_index)  # [B,T,d_I]
         q_i, w_i = self.indexer.queries(q_lat, x, cos, sin)  # [B,S,n_I,d_I], [B,S,n_I]
-        idx, _ = self.indexer.select(q_i, w_i, keys, positions, 1)  # [B,S,k] token positions, -1 = none
+        idx, _ = self.indexer.select(q_i, w_i, keys, query_start, 1)  # [B,S,k] token positions, -1 = none
         ctx.shared[TOPK_KEY] = idx
         o, mass = sparse_attention(q_abs, latent, idx, self.scale, s.kv_lora_rank, s.query_chunk, stats)
         o = torch.einsum("bshr,hvr->bshv", o, w_uv)  # [B,S,H,v]

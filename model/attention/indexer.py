@@ -28,7 +28,7 @@ from ..checkpointing import products_not_kept
 from ..rope import RotaryEmbedding
 from ..sequence import WholeSequence
 from .compressor import Compressor, CompressorState, rope_tail
-from .entries import add_gathered_grad, gather_entries, per_block
+from .entries import add_gathered_grad, gather_entries
 from .stats import AttentionStats
 
 if TYPE_CHECKING:
@@ -68,19 +68,12 @@ def _exact_topk(score: torch.Tensor, k: int) -> torch.Tensor:
     """Entries [B, s, k] of the k largest scores of score [B, s, n], ties going to the lower entry, ordered
     by (score descending, entry ascending): the same picks as a stable descending sort.
 
-    A float topk picks arbitrarily among entries tied at the k-th score, so the (few) rows where such a
-    tie leaves an entry out are redone over exact int64 keys; -inf ties are invisible entries (the
-    caller marks them -1), so they need no redo.
+    A float topk picks arbitrarily among entries tied at the k-th score, so the top-k runs over unique
+    int64 keys that hold both orders; checking for ties first and redoing only those rows would make the
+    host wait for the device at every chunk.
     """
-    top, picked = score.topk(k, dim=-1)  # [B, s, k]
-    kth = top[..., -1:]  # [B, s, 1]
-    redo = ((score == kth).sum(dim=-1) > (top == kth).sum(dim=-1)) & (kth[..., 0] > float("-inf"))  # [B, s]
-    if redo.any():
-        rows = score[redo]  # [R, n]
-        entry = torch.arange(rows.shape[-1], device=rows.device)
-        picked[redo] = _entries_of(_order_keys(rows, entry).topk(k, dim=-1).values)
-    order = _order_keys(score.gather(-1, picked), picked).sort(dim=-1, descending=True).values
-    return _entries_of(order)
+    entry = torch.arange(score.shape[-1], device=score.device)
+    return _entries_of(_order_keys(score, entry).topk(k, dim=-1).values)
 
 
 class LightningIndexer(nn.Module):
@@ -119,11 +112,12 @@ class LightningIndexer(nn.Module):
 
     @torch.no_grad()
     @products_not_kept()  # selective checkpointing would otherwise keep every chunk's scores
-    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: int,
                ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k causally visible entries per query (no gradient: the loss rescores the picks).
 
-        q, w: ``queries`` at positions [S] long (absolute); keys [B, N, c_I].
+        q, w: ``queries`` at positions start .. start + S - 1; keys [B, N, c_I]. The first position comes
+        as a host int, so each chunk's range of visible entries is known without reading the device.
         Returns (topk_idx [B, S, k] long, -1 where fewer than k entries are visible;
         topk_scores [B, S, k], -inf at those -1 picks), k = min(index_topk, N), in descending score
         order. Scores are built ``query_chunk`` queries at a time and only against the entries some
@@ -133,13 +127,12 @@ class LightningIndexer(nn.Module):
         """
         k = min(self.topk, keys.shape[1])
         B, S, H, c = q.shape
-        visible = (positions + 1) // ratio  # [S] entries each query may use
+        visible = (torch.arange(start, start + S, device=q.device) + 1) // ratio  # [S] entries each query may use
         fused = use_compiled(self.backend, q)
         chunk = _FUSED_QUERIES if fused else self.query_chunk
         starts = range(0, S, chunk)
-        blocks = per_block(visible, chunk)  # [chunks, chunk]
-        spans = torch.stack([blocks.amin(dim=1), blocks.amax(dim=1)], dim=1).tolist()  # (fewest, most) visible
-        # entries per chunk, in one host sync
+        spans = [((start + lo + 1) // ratio, (start + min(lo + chunk, S)) // ratio) for lo in starts]  # (fewest,
+        # most) entries visible to a query of the chunk: visibility grows with the position
         top_idx = torch.full((B, S, k), -1, dtype=torch.long, device=q.device)
         top_scores = torch.full((B, S, k), float("-inf"), device=q.device)
         keys_t = keys.float().transpose(1, 2).contiguous()  # [B, c_I, N]
@@ -233,7 +226,7 @@ class Indexer(LightningIndexer):
         """Training / stateless prefill over positions 0..S-1: (topk_idx, topk_scores, keys)."""
         keys = self.keys(x)  # [B, S//m, c_I]
         positions = torch.arange(x.shape[1], device=x.device)  # [S]
-        return (*self.select(*self.queries(q_lat, x, positions), keys, positions, self.ratio), keys)
+        return (*self.select(*self.queries(q_lat, x, positions), keys, 0, self.ratio), keys)
 
     @torch.no_grad()
     def step(self, state: CompressorState, keys: torch.Tensor, q_lat_t: torch.Tensor, x_t: torch.Tensor,
@@ -248,7 +241,7 @@ class Indexer(LightningIndexer):
         if new_key is not None:
             keys = torch.cat([keys, new_key.to(keys.dtype)], dim=1)  # [B, N+1, c_I]
         positions = torch.tensor([pos], device=x_t.device)  # [1]
-        return (*self.select(*self.queries(q_lat_t, x_t, positions), keys, positions, self.ratio), keys)
+        return (*self.select(*self.queries(q_lat_t, x_t, positions), keys, pos, self.ratio), keys)
 
 
 class _SelectedScores(torch.autograd.Function):
