@@ -208,6 +208,11 @@ def _blocks(q: torch.Tensor, window: int, tile: int) -> tuple[int, int, int]:
     return block_h, min(max(16, tile // c), 64, max(16, triton.next_power_of_2(window))), 16
 
 
+def _num_warps(c: int) -> int:
+    """Warps per program: 8 for heads of 512 and wider (4 spilled registers at V4-Flash's 512 in the forward)."""
+    return 8 if c >= 512 else 4
+
+
 def _check(q: torch.Tensor) -> None:
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("model.attention.backend='triton' runs CUDA tensors (CPU ones only under TRITON_INTERPRET=1)")
@@ -254,7 +259,7 @@ def forward_op(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: O
                           q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), *ex_strides,
                           out.stride(0), out.stride(1), out.stride(2),
                           C=c, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_K=block_k, EXTRA=kind,
-                          STATS=stats is not None, FULL_FP32=q.dtype == torch.float32)
+                          STATS=stats is not None, FULL_FP32=q.dtype == torch.float32, num_warps=_num_warps(c))
     if stats is not None:
         sums = row_stats[..., :2].sum(dim=(0, 1, 2), dtype=torch.float64)  # [window mass, compressed mass]
         sink_mass = (sink.view(1, 1, H) - lse).exp().sum(dtype=torch.float64)
@@ -284,6 +289,6 @@ def backward_op(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: 
                            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), *ex_strides,
                            d_out.stride(0), d_out.stride(1), d_out.stride(2),
                            C=c, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_K=block_k, EXTRA=kind,
-                           FULL_FP32=q.dtype == torch.float32)
+                           FULL_FP32=q.dtype == torch.float32, num_warps=_num_warps(c))
     d_entries = None if entries is None else d_ent.to(entries.dtype)
     return d_q, d_kv.to(kv.dtype), d_sink.to(sink.dtype), d_entries
