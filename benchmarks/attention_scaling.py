@@ -3,7 +3,7 @@ peak memory at growing sequence lengths, batch 1, fp32, on whatever device torch
 
     python benchmarks/attention_scaling.py [--lengths 1024 2048 4096 8192 16384] [--reps 3]
                                            [--threads N] [--clock wall|cpu] [--rounds 1]
-                                           [--malloc keep|system]
+                                           [--malloc keep|system] [--backend auto|torch|cpu|triton]
 
 Each (layer, length) case runs in a fresh subprocess so that peak memory is its own: peak =
 ``ru_maxrss`` after the timed runs minus ``ru_maxrss`` once the layer and its input exist and one
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moesaic.configs.schema import ModelConfig
+from moesaic.model._cpu_compiled import BACKENDS
 from moesaic.model.attention import build_attention
 from moesaic.model.attention.presets import v4_attention
 from moesaic.trainer.host_memory import keep_freed_memory
@@ -56,10 +57,10 @@ HIDDEN, HEADS, HEAD_DIM = 256, 4, 64
 LAYERS = ("dense", "csa", "hca")
 
 
-def bench_config(kind: str) -> ModelConfig:
+def bench_config(kind: str, backend: str = "auto") -> ModelConfig:
     a = v4_attention(num_heads=HEADS, head_dim=HEAD_DIM, rope_head_dim=16, q_lora_rank=128, o_groups=2,
                      o_lora_rank=128, window=128, csa_ratio=4, hca_ratio=128, index_heads=4, index_head_dim=32,
-                     index_topk=64, query_chunk=256)
+                     index_topk=64, query_chunk=256, backend=backend)
     return ModelConfig(hidden_size=HIDDEN, num_layers=1, layer_types=[kind], attention=a)
 
 
@@ -83,11 +84,11 @@ def peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def stepper(kind: str) -> tuple[torch.device, Callable[[torch.Tensor], tuple[float, float]]]:
+def stepper(kind: str, backend: str) -> tuple[torch.device, Callable[[torch.Tensor], tuple[float, float]]]:
     """The layer of ``kind`` (seed 0) and a function timing one forward + backward of it: (wall s, CPU s)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    layer = (DenseAttention() if kind == "dense" else build_attention(bench_config(kind), 0)).to(device)
+    layer = (DenseAttention() if kind == "dense" else build_attention(bench_config(kind, backend), 0)).to(device)
 
     def step(x: torch.Tensor) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -101,8 +102,8 @@ def stepper(kind: str) -> tuple[torch.device, Callable[[torch.Tensor], tuple[flo
     return device, step
 
 
-def run_case(kind: str, seq_len: int, reps: int) -> dict:
-    device, step = stepper(kind)
+def run_case(kind: str, seq_len: int, reps: int, backend: str) -> dict:
+    device, step = stepper(kind, backend)
     x = torch.randn(1, seq_len, HIDDEN, device=device, requires_grad=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -113,10 +114,10 @@ def run_case(kind: str, seq_len: int, reps: int) -> dict:
             "peak_mib": (peak_bytes(device) - base) / 2**20}
 
 
-def run_pair(kind: str, seq_len: int, reps: int) -> dict:
+def run_pair(kind: str, seq_len: int, reps: int, backend: str) -> dict:
     """Per-slot growth 2 time(seq_len) / (time of two passes at seq_len // 2) for ``reps`` slots, by wall
     and CPU clock: {"wall": [...], "cpu": [...]}."""
-    device, step = stepper(kind)
+    device, step = stepper(kind, backend)
     full, half = (torch.randn(1, n, HIDDEN, device=device, requires_grad=True) for n in (seq_len, seq_len // 2))
     step(full)  # warm-ups
     step(half)
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="sweeps, interleaved: best time, median memory")
     parser.add_argument("--malloc", choices=["keep", "system"], default="keep",
                         help="host allocator of every case: keep freed memory (as training does) or glibc's default")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="model.attention.backend of the CSA/HCA layers (triton: the Triton kernels, CUDA)")
     parser.add_argument("--case", nargs=2, metavar=("LAYER", "SEQ_LEN"), help=argparse.SUPPRESS)
     parser.add_argument("--pair", nargs=2, metavar=("LAYER", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,12 +149,12 @@ def main() -> None:
         if args.malloc == "keep" and not keep_freed_memory():
             sys.exit("--malloc keep needs glibc's mallopt; pass --malloc system")
         kind, seq_len = args.case or args.pair
-        print(json.dumps((run_case if args.case else run_pair)(kind, int(seq_len), args.reps)))
+        print(json.dumps((run_case if args.case else run_pair)(kind, int(seq_len), args.reps, args.backend)))
         return
 
     def measure(flag: str, kind: str, seq_len: int) -> dict:
         cmd = [sys.executable, __file__, flag, kind, str(seq_len), "--reps", str(args.reps),
-               "--threads", str(args.threads), "--malloc", args.malloc]
+               "--threads", str(args.threads), "--malloc", args.malloc, "--backend", args.backend]
         return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
     longest = max(args.lengths)
@@ -166,7 +169,7 @@ def main() -> None:
                       "peak_mib": statistics.median(r[case]["peak_mib"] for r in rounds)} for case in rounds[0]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}; best of {args.reps} fwd+bwd x {args.rounds} "
-          f"round(s), batch 1, fp32, malloc {args.malloc}; ratios by {args.clock} time")
+          f"round(s), batch 1, fp32, malloc {args.malloc}, backend {args.backend}; ratios by {args.clock} time")
     print("| S | layer | wall s | cpu s | peak MiB | time / dense | memory / dense | time / time at S/2 |")
     print("|---|---|---|---|---|---|---|---|")
     t = args.clock

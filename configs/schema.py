@@ -26,8 +26,8 @@ class AttentionConfig:
     field for every entry whose kind has it, unless the entry sets it itself.
     """
 
-    # attention kernels: auto (compiled on fp32 CPU, torch ops elsewhere) | torch | cpu | triton (the CSA
-    # indexer's scores as a Triton kernel, torch ops for the rest; CUDA, or CPU under TRITON_INTERPRET=1).
+    # attention kernels: auto (compiled on fp32 CPU, torch ops elsewhere) | torch | cpu | triton (Triton kernels
+    # for window_attention and the CSA indexer's scores; CUDA, or CPU under TRITON_INTERPRET=1).
     # mHC's stream mixing follows it too: compiled loops on fp32 CPU (auto, cpu), Triton kernels (triton)
     backend: str = "auto"
     common: Dict[str, Any] = field(default_factory=dict)

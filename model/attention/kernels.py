@@ -32,7 +32,8 @@ On CPU in fp32 (backend "auto" or "cpu") the same function runs as compiled per-
 and its backward adds straight into their gradients; masked (HCA) entries, a dense prefix shared by a
 span of queries, are added by GEMMs and a log-sum-exp merge (``_dense_entries``). The 8k-token model
 step of ``benchmarks/vs_hf_reference.py`` spent 2.8 s in the torch path's blocks and 0.8 s in the
-compiled one (one thread).
+compiled one (one thread). With backend "triton" it runs as Triton kernels instead (``_window_triton``, CUDA):
+one program per query and head group, all of a pass in one launch.
 
 Like flash attention, the forward keeps only each row's log-sum-exp and the backward rebuilds a
 chunk's probabilities from it, so neither the probabilities nor the gathered [S, k, c] entries are
@@ -118,27 +119,25 @@ class _WindowAttention(torch.autograd.Function):
     """Flash-style: forward keeps each row's log-sum-exp, backward rebuilds the probabilities.
 
     Nothing of size [S, keys] or the gathered [S, k, c] entries is kept for backward: only the
-    inputs, the output and lse [B,S,H] fp32. ``compiled`` picks the implementation: ``_window_cpu``'s
-    per-query loops (CPU, fp32) or blocks of queries as torch ops (``_blocked_forward``/``_backward``).
+    inputs, the output and lse [B,S,H] fp32. ``impl`` picks the implementation (``_ops``): ``_window_cpu``'s
+    per-query loops ("cpu": CPU, fp32), ``_window_triton``'s kernels ("triton") or blocks of queries as torch
+    ops ("torch": ``_blocked_forward``/``_backward``).
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
                 idx: Optional[torch.Tensor], mask: Optional[torch.Tensor], window: int, scale: float,
                 query_chunk: int, stats: Optional[AttentionStats],
-                compiled: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                impl: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         B, S, H, _ = q.shape
         out = q.new_empty(q.shape)
         lse = q.new_empty(B, S, H, dtype=torch.float32)
         mass = q.new_empty(B, S, idx.shape[-1], dtype=torch.float32) if idx is not None else None
-        if compiled:
-            from ._window_cpu import forward_op as run  # numba compiles on first use
-        else:
-            run = _blocked_forward
+        run = _ops(impl)[0]
         with products_not_kept():  # per-block scores the backward recomputes from lse: not for selective to keep
             run(q, kv, sink, entries, idx, mask, window, scale, query_chunk, stats, out, lse, mass)
         ctx.save_for_backward(q, kv, sink, entries, idx, mask, out, lse)
-        ctx.window, ctx.scale, ctx.query_chunk, ctx.compiled = window, scale, query_chunk, compiled
+        ctx.window, ctx.scale, ctx.query_chunk, ctx.impl = window, scale, query_chunk, impl
         if mass is not None:
             ctx.mark_non_differentiable(mass)
         return out, mass
@@ -146,12 +145,20 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: torch.Tensor, _d_mass: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
-        if ctx.compiled:
-            from ._window_cpu import backward_op as run
-        else:
-            run = _blocked_backward
+        run = _ops(ctx.impl)[1]
         grads = run(*ctx.saved_tensors, d_out, ctx.window, ctx.scale, ctx.query_chunk)  # d_q, d_kv, d_sink, d_entries
         return (*grads, None, None, None, None, None, None, None)
+
+
+def _ops(impl: str) -> tuple:
+    """(forward_op, backward_op) of an implementation; "cpu" and "triton" import numba/triton only when chosen."""
+    if impl == "cpu":
+        from ._window_cpu import backward_op, forward_op  # numba compiles on first use
+        return forward_op, backward_op
+    if impl == "triton":
+        from ._window_triton import backward_op, forward_op
+        return forward_op, backward_op
+    return _blocked_forward, _blocked_backward
 
 
 def _blocked_forward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, entries: Optional[torch.Tensor],
@@ -236,12 +243,15 @@ def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, wind
     only, is each pick's softmax probability summed over heads (0 at -1 picks; no gradient), the
     CSA indexer's training target; None otherwise. ``backend`` (``model.attention.backend``): "auto" runs
     the compiled CPU loops on fp32 CPU tensors and torch ops elsewhere, "torch" always the torch ops,
-    "cpu" always the compiled loops.
+    "cpu" always the compiled loops, "triton" the Triton kernels (``_window_triton``; CUDA tensors).
     """
     S, T = q.shape[1], kv.shape[1]
     if T < S:
         raise ValueError(f"kv has {T} rows but there are {S} queries; kv must end at the queries' positions")
     entries, idx, mask = (None, None, None) if extra is None else (extra.kv, extra.idx, extra.mask)
-    compiled = use_compiled(backend, q, kv, sink, *(() if entries is None else (entries,)))
+    if backend == "triton":
+        impl = "triton"
+    else:
+        impl = "cpu" if use_compiled(backend, q, kv, sink, *(() if entries is None else (entries,))) else "torch"
     block = query_chunk if q.is_cuda else min(query_chunk, max(_MIN_BLOCK, window // 2))  # module docstring
-    return _WindowAttention.apply(q, kv, sink, entries, idx, mask, window, scale, block, stats, compiled)
+    return _WindowAttention.apply(q, kv, sink, entries, idx, mask, window, scale, block, stats, impl)
