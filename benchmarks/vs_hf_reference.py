@@ -112,7 +112,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads() if not args.threads else args.threads} threads, "
           f"cpu; {model.num_params() / 1e6:.1f}M parameters; best of {args.reps} fwd+bwd, batch 1, fp32; "
           f"ratios by {args.clock} time")
-    print("| S | impl | wall s | cpu s | peak MiB | LM loss | transformers / moesaic time | transformers / moesaic memory |")
+    print("| S | impl | wall s | cpu s | peak MiB | LM loss | transformers / moesaic time "
+          "| transformers / moesaic memory |")
     print("|---|---|---|---|---|---|---|---|")
     t = args.clock
     for seq_len in args.lengths:

@@ -8,16 +8,9 @@ TRITON_INTERPRET (the interpreter patches triton.language, so one process cannot
 from __future__ import annotations
 
 import inspect
-import os
-import re
-import subprocess
-import tempfile
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from moesaic.model import _mhc_triton as K
+from triton_sm90 import resource_usage
 
 KERNELS = ("_mix_collapse_kernel", "_collapse_kernel", "_collapse_backward_kernel", "_mix_collapse_dx_kernel",
            "_fn_grad_kernel", "_expand_kernel", "_expand_backward_kernel")
@@ -27,28 +20,14 @@ STREAM_POINTERS = {"x_ptr", "y_ptr", "g_ptr", "dx_ptr", "dy_ptr"}  # in the stre
 
 
 def main() -> None:
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     for name in KERNELS:
         kernel = getattr(K, name)
+        block_t = 2 * K._BLOCK_T if name == "_fn_grad_kernel" else K._BLOCK_T
         for dtype in ("fp32", "bf16"):
-            signature, constexprs = {}, {}
-            for p in inspect.signature(kernel.fn).parameters:
-                if p in CONSTEXPRS or p == "BLOCK_T":
-                    signature[p] = "constexpr"
-                    constexprs[p] = (2 * K._BLOCK_T if name == "_fn_grad_kernel" else K._BLOCK_T) \
-                        if p == "BLOCK_T" else CONSTEXPRS[p]
-                elif p.endswith("_ptr"):
-                    signature[p] = f"*{dtype}" if p in STREAM_POINTERS else "*fp32"
-                else:
-                    signature[p] = "fp32" if p.endswith("eps") else "i32"
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": K._NUM_WARPS})
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(compiled.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
-                                       check=True).stdout
-            print(name, dtype, *re.findall(r"(?:REG|STACK):\d+", usage))
+            types = {p: (f"*{dtype}" if p in STREAM_POINTERS else "*fp32") if p.endswith("_ptr")
+                     else "fp32" if p.endswith("eps") else "i32" for p in inspect.signature(kernel.fn).parameters}
+            usage = resource_usage(kernel, types, {**CONSTEXPRS, "BLOCK_T": block_t}, K._NUM_WARPS)
+            print(name, dtype, *usage)
 
 
 if __name__ == "__main__":

@@ -241,7 +241,8 @@ def test_cache_bytes_match_the_kv_formula() -> None:
             formula = layer_kv_bytes(cfg, n, "fp32", "fp32")
             assert [cache.kv_bytes() for cache in caches] == [B * layer.total for layer in formula], n
             assert [cache.state_bytes() for cache in caches] == expected_state
-            allocated = [B * WINDOW * c * 4 + B * layer.compressed_bytes + s for layer, s in zip(formula, expected_state)]
+            allocated = [B * WINDOW * c * 4 + B * layer.compressed_bytes + s
+                         for layer, s in zip(formula, expected_state)]
             assert [cache.nbytes() for cache in caches] == allocated
             if n < 41:
                 model(ids[:, n:n + 1], caches=caches)

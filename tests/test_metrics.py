@@ -225,7 +225,8 @@ def test_attention_flops_count_only_the_keys_each_query_sees() -> None:
     assert attention_flops_per_token(cfg, "hca") == pytest.approx(per_key * (window + entries))
     index = 2 * 3 * 4
     loss = 3 * index * selected  # the indexer's scores of its picks, forward + backward
-    assert attention_flops_per_token(cfg, "csa") == pytest.approx(per_key * (window + selected) + index * entries + loss)
+    expected = per_key * (window + selected) + index * entries + loss
+    assert attention_flops_per_token(cfg, "csa") == pytest.approx(expected)
     no_loss = small_attention(indexer_loss_coef=0.0)
     assert attention_flops_per_token(no_loss, "csa") == pytest.approx(per_key * (window + selected) + index * entries)
 

@@ -4,20 +4,16 @@ interpreter (conftest sets TRITON_INTERPRET; on a GPU machine the same tests run
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import triton
 
 from moesaic.configs import ConfigError, load_config
 from moesaic.model import Transformer, _mhc_triton, mhc
 
 from numerics import assert_close_scaled
 from test_mhc import tiny_cfg
+from triton_sm90 import run_script
 
 pytestmark = pytest.mark.numerics
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,14 +151,7 @@ def test_backend_selects_the_kernels() -> None:
 def test_kernels_compile_for_a_gpu_without_spills() -> None:
     """Every kernel compiles for sm_90 (Triton's own ptxas, no GPU needed; the interpreter above never lowers
     them) in fp32 and bf16 at the launch configuration, without spilling registers to the stack."""
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
-        pytest.skip("this triton build has no bundled NVIDIA tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("mhc_triton_compile.py"))], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [line.split() for line in out.stdout.splitlines()]
+    lines = run_script("mhc_triton_compile.py")
     kernels = {name for name in vars(_mhc_triton) if name.endswith("_kernel")}
     assert {(name, dtype) for name, dtype, *_ in lines} == {(k, d) for k in kernels for d in ("fp32", "bf16")}
     for name, dtype, *usage in lines:

@@ -3,15 +3,10 @@ Triton's interpreter (conftest sets TRITON_INTERPRET; on a GPU machine the same 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
-import triton
 
 from moesaic.configs import ConfigError, load_config
 from moesaic.model import Transformer
@@ -20,6 +15,7 @@ from moesaic.model.attention.stats import AttentionStats
 
 from numerics import FP32_EPS, assert_close_scaled
 from test_checkpointing import v4_tiny
+from triton_sm90 import run_script
 
 pytestmark = pytest.mark.numerics
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,13 +128,7 @@ def test_kernels_compile_for_a_gpu_without_spills() -> None:
     """Both kernels, with each kind of extra entries, compile for sm_90 in bf16 (Triton's own ptxas, no GPU
     needed; the interpreter above never lowers them) at the launch configurations of 16 heads of 128 and of
     V4-Flash's 64 heads of 512, without spilling registers to the stack."""
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
-        pytest.skip("this triton build has no bundled NVIDIA tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("window_triton_compile.py"))], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [line.split() for line in out.stdout.splitlines()]
+    lines = run_script("window_triton_compile.py")
     assert sorted((name, c, extra) for name, c, extra, *_ in lines) == sorted(
         (name, c, extra) for name in ("_forward_kernel", "_backward_kernel") for c in ("128", "512") for extra in "012")
     for name, c, extra, *usage in lines:

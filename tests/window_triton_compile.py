@@ -9,48 +9,27 @@ without TRITON_INTERPRET (the interpreter patches triton.language, so one proces
 from __future__ import annotations
 
 import inspect
-import os
-import re
-import subprocess
-import tempfile
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from moesaic.model.attention import _window_triton as W
+from triton_sm90 import resource_usage
 
 POINTER_TYPES = {"idx_ptr": "*i64", "msk_ptr": "*u8", "q_ptr": "*bf16", "kv_ptr": "*bf16", "ent_ptr": "*bf16",
                  "out_ptr": "*bf16", "do_ptr": "*bf16", "dq_ptr": "*bf16"}  # the rest: fp32 buffers
 
 
 def main() -> None:
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     for heads, c in ((16, 128), (64, 512)):
         for kernel, tile in ((W._forward_kernel, 8192), (W._backward_kernel, 4096)):  # as forward_op/backward_op
             for extra in (W._NO_EXTRA, W._IDX, W._MASK):
-                compile_one(cuobjdump, kernel, c, W._blocks(torch.empty(1, 1, heads, c, device="meta"), 128, tile),
-                            extra)
-
-
-def compile_one(cuobjdump: str, kernel: triton.JITFunction, c: int, blocks: tuple[int, int, int], extra: int) -> None:
-    """One kernel's cubin for sm_90 and its "REG:<n> STACK:<bytes>" line."""
-    block_h, block_n, block_k = blocks
-    constexprs = {"C": c, "BLOCK_H": block_h, "BLOCK_N": block_n, "BLOCK_K": block_k, "EXTRA": extra,
-                  "STATS": True, "FULL_FP32": False}
-    names = inspect.signature(kernel.fn).parameters
-    signature = {p: "constexpr" if p in constexprs else POINTER_TYPES.get(p, "*fp32") if p.endswith("_ptr")
-                 else "fp32" if p == "scale" else "i32" for p in names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature,
-                                        constexprs={k: v for k, v in constexprs.items() if k in names}),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": W._num_warps(c)})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-    print(kernel.fn.__name__, c, extra, *re.findall(r"(?:REG|STACK):\d+", usage), flush=True)
+                block_h, block_n, block_k = W._blocks(torch.empty(1, 1, heads, c, device="meta"), 128, tile)
+                constexprs = {"C": c, "BLOCK_H": block_h, "BLOCK_N": block_n, "BLOCK_K": block_k, "EXTRA": extra,
+                              "STATS": True, "FULL_FP32": False}
+                types = {p: POINTER_TYPES.get(p, "*fp32") if p.endswith("_ptr") else "fp32" if p == "scale" else "i32"
+                         for p in inspect.signature(kernel.fn).parameters}
+                usage = resource_usage(kernel, types, constexprs, W._num_warps(c))
+                print(kernel.fn.__name__, c, extra, *usage, flush=True)
 
 
 if __name__ == "__main__":

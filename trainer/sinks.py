@@ -39,9 +39,10 @@ def wandb_mode(setting: str) -> str:
 
 
 def log_job(cfg: Config, run_dir: Path, job_type: str, payload: Callable[[], dict[str, Any]]) -> str | None:
-    """Log ``payload()`` (built only when wandb is on) once as its own wandb run beside the training run (same project and group, named
-    after it with ``-job_type``): a training run's history is closed, and an offline resume of it
-    could not be given steps it already holds. Returns the ``wandb sync`` command offline, else None."""
+    """Log ``payload()`` (built only when wandb is on) once, as a wandb run of its own beside the training run
+    (same project and group, named after it with ``-job_type``): a training run's history is closed, and an
+    offline resume of it could not be given steps it already holds. Returns the ``wandb sync`` command
+    offline, else None."""
     mode = wandb_mode(cfg.logging.wandb)
     if mode == "disabled":
         return None
