@@ -133,17 +133,13 @@ def budget_command(args: argparse.Namespace) -> int:
 
 
 def _to_wandb(cfg: Config, run_dir: Path, summary: dict) -> Optional[str]:
-    from ..trainer.report import BUDGET_COLUMNS, budget_figure, budget_table, figure_png
+    from ..trainer.report import BUDGET_COLUMNS, budget_figure, budget_table, wandb_image
     from ..trainer.sinks import log_job
 
     def payload() -> dict:
-        import io
-
         import wandb
-        from PIL import Image
 
-        image = Image.open(io.BytesIO(figure_png(budget_figure(summary))))
         return {"budget/plan": wandb.Table(columns=BUDGET_COLUMNS, data=budget_table(summary)),
-                "budget/plan_png": wandb.Image(image)}
+                "budget/plan_png": wandb_image(budget_figure(summary))}
 
     return log_job(cfg, run_dir, "budget", payload)

@@ -11,7 +11,6 @@ of 256 experts stay a handful of panels. docs/metrics.md lists every key.
 
 from __future__ import annotations
 
-import io
 import math
 import resource
 from dataclasses import dataclass
@@ -162,14 +161,12 @@ class Heatmap:
 
     def to_wandb(self, key: str) -> dict[str, Any]:
         import wandb
-        from PIL import Image
 
-        from .report import figure_png, heatmap_figure
+        from .report import heatmap_figure, wandb_image
 
         rows = [[layer, e, v] for layer, loads in zip(self.layers, self.loads) for e, v in enumerate(loads)]
         fig = heatmap_figure(self.loads, [layer_label(x) for x in self.layers], "expert", "load / ideal")
-        return {key: wandb.Table(columns=["layer", "expert", "load"], data=rows),
-                f"{key}_heatmap": wandb.Image(Image.open(io.BytesIO(figure_png(fig))))}
+        return {key: wandb.Table(columns=["layer", "expert", "load"], data=rows), f"{key}_heatmap": wandb_image(fig)}
 
 
 class MetricsPanel:

@@ -58,6 +58,14 @@ def figure_png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def wandb_image(fig: Figure):
+    """``fig`` as a ``wandb.Image`` of its PNG (wandb and PIL are imported only by what logs to wandb)."""
+    import wandb
+    from PIL import Image
+
+    return wandb.Image(Image.open(io.BytesIO(figure_png(fig))))
+
+
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

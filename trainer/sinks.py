@@ -52,9 +52,16 @@ def log_job(cfg: Config, run_dir: Path, job_type: str, payload: Callable[[], dic
                      name=f"{cfg.logging.run_name or run_dir.name}-{job_type}", job_type=job_type,
                      dir=str(run_dir), mode=mode)
     run.log(payload())
+    return _finish(run, mode)
+
+
+def _finish(run: Any, mode: str) -> str | None:
+    """Finish a wandb run; the ``wandb sync`` command of its folder if it ran offline, else None."""
+    import wandb
+
     folder = Path(run.dir).parent
     run.finish()
-    wandb.teardown()
+    wandb.teardown()  # finish() alone sometimes returns before the offline file is flushed
     return f"wandb sync {folder}" if mode == "offline" else None
 
 
@@ -110,11 +117,4 @@ class MetricSinks:
     def close(self) -> str | None:
         """Finish wandb and return the ``wandb sync`` command for offline runs."""
         self.file.close()
-        if self.run is None:
-            return None
-        import wandb
-
-        run_dir = self.run.dir and Path(self.run.dir).parent
-        self.run.finish()
-        wandb.teardown()  # finish() alone sometimes returns before the offline file is flushed
-        return f"wandb sync {run_dir}" if self.mode == "offline" else None
+        return None if self.run is None else _finish(self.run, self.mode)
