@@ -225,15 +225,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _require(t.device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1",
                  "model.attention.backend='triton' runs on CUDA, but train.device='cpu' (on CPU only in Triton's "
                  "interpreter, TRITON_INTERPRET=1); use 'auto'")
-        for name, spec in used.items():
-            c = getattr(spec, "index_head_dim", 16)
-            _require(c >= 16 and not c & (c - 1), f"model.attention.backend='triton' needs index_head_dim a power of "
-                     f"2 >= 16, but model.attention.menu.{name} has {c}")
         from moesaic.model.attention.backbone import V4Spec  # lazily, as check_attention's imports
-        for name, spec in used.items():  # the window attention kernels' tl.dot tiles span the head width
-            c = spec.head_dim if isinstance(spec, V4Spec) else 16
-            _require(c >= 16 and not c & (c - 1), f"model.attention.backend='triton' needs head_dim a power of 2 "
-                     f">= 16, but model.attention.menu.{name} has {c}")
+        for name, spec in used.items():  # the kernels' tl.dot tiles span the indexer's and the V4 heads' widths
+            widths = {"index_head_dim": getattr(spec, "index_head_dim", 16),
+                      "head_dim": spec.head_dim if isinstance(spec, V4Spec) else 16}
+            for width, c in widths.items():
+                _require(c >= 16 and not c & (c - 1), f"model.attention.backend='triton' needs {width} a power of 2 "
+                         f">= 16, but model.attention.menu.{name} has {c}")
 
     _require(e.top_k <= e.num_experts,
              f"model.moe.top_k={e.top_k} must be <= model.moe.num_experts={e.num_experts}")
