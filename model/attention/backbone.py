@@ -32,7 +32,7 @@ from torch import nn
 from moesaic.model.norm import RMSNorm, rms_normalize
 from moesaic.model.rope import RotaryEmbedding, rope_tail
 
-from .base import AttentionLayer, AttentionSpec, HFReader, check_positive, mean_over_positions, require
+from .base import AttentionLayer, AttentionSpec, HFReader, causal_keys, check_positive, require
 from .cache import SWACache
 from .context import ForwardContext
 from .entries import CompressedKV
@@ -84,7 +84,7 @@ class V4Spec(AttentionSpec):
     def flops_per_token(self, seq_len: int) -> float:
         """Score and value products over the keys each query really sees (window, plus ``extra_keys``)."""
         per_key = 12 * self.num_heads * self.head_dim  # q.k and p.v: 2*c each, fwd + 2x for bwd, per head
-        keys = mean_over_positions(seq_len, lambda t: (t + 1).clamp(max=self.window))
+        keys = causal_keys(seq_len, self.window)
         return per_key * (keys + self.extra_keys(seq_len)) + self.extra_flops(seq_len)
 
     def extra_keys(self, seq_len: int) -> float:

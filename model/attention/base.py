@@ -219,3 +219,9 @@ def check_positive(where: str, spec: AttentionSpec, names: list[str]) -> None:
 def mean_over_positions(seq_len: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """Mean over query positions t < seq_len of fn(t) (a tensor expression of positions): keys a query sees."""
     return fn(torch.arange(seq_len, dtype=torch.float64)).mean().item()
+
+
+def causal_keys(seq_len: int, window: int = 0) -> float:
+    """Mean keys a causal query sees over positions t < seq_len: itself and every earlier token, at most the
+    last ``window`` of them (0: no window)."""
+    return mean_over_positions(seq_len, lambda t: (t + 1).clamp(max=window) if window else t + 1)

@@ -33,7 +33,7 @@ from torch import nn
 from moesaic.configs import ConfigError
 from moesaic.model.rope import RotaryEmbedding, half_split_inv_freq, rope_half_split
 
-from .base import AttentionLayer, AttentionSpec, HFReader, check_positive, mean_over_positions, register, require
+from .base import AttentionLayer, AttentionSpec, HFReader, causal_keys, check_positive, register, require
 from .cache import tensor_bytes
 from .context import ForwardContext
 from .gqa import ELEMENT_BYTES, GQACache, gqa_attention, record_stats, visible_kv
@@ -106,7 +106,7 @@ class CCASpec(AttentionSpec):
 
     def flops_per_token(self, seq_len: int) -> float:
         """q.k and p.v over the keys each query sees, as gqa (the convolution counts as a projection)."""
-        keys = mean_over_positions(seq_len, lambda t: (t + 1).clamp(max=self.window) if self.window else t + 1)
+        keys = causal_keys(seq_len, self.window)
         return 12 * self.num_heads * self.head_dim * keys
 
     def sp_alignment(self, where: str) -> int:

@@ -39,7 +39,7 @@ from moesaic.configs import ConfigError
 from moesaic.model.norm import RMSNorm, rms_normalize
 from moesaic.model.rope import RotaryEmbedding, half_split_inv_freq, rope_half_split
 
-from .base import (AttentionLayer, AttentionSpec, HFReader, check_positive, mean_over_positions, register,
+from .base import (AttentionLayer, AttentionSpec, HFReader, causal_keys, check_positive, register,
                    require)
 from .cache import tensor_bytes
 from .context import ForwardContext
@@ -172,7 +172,7 @@ class GQASpec(AttentionSpec):
 
     def flops_per_token(self, seq_len: int) -> float:
         """q.k and p.v over the keys each query sees: 2 x head_dim each, per head, forward + 2x backward."""
-        keys = mean_over_positions(seq_len, lambda t: (t + 1).clamp(max=self.window) if self.window else t + 1)
+        keys = causal_keys(seq_len, self.window)
         return 12 * self.num_heads * self.head_dim * keys
 
     def sp_alignment(self, where: str) -> int:
