@@ -20,7 +20,7 @@ from moesaic.model.kv_accounting import layer_kv_bytes
 from moesaic.model.rope import half_split_inv_freq
 
 from numerics import assert_close_scaled
-from test_attention_gqa import rotate_half_rope
+from test_attention_gqa import fp64_weights, rotate_half_rope
 
 pytestmark = pytest.mark.numerics
 
@@ -101,7 +101,7 @@ def test_matches_naive_reference_forward_and_backward(name, docs):
     ctx = ForwardContext(doc_ends=None if docs is None else doc_ends(docs, 2))
     out, aux = layer(x, ctx)
     assert aux.item() == 0.0
-    weights = {n: p.double() for n, p in layer.named_parameters()}
+    weights = fp64_weights(layer)
     x64 = x.double()
     ref = naive(spec, weights, x64, docs)
     assert_close_scaled(out, ref, 32, "output")

@@ -22,6 +22,7 @@ from moesaic.model.kv_accounting import layer_kv_bytes
 from moesaic.model.transformer import Transformer
 from moesaic.trainer.budget_costs import calibration_costs, mean_loss
 from numerics import assert_close_scaled
+from test_attention_compressed import cached_logits
 
 pytestmark = pytest.mark.numerics
 MODES = list(SMALL["elastic"]["modes"])  # csa, csa1, hca, window
@@ -86,10 +87,7 @@ def test_prefill_plus_decode_equals_full_forward_in_each_mode(mode: str) -> None
     ids = torch.randint(0, 64, (2, 29))
     with torch.no_grad():
         full = model(ids).logits
-        caches = model.make_caches(2)
-        steps = [model(ids[:, :22], caches=caches).logits]
-        steps += [model(ids[:, t:t + 1], caches=caches).logits for t in range(22, 29)]
-    assert_close_scaled(torch.cat(steps, dim=1), full, 16, f"cached logits in mode {mode}")
+    assert_close_scaled(cached_logits(model, ids, [22] + [1] * 7), full, 16, f"cached logits in mode {mode}")
     twin = _fixed_twin(model, [mode] * 3)
     with torch.no_grad():
         assert torch.equal(twin(ids).logits, full)

@@ -27,6 +27,7 @@ from moesaic.model.ple import embedding_scale
 
 from attention_types import small_menu, small_spec
 from numerics import assert_close_scaled
+from test_attention_compressed import cached_logits
 
 pytestmark = pytest.mark.numerics
 
@@ -334,10 +335,7 @@ def test_all_options_train_decode_and_run_with_mhc():
     model.eval()
     with torch.no_grad():  # PLE and the softcap are per token: prefill + decode gives the full forward's logits
         full = model(ids).logits
-        caches = model.make_caches(2)
-        steps = [model(ids[:, :6], caches=caches).logits] + [model(ids[:, t:t + 1], caches=caches).logits
-                                                             for t in range(6, 9)]
-    assert_close_scaled(torch.cat(steps, dim=1), full, 16, "cached logits")
+    assert_close_scaled(cached_logits(model, ids, [6] + [1] * 3), full, 16, "cached logits")
 
 
 def test_whole_model_matches_transformers_gemma4_with_attention_stubbed():

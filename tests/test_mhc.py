@@ -14,6 +14,7 @@ from moesaic.model._cpu_compiled import applies
 from moesaic.model.attention.presets import v4_attention
 
 from numerics import assert_close_scaled
+from test_attention_compressed import cached_logits
 
 pytestmark = pytest.mark.numerics
 
@@ -251,7 +252,4 @@ def test_prefill_then_decode_with_mhc_equals_the_full_forward() -> None:
     ids = torch.randint(0, 64, (2, 36))
     with torch.no_grad():
         full = model(ids).logits
-        caches = model.make_caches(2)
-        steps = [model(ids[:, :28], caches=caches).logits]
-        steps += [model(ids[:, t:t + 1], caches=caches).logits for t in range(28, 36)]
-    assert_close_scaled(torch.cat(steps, dim=1), full, 16, "cached logits")
+    assert_close_scaled(cached_logits(model, ids, [28] + [1] * 8), full, 16, "cached logits")

@@ -14,6 +14,7 @@ from moesaic.model.loss import linear_cross_entropy
 
 from attention_types import KINDS, SMALL, small_menu
 from numerics import assert_close_scaled
+from test_attention_compressed import cached_logits
 
 pytestmark = pytest.mark.numerics
 
@@ -88,10 +89,7 @@ def test_prefill_plus_decode_equals_full_prefill(k, layer_types):
     ids = torch.randint(0, 256, (2, S))
     with torch.no_grad():
         full = model(ids).logits
-        caches = model.make_caches(2)
-        steps = [model(ids[:, :S - k], caches=caches).logits]
-        steps += [model(ids[:, t:t + 1], caches=caches).logits for t in range(S - k, S)]
-    assert_close_scaled(torch.cat(steps, dim=1), full, 16, "cached logits")
+    assert_close_scaled(cached_logits(model, ids, [S - k] + [1] * k), full, 16, "cached logits")
 
 
 def test_cache_bytes_per_layer():
