@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent device, in one call from the repository root, everything written to $OUT:
 #   bash benchmarks/gpu_check.sh            (WHEELS=dir: pip-installs the wheels there first, no index)
-# 1. tests/test_cuda.py (CUDA vs CPU references, grouped experts, the MoE layer with sync checks on error,
-#    activation checkpointing), tests/test_indexer_triton.py, tests/test_mhc_triton.py and
+# 1. tests/test_cuda.py (CUDA vs CPU references, grouped experts, the MoE layer and the trainer's quiet steps
+#    with sync checks on error, activation checkpointing), tests/test_indexer_triton.py, tests/test_mhc_triton.py and
 #    tests/test_window_triton.py (the compiled Triton indexer, bf16 included, mHC and window attention kernels);
 # 2. benchmarks/grouped_experts.py in bf16 (grouped_mm vs the per-expert loop) and benchmarks/mhc_triton.py
 #    (mHC's Triton kernels vs the torch ops, one sublayer site in bf16);

@@ -53,7 +53,7 @@ def main() -> None:
     cfg = load_config(config, ["logging.wandb=disabled", *overrides])
     info = init_distributed(cfg.train.device)
     device = info.device
-    engine, _ = build_engine(cfg, Topology(cfg.parallel))
+    engine, _, stepper = build_engine(cfg, Topology(cfg.parallel))
     model = engine.module
     t = cfg.train
     micro = t.global_batch_size // t.micro_batch_size
@@ -65,7 +65,7 @@ def main() -> None:
         for batch in batches:
             out = engine(batch[:, :-1], labels=batch[:, 1:])
             engine.backward(out.loss)
-            engine.step()
+            stepper.step()
         update_router_biases(model.routers())
 
     def sync() -> None:

@@ -56,7 +56,7 @@ def run_case(sp: int, seq_len: int, reps: int) -> dict | None:
     init_distributed("cpu")
     cfg = load_config("tiny", MODEL + [f"data.seq_len={seq_len}", f"parallel.sp={sp}"])
     topology = Topology(cfg.parallel)
-    engine, _ = build_engine(cfg, topology)
+    engine, _, stepper = build_engine(cfg, topology)
     block = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
     inputs, labels = sequence_shard(block, topology.sp_rank, sp)
 
@@ -64,7 +64,7 @@ def run_case(sp: int, seq_len: int, reps: int) -> dict | None:
         dist.barrier()
         start = time.perf_counter()
         engine.backward(engine(inputs, labels=labels).loss)
-        engine.step()
+        stepper.step()
         dist.barrier()
         return time.perf_counter() - start
 

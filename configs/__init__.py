@@ -290,6 +290,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _require(0.0 < t.wsd_decay_fraction <= 1.0, f"train.wsd_decay_fraction={t.wsd_decay_fraction} must be in (0, 1]")
+    _require(t.dtype != "bf16" or t.zero_stage in (1, 2),
+             f"train.zero_stage={t.zero_stage} cannot train train.dtype=bf16: use 1 or 2 (their partitions hold the "
+             f"fp32 master weights; on one rank ZeRO-1 costs what ZeRO-0 would)")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables)")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
     _require(t.spike_zscore >= 0, f"train.spike_zscore={t.spike_zscore} must be >= 0 (0 disables)")
@@ -318,8 +321,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _require(any(m.ffn_type(i) in MOE_FFN_TYPES for i in range(m.num_layers)),
                  f"parallel.ep={p.ep} needs MoE layers, but model.ffn_types has none; set parallel.ep=1")
         _require(t.zero_stage in (1, 2),
-                 f"train.zero_stage={t.zero_stage} cannot run parallel.ep={p.ep}: use 1 or 2 (ZeRO-0 clips expert "
-                 f"gradients with an average of per-rank norms, ZeRO-3 refuses MoE)")
+                 f"train.zero_stage={t.zero_stage} cannot run parallel.ep={p.ep}: use 1 or 2 (the ZeRO-0 gradient norm "
+                 f"would miss the other ranks' experts, ZeRO-3 refuses MoE)")
     if p.sp > 1:
         # A shard must start where every layer's type needs it (e.g. a compression window boundary).
         aligned = {name: spec.sp_alignment(f"model.attention.menu.{name}") for name, spec in used.items()}

@@ -163,8 +163,8 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
-    dtype: str = "fp32"  # fp32 | bf16
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables (on the device: trainer/step_guard.py)
+    dtype: str = "fp32"  # fp32 | bf16 (bf16 needs zero_stage 1 or 2)
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0, 1 or 2 (MoE cannot use 3)
     # none | block (a block recomputes its forward in the backward) | selective (recompute all but the
     # matrix products): activation memory for compute, the loss and gradients unchanged (model/checkpointing.py)

@@ -24,9 +24,10 @@ DeepSpeed's expert-key filter to the routed experts: ``mp_rank_00_model_states.p
 router and the shared expert and drops the per-rank expert slices, which go to per-expert files
 instead (``parallel/portable.py``).
 
-Limits, checked by the config: ZeRO-0's fp32 clipping averages per-rank norms, which is wrong once
-ranks hold different experts, and ZeRO-3 refuses native MoE; so EP runs ZeRO-1/2, whose norm sums
-the squares of every partition and so counts each expert once (tested against one process).
+Limits, checked by the config: the ZeRO-0 gradient norm (``trainer/step_guard.py``) is this rank's
+parameters' alone, which misses the experts other ranks hold, and ZeRO-3 refuses native MoE; so EP
+runs ZeRO-1/2, whose norm sums the squares of every partition and so counts each expert once (tested
+against one process).
 """
 
 from __future__ import annotations

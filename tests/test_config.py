@@ -26,6 +26,7 @@ def test_bundled_configs_load_and_overrides_apply() -> None:
     (["model.layer_types=[swa,xyz,swa,swa]"], "model.layer_types[1]='xyz' is not an entry of model.attention.menu"),
     (["model.layer_types=[swa]"], "model.layer_types has 1 entries but model.num_layers=4"),
     (["train.zero_stage=3"], "train.zero_stage=3 is not allowed"),
+    (["train.zero_stage=0", "train.dtype=bf16"], "train.zero_stage=0 cannot train train.dtype=bf16: use 1 or 2"),
     (["train.global_batch_size=20"], "train.global_batch_size=20 must be a multiple of train.micro_batch_size=16"),
     (["model.attention.common.o_groups=3"],
      "model.attention.menu.swa.o_groups=3 must divide model.attention.menu.swa.num_heads=4"),

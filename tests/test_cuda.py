@@ -269,3 +269,41 @@ def test_mhc_triton_kernels_equal_the_torch_ops_on_cuda(dtype: torch.dtype) -> N
         return
     for name, got, want in zip(NAMES, run(tensors, "triton", dtype), run(tensors, "torch", dtype), strict=True):
         assert_close_scaled(got, want, 256, name)
+
+
+# A fresh process (DeepSpeed keeps global state) trains tiny on CUDA; its quiet steps run with the sync check on error.
+QUIET_SCRIPT = r"""
+import sys, torch
+from moesaic.configs import load_config
+from moesaic.trainer import loop
+original = loop.Trainer.train_step
+def train_step(self, stats=None):
+    quiet = self.step + 1 in (2, 4)  # step 1 warms up; 3 and 5 log, 5 also evaluates and saves
+    if quiet:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        return original(self, stats)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+loop.Trainer.train_step = train_step
+print("final", loop.train(load_config("tiny", sys.argv[1:])).step)
+"""
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_quiet_training_steps_do_not_sync_on_cuda(tmp_path, zero: int) -> None:
+    """The trainer's step on CUDA: micro-batch copies, forward, backward, DeepSpeed's ZeRO step with the guarded
+    clip and skip (``trainer/step_guard.py``) and the router-bias update, with CUDA's sync check on error."""
+    import subprocess
+    import sys
+
+    from trainrun import env
+
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "train.device=cuda",
+                 f"train.zero_stage={zero}", "train.dtype=bf16", "train.steps=5", "train.log_every=3",
+                 "train.eval_every=5", "checkpoint.every=5", "train.sample_tokens=0", "logging.wandb=disabled",
+                 "logging.progress_bar=false"]
+    proc = subprocess.run([sys.executable, "-c", QUIET_SCRIPT, *overrides], capture_output=True, text=True,
+                          env=env(), timeout=600)
+    assert proc.returncode == 0 and "final 5" in proc.stdout, proc.stderr[-4000:]

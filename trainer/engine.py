@@ -18,6 +18,7 @@ from ..model.checkpointing import apply_activation_checkpointing
 from ..model.interop import load_hf_into
 from .rng import seed_everything
 from .schedule import lr_multiplier
+from .step_guard import GuardedStep, deepspeed_fields
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -32,9 +33,7 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.dtype == "bf16"},
+        **deepspeed_fields(t.zero_stage, bf16=t.dtype == "bf16"),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -42,7 +41,8 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """torch AdamW (no JIT-compiled ops); matrices decay, vectors (norms, sinks, biases) do not."""
+    """torch's fused AdamW (no JIT-compiled ops; ``GuardedStep`` clips and skips through it); matrices decay,
+    vectors (norms, sinks, biases) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
@@ -53,7 +53,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 
         groups = split_expert_param_groups(groups)
     t = cfg.train
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
 
 
 def build_model(cfg: Config) -> Transformer:
@@ -69,10 +69,12 @@ def build_model(cfg: Config) -> Transformer:
     return model
 
 
-def build_engine(cfg: Config, topology: Topology) -> tuple[DeepSpeedEngine, torch.optim.lr_scheduler.LRScheduler]:
+def build_engine(cfg: Config, topology: Topology
+                 ) -> tuple[DeepSpeedEngine, torch.optim.lr_scheduler.LRScheduler, GuardedStep]:
     """The model of ``build_model``, sharded by ``cfg.parallel`` over ``topology``, inside a DeepSpeed engine.
 
-    Returns the engine (its ``module`` is the sharded Transformer) and the LR scheduler DeepSpeed steps.
+    Returns the engine (its ``module`` is the sharded Transformer), the LR scheduler DeepSpeed steps, and
+    the ``GuardedStep`` to call instead of ``engine.step()`` (it clips and skips non-finite updates).
     """
     import deepspeed
 
@@ -91,4 +93,4 @@ def build_engine(cfg: Config, topology: Topology) -> tuple[DeepSpeedEngine, torc
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, topology.dp),
         mpu=topology if cfg.parallel.sp > 1 else None)  # DeepSpeed sees sequence ranks only via an mpu
-    return engine, scheduler
+    return engine, scheduler, GuardedStep(engine, optimizer, cfg.train.grad_clip)

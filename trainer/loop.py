@@ -67,7 +67,7 @@ class Trainer:
         if dist_info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self.data = self._prepare_data()
-        self.engine, self.scheduler = build_engine(cfg, self.topology)
+        self.engine, self.scheduler, self.stepper = build_engine(cfg, self.topology)
         self.model: Transformer = self.engine.module
         self.model.doc_end_token = self.data.tokenizer.eos_id  # blocks pack documents, each ending with EOS
         self.dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
@@ -137,6 +137,7 @@ class Trainer:
         saved_rank = self.dist.rank % manifest.get("world_size", self.dist.world_size)
         state = torch.load(path / f"trainer_state_rank{saved_rank}.pt", weights_only=False)
         set_rng_state(state["rng"])
+        self.stepper.adopt_loaded_state()
         self.log(f"resumed from {path} at step {self.step}")
 
     def _progress(self) -> dict[str, int]:
@@ -186,7 +187,7 @@ class Trainer:
             out = self.engine(inputs, labels=labels, stats=stats)
             poison = math.nan if self.step in self.cfg.train.inject_nan_at else self._spike_factor()
             self.engine.backward(out.loss * poison)
-            self.engine.step()
+            self.stepper.step()
             sums += torch.stack([out.lm_loss.detach().float() * poison, out.aux_loss.detach().float(),
                                  sums.new_full((), 1 / self.topology.sp)])  # a fill, not a host-to-device copy
         update_router_biases(self.model.routers())
@@ -241,21 +242,23 @@ class Trainer:
         return tok.decode(out[0].tolist())
 
     # ---- faults and signals -------------------------------------------------------------------
-    def _check_steps(self, pending: list[tuple[torch.Tensor, bool]], recent: deque[float],
+    def _check_steps(self, pending: list[tuple[torch.Tensor, torch.Tensor]], recent: deque[float],
                      window: torch.Tensor) -> str | None:
         """Classify the steps finished since the last check, in order; add the healthy ones' sums to ``window``.
 
-        ``pending``: each step's [lm loss sum, aux loss sum, count] (device) and whether DeepSpeed skipped its
-        update. Their losses reach the host in one transfer here, not one per step: the loop checks only
+        ``pending``: each step's [lm loss sum, aux loss sum, count] and whether its update was skipped (device
+        tensors). They reach the host in one transfer here, not one per step: the loop checks only
         before it logs, evaluates, saves or stops, so nothing faulty is ever saved. Returns the reason to
         roll back, or None; steps after a faulty one in the same batch are dropped with the rollback.
         """
         stacked = torch.stack([stats for stats, _ in pending])  # [P, 3]
         # Global mean losses (NaN if any rank's is): every rank reaches the same verdicts.
-        totals = all_reduce_sum(stacked[:, [0, 2]]).cpu()  # one device-to-host copy
+        totals = all_reduce_sum(stacked[:, [0, 2]])
+        skipped = torch.stack([flag for _, flag in pending]).to(totals.dtype)  # the same on every rank
         first = self.step - len(pending) + 1
-        for i, ((_, skipped), (loss_sum, count)) in enumerate(zip(pending, totals.tolist())):
-            fault = self._check_step(loss_sum / count, skipped, recent)
+        host = torch.cat([totals, skipped[:, None]], 1).cpu()  # one device-to-host copy
+        for i, (loss_sum, count, skip) in enumerate(host.tolist()):
+            fault = self._check_step(loss_sum / count, skip > 0, recent)
             self.bad_in_row = self.bad_in_row + 1 if fault == "skipped" else 0
             if fault == "skipped":
                 self.skipped_steps += 1
@@ -270,7 +273,7 @@ class Trainer:
         """Classify a finished step by its global mean loss: None (healthy), "skipped", "corrupt" (applied
         non-finite) or "spike"."""
         if skipped or not math.isfinite(loss):
-            # ZeRO-1/2 skip a non-finite update themselves; under ZeRO-0 it was applied.
+            # A non-finite gradient's update is skipped (step_guard); a non-finite loss alone was applied.
             return "skipped" if skipped else "corrupt"
         z = self.cfg.train.spike_zscore
         if z > 0 and len(recent) >= recent.maxlen // 2:
@@ -351,12 +354,11 @@ class Trainer:
         end = cfg.train.stop_at or cfg.train.steps
         panel = MetricsPanel(self.model, cfg, self.dist.device, self.dist.world_size)
         recent: deque[float] = deque(maxlen=cfg.train.spike_window)
-        pending: list[tuple[torch.Tensor, bool]] = []  # steps not yet checked for faults (see _check_steps)
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # steps not yet checked for faults (_check_steps)
         while self.step < end:
             log_step = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == end
-            skipped_before = self.engine.skipped_steps
             stats = self.train_step(panel.arm() if log_step else None)  # attention statistics of log steps
-            pending.append((stats, self.engine.skipped_steps > skipped_before))
+            pending.append((stats, self.stepper.skipped))
             steps_in_window += 1
             last = self.step == end
             stop = self._stop_requested()
@@ -385,7 +387,7 @@ class Trainer:
                 elapsed = time.perf_counter() - t_window
                 metrics.update({
                     "train/lr": self.scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                    "train/grad_norm": self.stepper.grad_norm.item(),
                     "perf/tokens_per_s": tokens_per_step * steps_in_window / elapsed,
                     "perf/step_time_s": elapsed / steps_in_window,
                     "train/tokens": float(self.step * tokens_per_step),
