@@ -87,22 +87,31 @@ def _window_tile(kv_ptr, base, n0, row, skv_t, offs_c, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _pick_tile(idx_ptr, ent_ptr, idx_base, ent_base, j0, K, se_n, offs_c, BLOCK_K: tl.constexpr):
-    """Picks j0.. of the query (idx_base: its idx row): (slots, entry rows, visible, entries [BLOCK_K, C])."""
+def _pick_tile(idx_ptr, idx_base, j0, K, BLOCK_K: tl.constexpr):
+    """Picks j0.. of the query (idx_base: its idx row): (slots, entry rows, visible)."""
     offs_j = j0 + tl.arange(0, BLOCK_K)
     picks = tl.load(idx_ptr + idx_base + offs_j, mask=offs_j < K, other=-1)
-    visible = picks >= 0
-    keys = tl.load(ent_ptr + ent_base + picks[:, None] * se_n + offs_c[None, :], mask=visible[:, None], other=0.0)
-    return offs_j, picks, visible, keys
+    return offs_j, picks, picks >= 0
 
 
 @triton.jit
-def _mask_tile(msk_ptr, ent_ptr, msk_base, ent_base, n0, N, se_n, offs_c, BLOCK_N: tl.constexpr):
-    """Entries n0.. and which of them the query sees (msk_base: its mask row): (rows, visible, entries)."""
+def _mask_tile(msk_ptr, msk_base, n0, N, BLOCK_N: tl.constexpr):
+    """Entries n0.. and which of them the query sees (msk_base: its mask row): (rows, visible)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    visible = tl.load(msk_ptr + msk_base + offs_n, mask=offs_n < N, other=0) != 0
-    keys = tl.load(ent_ptr + ent_base + offs_n[:, None] * se_n + offs_c[None, :], mask=visible[:, None], other=0.0)
-    return offs_n, visible, keys
+    return offs_n, tl.load(msk_ptr + msk_base + offs_n, mask=offs_n < N, other=0) != 0
+
+
+@triton.jit
+def _any(visible):
+    """Whether a tile holds an entry the query sees: the others (padding picks, HCA entries past the causal
+    edge) cost their index or mask row only, no entry loads or products."""
+    return tl.max(visible.to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _entries(ent_ptr, ent_base, rows, visible, se_n, offs_c):
+    """The visible ones of entry ``rows`` [tile, C] (0 elsewhere)."""
+    return tl.load(ent_ptr + ent_base + rows[:, None] * se_n + offs_c[None, :], mask=visible[:, None], other=0.0)
 
 
 @triton.jit
@@ -122,14 +131,16 @@ def _forward_kernel(q_ptr, kv_ptr, sink_ptr, ent_ptr, idx_ptr, msk_ptr, out_ptr,
         m_i, l_win, l_ext, acc = _online(qv, keys, visible, m_i, l_win, l_ext, acc, scale, FULL_FP32)
     if EXTRA == 1:
         for j0 in range(0, K, BLOCK_K):
-            _, _, visible, keys = _pick_tile(idx_ptr, ent_ptr, b * si_b + s * si_s, b * se_b, j0, K, se_n, offs_c,
-                                             BLOCK_K)
-            m_i, l_ext, l_win, acc = _online(qv, keys, visible, m_i, l_ext, l_win, acc, scale, FULL_FP32)
+            _, picks, visible = _pick_tile(idx_ptr, b * si_b + s * si_s, j0, K, BLOCK_K)
+            if _any(visible):
+                keys = _entries(ent_ptr, b * se_b, picks, visible, se_n, offs_c)
+                m_i, l_ext, l_win, acc = _online(qv, keys, visible, m_i, l_ext, l_win, acc, scale, FULL_FP32)
     if EXTRA == 2:
         for n0 in range(0, N, BLOCK_N):
-            _, visible, keys = _mask_tile(msk_ptr, ent_ptr, b * sm_b + s * sm_s, b * se_b, n0, N, se_n, offs_c,
-                                          BLOCK_N)
-            m_i, l_ext, l_win, acc = _online(qv, keys, visible, m_i, l_ext, l_win, acc, scale, FULL_FP32)
+            offs_n, visible = _mask_tile(msk_ptr, b * sm_b + s * sm_s, n0, N, BLOCK_N)
+            if _any(visible):
+                keys = _entries(ent_ptr, b * se_b, offs_n, visible, se_n, offs_c)
+                m_i, l_ext, l_win, acc = _online(qv, keys, visible, m_i, l_ext, l_win, acc, scale, FULL_FP32)
     sink = tl.load(sink_ptr + offs_h, mask=in_h, other=0.0).to(tl.float32)
     m_f = tl.maximum(m_i, sink)  # m_i is finite: every query sees its own key
     z = (l_win + l_ext) * tl.exp(m_i - m_f) + tl.exp(sink - m_f)
@@ -145,11 +156,12 @@ def _forward_kernel(q_ptr, kv_ptr, sink_ptr, ent_ptr, idx_ptr, msk_ptr, out_ptr,
         tl.store(stat_ptr + row_hs * 3 + 2, m_i, mask=in_h)
     if EXTRA == 1:  # mass: each pick's probability summed over heads, now that lse is known
         for j0 in range(0, K, BLOCK_K):
-            offs_j, _, visible, keys = _pick_tile(idx_ptr, ent_ptr, b * si_b + s * si_s, b * se_b, j0, K, se_n,
-                                                  offs_c, BLOCK_K)
-            p = tl.exp(_logits(qv, keys, visible, scale, FULL_FP32) - lse[:, None])
-            p = tl.where(in_h[:, None], p, 0.0)
-            tl.atomic_add(mass_ptr + (b * S + s) * K + offs_j, tl.sum(p, 0), mask=offs_j < K)  # head groups add
+            offs_j, picks, visible = _pick_tile(idx_ptr, b * si_b + s * si_s, j0, K, BLOCK_K)
+            if _any(visible):  # the mass of padding picks stays 0
+                keys = _entries(ent_ptr, b * se_b, picks, visible, se_n, offs_c)
+                p = tl.exp(_logits(qv, keys, visible, scale, FULL_FP32) - lse[:, None])
+                p = tl.where(in_h[:, None], p, 0.0)
+                tl.atomic_add(mass_ptr + (b * S + s) * K + offs_j, tl.sum(p, 0), mask=offs_j < K)  # head groups add
 
 
 @triton.jit
@@ -185,16 +197,20 @@ def _backward_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, msk_ptr, do_ptr, lse_ptr, 
         tl.atomic_add(dkv_ptr + b * T * C + offs_n[:, None] * C + offs_c[None, :], d_keys, mask=visible[:, None])
     if EXTRA == 1:
         for j0 in range(0, K, BLOCK_K):
-            _, picks, visible, keys = _pick_tile(idx_ptr, ent_ptr, b * si_b + s * si_s, b * se_b, j0, K, se_n,
-                                                 offs_c, BLOCK_K)
-            dq, d_keys = _grad_tile(qv, do, lse, delta, keys, visible, dq, scale, FULL_FP32)
-            tl.atomic_add(dent_ptr + b * N * C + picks[:, None] * C + offs_c[None, :], d_keys, mask=visible[:, None])
+            _, picks, visible = _pick_tile(idx_ptr, b * si_b + s * si_s, j0, K, BLOCK_K)
+            if _any(visible):
+                keys = _entries(ent_ptr, b * se_b, picks, visible, se_n, offs_c)
+                dq, d_keys = _grad_tile(qv, do, lse, delta, keys, visible, dq, scale, FULL_FP32)
+                tl.atomic_add(dent_ptr + b * N * C + picks[:, None] * C + offs_c[None, :], d_keys,
+                              mask=visible[:, None])
     if EXTRA == 2:
         for n0 in range(0, N, BLOCK_N):
-            offs_n, visible, keys = _mask_tile(msk_ptr, ent_ptr, b * sm_b + s * sm_s, b * se_b, n0, N, se_n, offs_c,
-                                               BLOCK_N)
-            dq, d_keys = _grad_tile(qv, do, lse, delta, keys, visible, dq, scale, FULL_FP32)
-            tl.atomic_add(dent_ptr + b * N * C + offs_n[:, None] * C + offs_c[None, :], d_keys, mask=visible[:, None])
+            offs_n, visible = _mask_tile(msk_ptr, b * sm_b + s * sm_s, n0, N, BLOCK_N)
+            if _any(visible):
+                keys = _entries(ent_ptr, b * se_b, offs_n, visible, se_n, offs_c)
+                dq, d_keys = _grad_tile(qv, do, lse, delta, keys, visible, dq, scale, FULL_FP32)
+                tl.atomic_add(dent_ptr + b * N * C + offs_n[:, None] * C + offs_c[None, :], d_keys,
+                              mask=visible[:, None])
     tl.store(dq_ptr + b * sq_b + s * sq_s + offs_h[:, None] * sq_h + offs_c[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=in_h[:, None])
 
