@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import time
+from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -88,3 +91,16 @@ def test_loss_spike_rolls_back_once_and_training_finishes(tmp_path: Path, cache:
     assert rows[-1]["step"] == 10 and rows[-1]["train/rollbacks"] == 1
     assert max(r["train/loss"] for r in rows if "train/loss" in r) < 20  # the x100 step was never logged
     assert all(p.isfinite().all() for p in final_params(latest(run)).values())
+
+
+def test_step_classification() -> None:
+    """A non-finite loss is "skipped" when the guard left its update out and "corrupt" (rolled back) when the
+    update went in with a finite gradient; a finite loss far above the recent ones is a spike."""
+    from moesaic.trainer.loop import Trainer
+
+    me = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(spike_zscore=3.0)))
+    recent: deque[float] = deque([2.0, 2.1, 1.9, 2.0], maxlen=8)
+    assert Trainer._check_step(me, math.nan, True, recent) == "skipped"
+    assert Trainer._check_step(me, math.inf, False, recent) == "corrupt"
+    assert Trainer._check_step(me, 9.0, False, recent) == "spike"
+    assert Trainer._check_step(me, 2.05, False, recent) is None and recent[-1] == 2.05
