@@ -51,7 +51,9 @@ def test_export_to_transformers_gives_the_runs_logits(run: Path, tmp_path: Path,
     x = ids(model.cfg.vocab_size, length=loaded.cfg.data.seq_len)  # 32 compressed entries > index_topk in CSA
     with torch.no_grad(), spec_tie_topk() as tied:  # transformers' indexer breaks exact ties arbitrarily
         ours, theirs = model(x).logits, hf.float().eval()(x).logits
-    assert_close_scaled(ours, theirs, 64, "logits")
+    # Rounding only: each fp32 model lies up to ~55 fp32 eps of max|logit| from its own fp64 run (avx2, one thread;
+    # transformers' with eager experts), the two fp64 runs ~10 apart; without the tie rule the difference is ~20000.
+    assert_close_scaled(ours, theirs, 128, "logits")
     assert tied[0] > 0  # the comparison covers index ties (transformers' own topk then differs by ~1e-2)
     # native, bf16, of an older checkpoint named directly
     older = run / "checkpoints" / "step_00000002"
