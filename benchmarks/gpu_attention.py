@@ -3,19 +3,24 @@ achieved TFLOP/s and peak memory at long context, per attention backend.
 
     python benchmarks/gpu_attention.py [--lengths 8192 32768 65536 131072] [--shapes flash small]
                                        [--kinds dense swa csa hca] [--backends torch triton]
-                                       [--dtype bf16] [--reps 3] [--json PATH] [--smoke]
+                                       [--torch-max-len 32768] [--dtype bf16] [--reps 3]
+                                       [--budget SECONDS] [--json PATH] [--smoke]
 
-Shapes: ``flash`` is V4-Flash's attention (MODEL_SPEC §1.1: hidden 4096, 64 query heads of width 512 over
-one K=V head, RoPE 64, window 128, indexer 64 heads x 128, top-k 512, ratios 4 / 128); ``small`` the same
-with 16 query heads of width 128 (hidden 2048). The dense baseline has the same hidden size, query heads
-and width, through ``F.scaled_dot_product_attention(is_causal=True)`` (torch picks its fused kernel).
-Batch 1; time is the best of ``--reps`` passes after one warm-up, the device synchronised around each;
-peak is the allocator's peak over the passes minus what the layer and input held before. TFLOP/s counts
-each layer's real attention work as the trainer's MFU does (``AttentionSpec.flops_per_token``: score and
-value products over the keys each query sees, x3 for forward + backward, plus CSA's indexer; dense: all
-earlier keys), projections excluded. A case that runs out of memory is reported as such and the sweep
-goes on. ``--smoke`` runs the small shape at 256 tokens in fp32 on whatever device is there (the CPU
-check that the script works; its figures mean nothing).
+Shapes: ``flash`` is V4-Flash's attention (MODEL_SPEC §1.1: hidden 4096, 64 query heads of width 512
+over one K=V head, RoPE 64, window 128, indexer 64 heads x 128, top-k 512, ratios 4 / 128); ``small``
+the same with 16 query heads of width 128 (hidden 2048). The dense baseline has the same hidden size,
+query heads and width, through ``F.scaled_dot_product_attention(is_causal=True)`` (torch picks its fused
+kernel). Batch 1; time is the best of ``--reps`` passes after one warm-up, the device synchronised
+around each; peak is the allocator's peak over the passes minus what the layer and input held before.
+TFLOP/s counts each layer's real attention work as the trainer's MFU does
+(``AttentionSpec.flops_per_token``: score and value products over the keys each query sees, x3 for
+forward + backward, plus CSA's indexer; dense: all earlier keys), projections excluded. A case that runs
+out of memory is reported as such and the sweep goes on. Lengths run shortest first, every shape at one
+length before the next; the torch backend (a Python loop of PyTorch ops per query block, the baseline
+the Triton kernels replace) only up to ``--torch-max-len``. ``--budget`` starts no case after that many
+seconds, so a time-limited run ends with the short lengths complete; ``--json`` is rewritten after every
+case. ``--smoke`` runs the small shape at 256 tokens in fp32 on whatever device is there (the CPU check
+that the script works; its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -114,8 +119,10 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["flash", "small"])
     parser.add_argument("--kinds", nargs="+", choices=["dense", "swa", "csa", "hca"], default=["dense", "csa", "hca"])
     parser.add_argument("--backends", nargs="+", choices=["torch", "triton"], default=["torch", "triton"])
+    parser.add_argument("--torch-max-len", type=int, default=32768, help="longest length for the torch backend")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=0, help="start no case after this many seconds (0: none)")
     parser.add_argument("--json", default=None, help="also write the cases here")
     parser.add_argument("--smoke", action="store_true", help="small shape, 256 tokens, fp32, torch backend")
     args = parser.parse_args()
@@ -123,16 +130,26 @@ def main() -> None:
         args.lengths, args.shapes, args.backends, args.dtype, args.reps = [256], ["small"], ["torch"], "fp32", 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = []
+    start = time.perf_counter()
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {args.dtype}\n")
     print("| shape | layer | backend | tokens | ms fwd+bwd | TFLOP/s | peak GiB | time / dense |")
     print("|---|---|---|---|---|---|---|---|")
-    for shape in args.shapes:
-        for seq_len in args.lengths:
+    for seq_len in sorted(args.lengths):
+        for shape in args.shapes:
             dense = None
             for kind in args.kinds:
                 for backend in ["sdpa"] if kind == "dense" else args.backends:
+                    if backend == "torch" and seq_len > args.torch_max_len:
+                        continue
+                    if args.budget and time.perf_counter() - start > args.budget:
+                        print(f"time budget of {args.budget:.0f} s spent: cases from {shape} {kind} {backend} "
+                              f"{seq_len} on not run")
+                        return
                     case = run_case(shape, kind, backend, seq_len, DTYPES[args.dtype], args.reps, device)
                     cases.append(case)
+                    if args.json:
+                        with open(args.json, "w") as f:
+                            json.dump(cases, f, indent=1)
                     if "error" in case:
                         print(f"| {shape} | {kind} | {case['backend']} | {seq_len} | {case['error']} | | | |")
                         continue
@@ -140,9 +157,6 @@ def main() -> None:
                     ratio = f"{case['seconds'] / dense:.2f}" if dense else "-"
                     print(f"| {shape} | {kind} | {case['backend']} | {seq_len} | {1e3 * case['seconds']:.1f} | "
                           f"{case['tflops']:.1f} | {case.get('peak_gib', float('nan')):.2f} | {ratio} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(cases, f, indent=1)
 
 
 if __name__ == "__main__":
