@@ -11,6 +11,7 @@ import torch
 from moesaic.configs import ConfigError, load_config
 from moesaic.model import Transformer
 from moesaic.model.attention import CompressedKV, window_attention
+from moesaic.model.attention._window_triton import _blocks
 from moesaic.model.attention.stats import AttentionStats
 
 from numerics import FP32_EPS, assert_close_scaled
@@ -24,13 +25,14 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_ava
 B, S, PAST, H, C, WINDOW, N, K = 2, 24, 6, 3, 16, 8, 6, 4
 
 
-def _inputs(dtype: torch.dtype, extra: Optional[str]) -> tuple[list[torch.Tensor], Optional[CompressedKV]]:
+def _inputs(dtype: torch.dtype, extra: Optional[str], heads: int = H,
+            width: int = C) -> tuple[list[torch.Tensor], Optional[CompressedKV]]:
     """q, kv (a past prefix of PAST rows: T > S), sink, entries, cotangent; picks with -1 slots and no repeats,
     or a causal mask with an empty first row block; 3 heads (not a power of 2: padded rows in the kernels)."""
     g = torch.Generator().manual_seed(0)
-    q, kv = torch.randn(B, S, H, C, generator=g), torch.randn(B, PAST + S, C, generator=g)
-    sink, entries = torch.randn(H, generator=g), torch.randn(B, N, C, generator=g)
-    cot = torch.randn(B, S, H, C, generator=g)
+    q, kv = torch.randn(B, S, heads, width, generator=g), torch.randn(B, PAST + S, width, generator=g)
+    sink, entries = torch.randn(heads, generator=g), torch.randn(B, N, width, generator=g)
+    cot = torch.randn(B, S, heads, width, generator=g)
     tensors = [t.to(dtype) for t in (q, kv)] + [sink, entries.to(dtype), cot.to(dtype)]
     if extra == "idx":
         idx = torch.stack([torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(S)]) for _ in range(B)])
@@ -85,6 +87,22 @@ def test_kernels_match_the_fp64_torch_path(extra: Optional[str], dtype: torch.dt
         scale = ref[name].abs().max().item()
         torch_err = (same_dtype[name] - ref[name]).abs().max().item() / (FP32_EPS * scale)
         assert_close_scaled(got[name], ref[name], min(4 * dtype_eps, 2 * torch_err + 16), f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("extra", [None, "idx", "mask"], ids=["swa", "csa", "hca"])
+def test_head_groups_match_the_fp64_torch_path(extra: Optional[str]) -> None:
+    """Wide heads split a query's heads over several programs (as V4-Flash's 64 heads of 512 do): 40 heads of
+    256 run as 2 groups of 32 rows forward and 3 of 16 backward, the last ones padded; the groups add their
+    selected mass and key / entry gradients atomically. fp32, 16 fp32 eps of each tensor's scale."""
+    heads, width = 40, 256
+    assert [-(-heads // _blocks(torch.empty(1, 1, heads, width), WINDOW, tile)[0]) for tile in (8192, 4096)] == [2, 3]
+    tensors, ex = _inputs(torch.float32, extra, heads, width)
+    ref = _run([t.double() for t in tensors], ex and CompressedKV(tensors[3].double(), idx=ex.idx, mask=ex.mask),
+               "torch", torch.device("cpu"))
+    got = _run(tensors, ex, "triton", DEVICE)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert_close_scaled(got[name], ref[name], 16, name)
 
 
 def test_tiny_model_loss_and_grads_as_accurate_as_the_torch_backend() -> None:
