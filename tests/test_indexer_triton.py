@@ -11,6 +11,7 @@ from moesaic.model.attention._indexer_triton import indexer_scores
 from moesaic.model.attention.indexer import Indexer
 
 from numerics import assert_close_scaled
+from triton_sm90 import run_script
 import test_compressor
 
 pytestmark = pytest.mark.numerics
@@ -38,6 +39,16 @@ def test_selection_with_ties_and_chunks_as_the_torch_ops() -> None:
     """The tie and chunking tests of the torch and compiled paths, through the Triton scores."""
     test_compressor.test_topk_ties_break_toward_lower_index("triton")
     test_compressor.test_chunked_selection_equals_unchunked_exactly("triton")
+
+
+def test_kernel_compiles_for_a_gpu_without_spills() -> None:
+    """The scores kernel compiles for sm_90 (Triton's own ptxas, no GPU needed; the interpreter above never
+    lowers it) at index widths 64 and 128 (V4-Flash's), bf16 and fp32, without spilling registers to the stack."""
+    lines = run_script("indexer_triton_compile.py")
+    builds = sorted((c, d) for c in ("64", "128") for d in ("bf16", "fp32"))
+    assert sorted((c, dtype) for c, dtype, *_ in lines) == builds
+    for c, dtype, *usage in lines:
+        assert len(usage) == 2 and usage[0].startswith("REG:") and usage[1] == "STACK:0", (c, dtype, usage)
 
 
 def test_config_checks_the_index_width() -> None:

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+BLOCK_S, BLOCK_N = 32, 64  # queries x entries per program: one fp32 score tile in registers
+
 
 @triton.jit
 def _scores_kernel(q_ptr, w_ptr, k_ptr, out_ptr, S, N, H,
@@ -29,6 +31,7 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, out_ptr, S, N, H,
     offs_c = tl.arange(0, C)
     in_s, in_n = offs_s < S, offs_n < N
     keys = tl.load(k_ptr + b * sk_b + offs_c[:, None] * sk_c + offs_n[None, :], mask=in_n[None, :], other=0.0)
+    keys = keys.to(q_ptr.dtype.element_ty)  # [C, BLOCK_N] in the queries' dtype, once for all heads
     acc = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     for h in range(H):
         q = tl.load(q_ptr + b * sq_b + offs_s[:, None] * sq_s + h * sq_h + offs_c[None, :], mask=in_s[:, None],
@@ -36,7 +39,7 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, out_ptr, S, N, H,
         if FULL_FP32:
             dots = tl.dot(q, keys, input_precision="ieee")
         else:
-            dots = tl.dot(q, keys.to(q.dtype))  # fp32 accumulation
+            dots = tl.dot(q, keys)  # fp32 accumulation
         w = tl.load(w_ptr + b * sw_b + offs_s * sw_s + h, mask=in_s, other=0.0)
         acc += w[:, None] * tl.maximum(dots, 0.0)
     tl.store(out_ptr + b * so_b + offs_s[:, None] * so_s + offs_n[None, :], acc, mask=in_s[:, None] & in_n[None, :])
@@ -53,9 +56,8 @@ def indexer_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> to
     q = q if q.stride(-1) == 1 else q.contiguous()
     w, keys_t = w.float().contiguous(), keys_t.float().contiguous()
     out = torch.empty(B, S, N, device=q.device, dtype=torch.float32)
-    block_s, block_n = 32, 64
-    grid = (triton.cdiv(S, block_s), triton.cdiv(N, block_n), B)
+    grid = (triton.cdiv(S, BLOCK_S), triton.cdiv(N, BLOCK_N), B)
     _scores_kernel[grid](q, w, keys_t, out, S, N, H, q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1),
                          keys_t.stride(0), keys_t.stride(1), out.stride(0), out.stride(1),
-                         C=c, BLOCK_S=block_s, BLOCK_N=block_n, FULL_FP32=q.dtype == torch.float32)
+                         C=c, BLOCK_S=BLOCK_S, BLOCK_N=BLOCK_N, FULL_FP32=q.dtype == torch.float32)
     return out
