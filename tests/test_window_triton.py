@@ -3,7 +3,7 @@ Triton's interpreter (conftest sets TRITON_INTERPRET; on a GPU machine the same 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import pytest
 import torch
@@ -22,38 +22,61 @@ pytestmark = pytest.mark.numerics
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The interpreter mis-handles bf16 tl.dot (triton issue 11584): bf16 on a GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
-B, S, PAST, H, C, WINDOW, N, K = 2, 24, 6, 3, 16, 8, 6, 4
 
 
-def _inputs(dtype: torch.dtype, extra: Optional[str], heads: int = H,
-            width: int = C) -> tuple[list[torch.Tensor], Optional[CompressedKV]]:
-    """q, kv (a past prefix of PAST rows: T > S), sink, entries, cotangent; picks with -1 slots and no repeats,
-    or a causal mask with an empty first row block; 3 heads (not a power of 2: padded rows in the kernels)."""
+class Shape(NamedTuple):
+    """Batch, queries, past rows of kv (T > S), heads, head width, window, compressed entries, picks per query,
+    and the HCA mask's ratio (query t sees entries w < (t + 1) // ratio)."""
+    B: int = 2
+    S: int = 24
+    past: int = 6
+    H: int = 3
+    C: int = 16
+    window: int = 8
+    N: int = 6
+    K: int = 4
+    ratio: int = 4
+
+
+SMALL = Shape()  # every loop in one tile; 3 heads (not a power of 2: padded rows in the kernels)
+# Wide heads split a query's heads over programs (as V4-Flash's 64 heads of 512 do): 40 heads of 256 run as 2
+# groups of 32 rows forward and 3 of 16 backward, the last padded, adding mass and key / entry gradients
+# atomically; keys come in tiles of 32 forward and 16 backward, so the window (40), the picks (40, tiles of 16)
+# and the visible entries (up to 48) each span several tiles of the online softmax.
+WIDE = Shape(B=1, S=40, H=40, C=256, window=40, N=48, K=40, ratio=1)
+
+
+def _inputs(dtype: torch.dtype, extra: Optional[str],
+            shape: Shape = SMALL) -> tuple[list[torch.Tensor], Optional[CompressedKV]]:
+    """q, kv, sink, entries, cotangent; picks with -1 slots (a whole tile of them for every other query from
+    the 17th pick on) and no repeats, or a causal mask (ratio 4: the first queries see no entry)."""
+    B, S, H, C, N, K = shape.B, shape.S, shape.H, shape.C, shape.N, shape.K
     g = torch.Generator().manual_seed(0)
-    q, kv = torch.randn(B, S, heads, width, generator=g), torch.randn(B, PAST + S, width, generator=g)
-    sink, entries = torch.randn(heads, generator=g), torch.randn(B, N, width, generator=g)
-    cot = torch.randn(B, S, heads, width, generator=g)
+    q, kv = torch.randn(B, S, H, C, generator=g), torch.randn(B, shape.past + S, C, generator=g)
+    sink, entries = torch.randn(H, generator=g), torch.randn(B, N, C, generator=g)
+    cot = torch.randn(B, S, H, C, generator=g)
     tensors = [t.to(dtype) for t in (q, kv)] + [sink, entries.to(dtype), cot.to(dtype)]
     if extra == "idx":
         idx = torch.stack([torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(S)]) for _ in range(B)])
         idx[:, ::3, 1] = -1
         idx[:, ::5, 3] = -1
+        idx[:, ::2, 16:32] = -1
         return tensors, CompressedKV(tensors[3], idx=idx)
-    if extra == "mask":  # HCA's causal visibility of ratio 4: entry w visible to query t iff w < (t + 1) // 4
-        mask = torch.arange(N)[None, None, :] < ((torch.arange(S) + 1) // 4)[None, :, None]
+    if extra == "mask":
+        mask = torch.arange(N)[None, None, :] < ((torch.arange(S) + 1) // shape.ratio)[None, :, None]
         return tensors, CompressedKV(tensors[3], mask=mask)
     return tensors, None
 
 
-def _run(tensors: list[torch.Tensor], extra: Optional[CompressedKV], backend: str,
-         device: torch.device) -> dict[str, torch.Tensor]:
+def _run(tensors: list[torch.Tensor], extra: Optional[CompressedKV], backend: str, device: torch.device,
+         window: int = SMALL.window) -> dict[str, torch.Tensor]:
     """Output, mass, statistics and the gradients of q, kv, sink (and entries) of one backend."""
     q, kv, sink, entries, cot = [t.detach().to(device).requires_grad_() for t in tensors]
     if extra is not None:
         extra = CompressedKV(entries, idx=None if extra.idx is None else extra.idx.to(device),
                              mask=None if extra.mask is None else extra.mask.to(device))
     stats = AttentionStats()
-    out, mass = window_attention(q, kv, sink, WINDOW, 0.3, 8, extra, stats, backend)
+    out, mass = window_attention(q, kv, sink, window, 0.3, 8, extra, stats, backend)
     (out.float() * cot.float()).sum().backward()
     got = {"out": out, "d_q": q.grad, "d_kv": kv.grad, "d_sink": sink.grad}
     got.update({name: total / count for name, (total, count) in stats.means.items()})
@@ -90,16 +113,15 @@ def test_kernels_match_the_fp64_torch_path(extra: Optional[str], dtype: torch.dt
 
 
 @pytest.mark.parametrize("extra", [None, "idx", "mask"], ids=["swa", "csa", "hca"])
-def test_head_groups_match_the_fp64_torch_path(extra: Optional[str]) -> None:
-    """Wide heads split a query's heads over several programs (as V4-Flash's 64 heads of 512 do): 40 heads of
-    256 run as 2 groups of 32 rows forward and 3 of 16 backward, the last ones padded; the groups add their
-    selected mass and key / entry gradients atomically. fp32, 16 fp32 eps of each tensor's scale."""
-    heads, width = 40, 256
-    assert [-(-heads // _blocks(torch.empty(1, 1, heads, width), WINDOW, tile)[0]) for tile in (8192, 4096)] == [2, 3]
-    tensors, ex = _inputs(torch.float32, extra, heads, width)
+def test_head_groups_and_key_tiles_match_the_fp64_torch_path(extra: Optional[str]) -> None:
+    """``WIDE``: several head groups and several key tiles per loop. fp32, 16 fp32 eps of each tensor's scale."""
+    probe = torch.empty(1, 1, WIDE.H, WIDE.C)
+    assert [(-(-WIDE.H // h), n) for h, n, _ in (_blocks(probe, WIDE.window, t) for t in (8192, 4096))] == \
+        [(2, 32), (3, 16)]
+    tensors, ex = _inputs(torch.float32, extra, WIDE)
     ref = _run([t.double() for t in tensors], ex and CompressedKV(tensors[3].double(), idx=ex.idx, mask=ex.mask),
-               "torch", torch.device("cpu"))
-    got = _run(tensors, ex, "triton", DEVICE)
+               "torch", torch.device("cpu"), WIDE.window)
+    got = _run(tensors, ex, "triton", DEVICE, WIDE.window)
     assert got.keys() == ref.keys()
     for name in ref:
         assert_close_scaled(got[name], ref[name], 16, name)
