@@ -25,8 +25,8 @@ BLOCK_S, BLOCK_N = 32, 64  # queries x entries per program: one fp32 score tile 
 def _scores_kernel(q_ptr, w_ptr, k_ptr, out_ptr, S, N, H,
                    sq_b, sq_s, sq_h, sw_b, sw_s, sk_b, sk_c, so_b, so_s,
                    C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, FULL_FP32: tl.constexpr):
-    pid_s, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    pid_s, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: q's offsets
+    offs_s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)  # can pass 2^31 (B * S * H * c elements)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, C)
     in_s, in_n = offs_s < S, offs_n < N
