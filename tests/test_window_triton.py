@@ -69,7 +69,7 @@ def _inputs(dtype: torch.dtype, extra: Optional[str],
 
 
 def _run(tensors: list[torch.Tensor], extra: Optional[CompressedKV], backend: str, device: torch.device,
-         window: int = SMALL.window) -> dict[str, torch.Tensor]:
+         window: int) -> dict[str, torch.Tensor]:
     """Output, mass, statistics and the gradients of q, kv, sink (and entries) of one backend."""
     q, kv, sink, entries, cot = [t.detach().to(device).requires_grad_() for t in tensors]
     if extra is not None:
@@ -88,23 +88,24 @@ def _run(tensors: list[torch.Tensor], extra: Optional[CompressedKV], backend: st
     return {k: v.detach().cpu().double() for k, v in got.items()}
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dtype", [(SMALL, d) for d in DTYPES] + [(WIDE, torch.float32)],
+                         ids=[f"small-{str(d)[6:]}" for d in DTYPES] + ["wide-float32"])
 @pytest.mark.parametrize("extra", [None, "idx", "mask"], ids=["swa", "csa", "hca"])
-def test_kernels_match_the_fp64_torch_path(extra: Optional[str], dtype: torch.dtype) -> None:
+def test_kernels_match_the_fp64_torch_path(extra: Optional[str], shape: Shape, dtype: torch.dtype) -> None:
     """Output, selected mass, statistics and all four gradients against the torch path in fp64 on the same
     (rounded) inputs. fp32 to 16 fp32 eps of each tensor's scale; 16-bit inputs round the probabilities (as the
     torch path does) and the scaled gradients to their dtype: 4 eps of it, and within 2x the torch path's own
     16-bit error plus 16 fp32 eps."""
-    tensors, ex = _inputs(dtype, extra)
+    tensors, ex = _inputs(dtype, extra, shape)
     ref = _run([t.double() for t in tensors], ex and CompressedKV(tensors[3].double(), idx=ex.idx, mask=ex.mask),
-               "torch", torch.device("cpu"))
-    got = _run(tensors, ex, "triton", DEVICE)
+               "torch", torch.device("cpu"), shape.window)
+    got = _run(tensors, ex, "triton", DEVICE, shape.window)
     assert got.keys() == ref.keys()
     if dtype == torch.float32:
         for name in ref:
             assert_close_scaled(got[name], ref[name], 16, f"{name} {dtype}")
         return
-    same_dtype = _run(tensors, ex, "torch", torch.device("cpu"))
+    same_dtype = _run(tensors, ex, "torch", torch.device("cpu"), shape.window)
     dtype_eps = torch.finfo(dtype).eps / FP32_EPS
     for name in ref:
         scale = ref[name].abs().max().item()
@@ -112,19 +113,11 @@ def test_kernels_match_the_fp64_torch_path(extra: Optional[str], dtype: torch.dt
         assert_close_scaled(got[name], ref[name], min(4 * dtype_eps, 2 * torch_err + 16), f"{name} {dtype}")
 
 
-@pytest.mark.parametrize("extra", [None, "idx", "mask"], ids=["swa", "csa", "hca"])
-def test_head_groups_and_key_tiles_match_the_fp64_torch_path(extra: Optional[str]) -> None:
-    """``WIDE``: several head groups and several key tiles per loop. fp32, 16 fp32 eps of each tensor's scale."""
+def test_wide_shape_splits_heads_and_keys() -> None:
+    """``WIDE`` keeps taking the paths it is there for: (head groups, key tile) forward and backward."""
     probe = torch.empty(1, 1, WIDE.H, WIDE.C)
     assert [(-(-WIDE.H // h), n) for h, n, _ in (_blocks(probe, WIDE.window, t) for t in (8192, 4096))] == \
         [(2, 32), (3, 16)]
-    tensors, ex = _inputs(torch.float32, extra, WIDE)
-    ref = _run([t.double() for t in tensors], ex and CompressedKV(tensors[3].double(), idx=ex.idx, mask=ex.mask),
-               "torch", torch.device("cpu"), WIDE.window)
-    got = _run(tensors, ex, "triton", DEVICE, WIDE.window)
-    assert got.keys() == ref.keys()
-    for name in ref:
-        assert_close_scaled(got[name], ref[name], 16, name)
 
 
 def test_tiny_model_loss_and_grads_as_accurate_as_the_torch_backend() -> None:
