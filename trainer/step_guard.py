@@ -56,7 +56,8 @@ class GuardedStep:
         self.skipped = bad
 
     def _global_norm(self) -> torch.Tensor:
-        """The norm of the whole reduced gradient, as DeepSpeed's own step would compute it (one all-reduce)."""
+        """The norm of the whole reduced gradient, as DeepSpeed's own step would compute it (ZeRO-1/2: one
+        all-reduce over the partitions; ZeRO-0: none, every rank holds the whole averaged gradient)."""
         zero = self.engine.optimizer
         if zero is self.optimizer:  # ZeRO-0 fp32: the gradients are the parameters' own, already averaged
             # Per tensor in fp64, as DeepSpeed's ZeRO norm: fp32 sums of squares drift in the 6th digit.
