@@ -59,16 +59,22 @@ def closure(roots: list[str], have: set[str]) -> dict[str, str]:
 
 
 def download(name: str, version: str, dest: Path, python: str) -> None:
-    """The target's wheel of ``name==version``; a source-only package is built into a wheel here instead."""
+    """The target's wheel of ``name==version``; a source-only package is built here into a pure-Python one."""
     binary = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
               python, "--implementation", "cp", *[f"--platform={p}" for p in PLATFORMS], "-d", str(dest),
               f"{name}=={version}"]
     if subprocess.run(binary, capture_output=True).returncode == 0:
         return
+    before = set(dest.glob("*.whl"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest),
                             f"{name}=={version}"], capture_output=True, text=True)
     if built.returncode != 0:
         sys.exit(f"gpu_wheels: no wheel of {name}=={version} for Python {python}: {built.stderr.strip()[-300:]}")
+    for wheel in set(dest.glob("*.whl")) - before:
+        if not wheel.name.endswith("-none-any.whl"):  # this host's build, not the target's
+            wheel.unlink()
+            sys.exit(f"gpu_wheels: {name}=={version} has no wheel for Python {python} on manylinux x86-64, and "
+                     f"building one here gave {wheel.name}, which only fits this machine")
 
 
 def main() -> None:
